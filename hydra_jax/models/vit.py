@@ -1,0 +1,249 @@
+"""Vision Transformer (Flax linen) with big_vision parameter names.
+
+Param tree ('/'-paths)::
+
+  embedding/{kernel (P,P,3,D), bias}
+  cls (1,1,D)                                   only with class_token=True
+  pos_embedding (1, [1+] gh*gw, D)              covers every token, the class token's first
+  Transformer/encoderblock_{i}/LayerNorm_0
+  Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/{query,key,value}  kernel (D,H,Dh)
+  Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/out                kernel (H,Dh,D)
+  Transformer/encoderblock_{i}/LayerScale_{0,1}/scale (D,)  only with layer_scale=True (DINOv2)
+  Transformer/encoderblock_{i}/LayerNorm_1
+  Transformer/encoderblock_{i}/MlpBlock_0/Dense_{0,1}
+  Transformer/encoder_norm
+  pre_logits/{kernel,bias}                      only with representation_size (i21k files)
+  head/{kernel,bias}                            only with num_classes
+
+big_vision's own files add their (1, N, D) position embedding before concatenating the class
+token; the loaders store it here with a zero row for the class token, which is the same function.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hydra_jax.models import posemb as posemb_lib
+
+SIZES = {
+    "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
+    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
+    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
+    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
+}
+PATCHES = (8, 14, 16, 32)
+POOLS = ("tok", "gap", "tok+gap")
+ATTENTIONS = ("xla", "cudnn")
+
+
+def variant(name: str) -> dict[str, Any]:
+  """Model fields of a named size, e.g. ``variant("B/16")``."""
+  m = re.fullmatch(r"(\w+)/(\d+)", name)
+  if not m or m.group(1) not in SIZES or int(m.group(2)) not in PATCHES:
+    raise ValueError(
+        f"unknown ViT variant {name!r}; expected SIZE/PATCH with SIZE in {tuple(SIZES)} "
+        f"and PATCH in {PATCHES}")
+  return dict(SIZES[m.group(1)], patch_size=int(m.group(2)))
+
+
+class _LayerScale(nn.Module):
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    return x * scale.astype(x.dtype)
+
+
+class _Attention(nn.Module):
+  """Multi-head self-attention with (D, H, Dh) / (H, Dh, D) kernels, as in big_vision."""
+  num_heads: int
+  attention: str = "xla"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    head_dim = width // self.num_heads
+    dense = lambda name: nn.DenseGeneral(  # noqa: E731
+        (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)
+    out = _dot_product_attention(q, k, v, self.attention)
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+                           name="out")(out)
+
+
+def _dot_product_attention(q, k, v, implementation: str):
+  """(B, T, H, Dh) attention; cuDNN needs T a multiple of 16, so it is padded and masked."""
+  if implementation == "xla":
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  batch, tokens = q.shape[:2]
+  padded = -(-tokens // 16) * 16
+  pad = lambda t: jnp.pad(t, ((0, 0), (0, padded - tokens), (0, 0), (0, 0)))  # noqa: E731
+  lengths = jnp.full((batch,), tokens, jnp.int32)
+  out = jax.nn.dot_product_attention(
+      pad(q), pad(k), pad(v), implementation="cudnn",
+      query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+  return out[:, :tokens]
+
+
+class _MlpBlock(nn.Module):
+  mlp_dim: int
+  gelu_approximate: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = nn.Dense(self.mlp_dim, name="Dense_0", **kw)(x)
+    y = nn.gelu(y, approximate=self.gelu_approximate)
+    return nn.Dense(x.shape[-1], name="Dense_1", **kw)(y)
+
+
+class _EncoderBlock(nn.Module):
+  num_heads: int
+  mlp_dim: int
+  layer_scale: bool = False
+  ln_eps: float = 1e-6
+  gelu_approximate: bool = False
+  attention: str = "xla"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = nn.LayerNorm(epsilon=self.ln_eps, name="LayerNorm_0", **kw)(x)
+    y = _Attention(self.num_heads, self.attention, name="MultiHeadDotProductAttention_0", **kw)(y)
+    if self.layer_scale:
+      y = _LayerScale(self.param_dtype, name="LayerScale_0")(y)
+    x = x + y
+    y = nn.LayerNorm(epsilon=self.ln_eps, name="LayerNorm_1", **kw)(x)
+    y = _MlpBlock(self.mlp_dim, self.gelu_approximate, name="MlpBlock_0", **kw)(y)
+    if self.layer_scale:
+      y = _LayerScale(self.param_dtype, name="LayerScale_1")(y)
+    return x + y
+
+
+class _Encoder(nn.Module):
+  depth: int
+  block: dict[str, Any]
+  ln_eps: float = 1e-6
+  remat: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    block_cls = nn.remat(_EncoderBlock) if self.remat else _EncoderBlock
+    for i in range(self.depth):
+      x = block_cls(**self.block, ln_eps=self.ln_eps, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name=f"encoderblock_{i}")(x)
+    return nn.LayerNorm(epsilon=self.ln_eps, name="encoder_norm", dtype=self.dtype,
+                        param_dtype=self.param_dtype)(x)
+
+
+class ViT(nn.Module):
+  """ViT over NHWC images; ``apply({"params": p}, images)`` gives (B, num_classes) logits.
+
+  Attributes:
+    num_classes: classes of the ``head``; None for no head (``__call__`` returns features).
+    patch_size, width, depth, mlp_dim, num_heads: the size (see ``variant``).
+    posemb_grid: (gh, gw) patch grid of the stored position embedding; other input sizes are
+      resampled bicubically on the fly (resample once at load time to save the work).
+    class_token: prepend a learned ``cls`` token.
+    pool: "tok" (class token), "gap" (mean of patch tokens) or "tok+gap" (both, concatenated).
+    representation_size: width of the tanh ``pre_logits`` layer of the original i21k files.
+    layer_scale: DINOv2's per-channel scales on both residual branches.
+    ln_eps: LayerNorm epsilon (1e-6 Google and DINOv2, 1e-12 Hugging Face ViT).
+    gelu_approximate: tanh GELU (Google files) instead of the exact erf GELU.
+    attention: "xla" (runs everywhere) or "cudnn" (GPU flash attention, padded to 16 tokens).
+    remat: rematerialise each block in the backward pass.
+    dtype: compute dtype; param_dtype: parameter dtype.
+  """
+  num_classes: int | None = None
+  patch_size: int = 16
+  width: int = 768
+  depth: int = 12
+  mlp_dim: int = 3072
+  num_heads: int = 12
+  posemb_grid: tuple[int, int] = (14, 14)
+  class_token: bool = True
+  pool: str = "tok"
+  representation_size: int | None = None
+  layer_scale: bool = False
+  ln_eps: float = 1e-6
+  gelu_approximate: bool = False
+  attention: str = "xla"
+  remat: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    if self.pool not in POOLS:
+      raise ValueError(f"unknown pool {self.pool!r}; expected one of {POOLS}")
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"unknown attention {self.attention!r}; expected one of {ATTENTIONS}")
+    if "tok" in self.pool and not self.class_token:
+      raise ValueError(f"pool={self.pool!r} needs class_token=True")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    p, d = self.patch_size, self.width
+    self.embedding = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", **kw)
+    if self.class_token:
+      self.cls = self.param("cls", nn.initializers.zeros, (1, 1, d), self.param_dtype)
+    tokens = self.posemb_grid[0] * self.posemb_grid[1] + int(self.class_token)
+    self.pos_embedding = self.param(
+        "pos_embedding", nn.initializers.normal(0.02), (1, tokens, d), self.param_dtype)
+    block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, layer_scale=self.layer_scale,
+                 gelu_approximate=self.gelu_approximate, attention=self.attention)
+    self.Transformer = _Encoder(self.depth, block, self.ln_eps, self.remat, **kw)
+    if self.representation_size:
+      self.pre_logits = nn.Dense(self.representation_size, **kw)
+    if self.num_classes:
+      self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
+                           param_dtype=self.param_dtype)
+
+  def encode(self, images: jax.Array) -> jax.Array:
+    """(B, H, W, 3) normalised images -> (B, T, D) final normed hidden states."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"images must be (B, H, W, 3); got shape {images.shape}")
+    x = self.embedding(images.astype(self.dtype))
+    b, gh, gw, d = x.shape
+    x = x.reshape(b, gh * gw, d)
+    pos = posemb_lib.resample_posemb(
+        self.pos_embedding, num_prefix=int(self.class_token), old_hw=self.posemb_grid,
+        new_hw=(gh, gw))
+    if self.class_token:
+      x = jnp.concatenate([jnp.broadcast_to(self.cls.astype(x.dtype), (b, 1, d)), x], axis=1)
+    x = x + pos.astype(x.dtype)
+    return self.Transformer(x)
+
+  def features(self, images: jax.Array) -> jax.Array:
+    """(B, H, W, 3) -> (B, F) pooled features (after ``pre_logits`` when present)."""
+    x = self.encode(images)
+    patches = x[:, int(self.class_token):]
+    pooled = {"tok": lambda: x[:, 0], "gap": lambda: patches.mean(axis=1),
+              "tok+gap": lambda: jnp.concatenate([x[:, 0], patches.mean(axis=1)], -1)}
+    x = pooled[self.pool]()
+    if self.representation_size:
+      x = jnp.tanh(self.pre_logits(x))
+    return x
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """(B, H, W, 3) -> (B, num_classes) float32 logits, or features when num_classes is None."""
+    x = self.features(images)
+    if not self.num_classes:
+      return x
+    return self.head(x.astype(jnp.float32))
+
+
+def param_count(tree) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(tree))
