@@ -1,0 +1,199 @@
+"""What every loader shares: the ``Pretrained`` record, strict tree checks, head and posemb options.
+
+A loader turns a file into a ``Pretrained`` whose params use the ViT's '/'-names and whose
+``model`` holds the ViT fields read off the shapes; ``finalize`` then applies the user's head and
+image-size options and checks the result against ``jax.eval_shape`` of the model it describes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hydra_jax.models import ViT
+from hydra_jax.models import posemb as posemb_lib
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+_BLOCK = "Transformer/encoderblock_{}"
+
+
+@dataclasses.dataclass
+class Pretrained:
+  """A pre-trained ViT: params in the ViT's layout plus what is needed to use them.
+
+  Attributes:
+    params: nested param tree ('/'-path layout of ``hydra_jax.models.vit``), float32 arrays.
+    model: ViT keyword arguments (no ``num_classes``; ``build_model`` reads it off the head).
+    mean: per-channel RGB mean; inputs are ``(rgb01 - mean) / std``.
+    std: per-channel RGB std.
+    source: where the params came from (format and path).
+  """
+  params: dict
+  model: dict
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+  source: str
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+  """Nested dict -> {'a/b/c': leaf}."""
+  flat = {}
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      flat.update(flatten(value, path + "/"))
+    else:
+      flat[path] = value
+  return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+  """{'a/b/c': leaf} -> nested dict."""
+  tree: dict = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split("/")
+    node = tree
+    for name in parents:
+      node = node.setdefault(name, {})
+    node[leaf] = value
+  return tree
+
+
+def _shape(leaf) -> tuple[int, ...]:
+  return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(leaf)
+
+
+def check_tree(expected: Mapping, params: Mapping) -> None:
+  """Raises ONE ValueError listing every missing, unexpected and mis-shaped path.
+
+  Args:
+    expected: nested tree whose leaves have ``.shape`` (e.g. ``jax.eval_shape`` output) or are
+      shape tuples.
+    params: nested tree of arrays to check.
+  """
+  want = {k: _shape(v) for k, v in flatten(expected).items()}
+  got = {k: _shape(v) for k, v in flatten(params).items()}
+  missing = [f"  missing: {k} (expected {want[k]})" for k in sorted(want.keys() - got.keys())]
+  unexpected = [f"  unexpected: {k} {got[k]}" for k in sorted(got.keys() - want.keys())]
+  misshaped = [f"  mis-shaped: {k}: got {got[k]}, expected {want[k]}"
+               for k in sorted(want.keys() & got.keys()) if want[k] != got[k]]
+  if missing or unexpected or misshaped:
+    raise ValueError(
+        f"params do not match the model: {len(missing)} missing, {len(unexpected)} unexpected, "
+        f"{len(misshaped)} mis-shaped\n" + "\n".join(missing + unexpected + misshaped))
+
+
+def expected_shapes(model: Mapping, num_classes: int | None = None) -> dict:
+  """``jax.eval_shape`` of the params of ``ViT(**model, num_classes=num_classes)``."""
+  vit = ViT(num_classes=num_classes, **model)
+  gh, gw = vit.posemb_grid
+  images = jax.ShapeDtypeStruct((1, gh * vit.patch_size, gw * vit.patch_size, 3), jnp.float32)
+  return jax.eval_shape(vit.init, jax.random.key(0), images)["params"]
+
+
+def infer_model(flat: Mapping[str, np.ndarray], source: str, **fields) -> dict:
+  """ViT fields read off the shapes of a converted flat tree; ``fields`` add or override.
+
+  Heads come from the query kernel (D, H, Dh); the posemb grid is taken to be square.
+  """
+  def get(path):
+    if path not in flat:
+      raise ValueError(f"cannot infer the ViT from {source}: it has no {path!r}")
+    return flat[path].shape
+  block = _BLOCK.format(0)
+  class_token = "cls" in flat
+  grid_tokens = get("pos_embedding")[1] - int(class_token)
+  side = math.isqrt(grid_tokens)
+  if side * side != grid_tokens:
+    raise ValueError(f"{source}: pos_embedding has {grid_tokens} grid tokens; expected a square")
+  pre_logits = flat.get("pre_logits/kernel")
+  model = dict(
+      patch_size=get("embedding/kernel")[0], width=get("embedding/kernel")[-1],
+      depth=len({k.split("/")[1] for k in flat if k.startswith("Transformer/encoderblock_")}),
+      mlp_dim=get(f"{block}/MlpBlock_0/Dense_0/kernel")[1],
+      num_heads=get(f"{block}/MultiHeadDotProductAttention_0/query/kernel")[1],
+      posemb_grid=(side, side), class_token=class_token, pool="tok" if class_token else "gap",
+      representation_size=None if pre_logits is None else pre_logits.shape[1],
+      layer_scale=f"{block}/LayerScale_0/scale" in flat)
+  model.update(fields)
+  return model
+
+
+def _head_classes(params: Mapping) -> int | None:
+  head = params.get("head")
+  return int(head["kernel"].shape[-1]) if isinstance(head, Mapping) and "kernel" in head else None
+
+
+def _set_head(params: dict, expected: Mapping, num_classes, reset_head: bool) -> dict:
+  """Keeps the loaded head, drops it, or puts the zero head of ``expected`` in its place."""
+  params = dict(params)
+  if num_classes is None:
+    if reset_head:
+      params.pop("head", None)
+    return params
+  want = expected["head"]
+  keep = not reset_head and isinstance(params.get("head"), Mapping) and all(
+      _shape(params["head"].get(k, ())) == _shape(want[k]) for k in want)
+  if not keep:
+    params["head"] = {k: np.zeros(_shape(v), np.float32) for k, v in want.items()}
+  return params
+
+
+def _resample(params: dict, model: dict, image_size) -> tuple[dict, dict]:
+  """Resamples pos_embedding once to the grid of ``image_size`` (int or (H, W))."""
+  h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+  p = model["patch_size"]
+  if h % p or w % p:
+    raise ValueError(f"image_size {(h, w)} is not a multiple of the patch size {p}")
+  grid = (h // p, w // p)
+  pos = posemb_lib.resample_posemb(
+      jnp.asarray(params["pos_embedding"]), num_prefix=int(model["class_token"]),
+      old_hw=tuple(model["posemb_grid"]), new_hw=grid)
+  return dict(params, pos_embedding=np.asarray(pos, np.float32)), dict(model, posemb_grid=grid)
+
+
+def finalize(raw: Pretrained, *, num_classes=None, reset_head=False, image_size=None) -> Pretrained:
+  """Applies the head / image-size options to a converted checkpoint and checks it strictly.
+
+  Args:
+    raw: a loader's output (params already renamed into the ViT layout).
+    num_classes: give the params a zero-initialised head of this many classes (the loaded head is
+      kept only when its shape matches and ``reset_head`` is False).
+    reset_head: drop the loaded head (and with ``num_classes`` replace it by a zero head).
+    image_size: int or (H, W); resample pos_embedding to that patch grid once.
+
+  Returns:
+    A ``Pretrained`` with float32 numpy params that match ``build_model`` of it exactly.
+  """
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), raw.params)
+  model = dict(raw.model)
+  model["posemb_grid"] = tuple(model["posemb_grid"])
+  kept = None if reset_head else _head_classes(params)
+  expected = expected_shapes(model, kept if num_classes is None else num_classes)
+  params = _set_head(params, expected, num_classes, reset_head)
+  check_tree(expected, params)
+  if image_size is not None:
+    params, model = _resample(params, model, image_size)
+  return dataclasses.replace(raw, params=params, model=model, mean=tuple(raw.mean),
+                             std=tuple(raw.std))
+
+
+def build_model(pretrained: Pretrained, *, num_classes: int | None = None, **overrides) -> ViT:
+  """The ViT that ``pretrained.params`` fit.
+
+  Args:
+    pretrained: a loaded checkpoint.
+    num_classes: head size; None reads it off ``pretrained.params["head"]`` (no head: None).
+    **overrides: other ViT fields (e.g. ``dtype``, ``attention``, ``remat``).
+  """
+  if num_classes is None:
+    num_classes = _head_classes(pretrained.params)
+  return ViT(num_classes=num_classes, **{**pretrained.model, **overrides})

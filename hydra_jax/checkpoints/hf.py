@@ -1,0 +1,118 @@
+"""Hugging Face ViT and DINOv2 checkpoints (a ``save_pretrained`` directory of safetensors).
+
+Keys follow the hub naming that ``save_pretrained`` writes (transformers 4 and 5 alike), with or
+without the ``vit.`` / ``dinov2.`` prefix of the task models. Torch linear weights are (out, in);
+q/k/v become (D, H, Dh) kernels and the attention output (H, Dh, D). ``pooler.dense`` (ViTModel's
+tanh layer on the class token, i.e. the original i21k ``pre_logits``) becomes ``pre_logits`` and
+``classifier`` becomes ``head``; a DINOv2 classifier over [cls, mean patch] means pool "tok+gap".
+DINOv2's ``mask_token`` is only used for masked pre-training and is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from hydra_jax.checkpoints import common
+
+MODEL_TYPES = ("vit", "dinov2")
+_GELUS = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}
+_BLOCK = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)")
+_BLOCK_MODULES = {
+    "attention.attention.query": "MultiHeadDotProductAttention_0/query",
+    "attention.attention.key": "MultiHeadDotProductAttention_0/key",
+    "attention.attention.value": "MultiHeadDotProductAttention_0/value",
+    "attention.output.dense": "MultiHeadDotProductAttention_0/out",
+    "layernorm_before": "LayerNorm_0", "norm1": "LayerNorm_0",
+    "layernorm_after": "LayerNorm_1", "norm2": "LayerNorm_1",
+    "intermediate.dense": "MlpBlock_0/Dense_0", "mlp.fc1": "MlpBlock_0/Dense_0",
+    "output.dense": "MlpBlock_0/Dense_1", "mlp.fc2": "MlpBlock_0/Dense_1",
+    "layer_scale1": "LayerScale_0", "layer_scale2": "LayerScale_1",
+}
+_TOP = {"layernorm": "Transformer/encoder_norm", "pooler.dense": "pre_logits", "classifier": "head",
+        "embeddings.patch_embeddings.projection": "embedding"}
+
+
+def hf_dir(path: pathlib.Path) -> pathlib.Path | None:
+  """The checkpoint directory if ``path`` is a HF ViT/DINOv2 directory or one of its files."""
+  root = path if path.is_dir() else path.parent
+  config = root / "config.json"
+  if not config.is_file() or not list(root.glob("*.safetensors")):
+    return None
+  return root if json.loads(config.read_text()).get("model_type") in MODEL_TYPES else None
+
+
+def _convert(name: str, leaf: str, value: np.ndarray, heads: int) -> tuple[str, np.ndarray]:
+  """One torch tensor -> (flax path, array)."""
+  if leaf == "lambda1":
+    return f"{name}/scale", value
+  if "LayerNorm" in name or name.endswith("encoder_norm"):
+    return f"{name}/{'scale' if leaf == 'weight' else 'bias'}", value
+  if name == "embedding":
+    return f"{name}/{'kernel' if leaf == 'weight' else 'bias'}", (
+        value.transpose(2, 3, 1, 0) if leaf == "weight" else value)
+  if leaf == "bias":
+    qkv = name.endswith(("/query", "/key", "/value"))
+    return f"{name}/bias", value.reshape(heads, -1) if qkv else value
+  kernel = value.T  # torch (out, in) -> flax (in, out)
+  if name.endswith(("/query", "/key", "/value")):
+    kernel = kernel.reshape(kernel.shape[0], heads, -1)
+  elif name.endswith("/out"):
+    kernel = kernel.reshape(heads, -1, kernel.shape[1])
+  return f"{name}/kernel", kernel
+
+
+def rename_key(key: str, value: np.ndarray, heads: int) -> tuple[str | None, np.ndarray]:
+  """One HF tensor -> (flax path or None to drop it, converted array)."""
+  key = re.sub(r"^(vit|dinov2)\.", "", key)
+  if key == "embeddings.mask_token":
+    return None, value
+  if key in ("embeddings.cls_token", "embeddings.position_embeddings"):
+    return ("cls" if key.endswith("cls_token") else "pos_embedding"), value
+  m = _BLOCK.fullmatch(key)
+  if m and m.group(2) in _BLOCK_MODULES:
+    name = f"Transformer/encoderblock_{m.group(1)}/{_BLOCK_MODULES[m.group(2)]}"
+    return _convert(name, m.group(3), value, heads)
+  module, _, leaf = key.rpartition(".")
+  if module in _TOP:
+    return _convert(_TOP[module], leaf, value, heads)
+  return key, value  # unknown keys pass through so the strict check reports them
+
+
+def _normalisation(root: pathlib.Path, model_type: str) -> tuple[tuple, tuple]:
+  """mean/std from preprocessor_config.json, else the family's default."""
+  pre = root / "preprocessor_config.json"
+  if pre.is_file():
+    cfg = json.loads(pre.read_text())
+    if "image_mean" in cfg and "image_std" in cfg:
+      return tuple(cfg["image_mean"]), tuple(cfg["image_std"])
+  if model_type == "dinov2":
+    return common.IMAGENET_MEAN, common.IMAGENET_STD
+  return common.HALF, common.HALF  # ViTImageProcessor's default ([-1, 1])
+
+
+def load_hf(root: pathlib.Path) -> common.Pretrained:
+  """A HF ViT / DINOv2 directory -> ``Pretrained`` (not yet finalized)."""
+  config = json.loads((root / "config.json").read_text())
+  model_type, act = config["model_type"], config.get("hidden_act", "gelu")
+  if act not in _GELUS or config.get("use_swiglu_ffn", False):
+    raise ValueError(f"{root}: unsupported MLP (hidden_act={act!r}, use_swiglu_ffn="
+                     f"{config.get('use_swiglu_ffn', False)}); expected one of {tuple(_GELUS)}")
+  heads = config["num_attention_heads"]
+  flat = {}
+  for file in sorted(root.glob("*.safetensors")):
+    for key, value in load_file(str(file)).items():
+      name, array = rename_key(key, value, heads)
+      if name is not None:
+        flat[name] = np.asarray(array, np.float32)
+  fields = dict(ln_eps=float(config.get("layer_norm_eps", 1e-12)), gelu_approximate=_GELUS[act])
+  head = flat.get("head/kernel")
+  if model_type == "dinov2" and head is not None and head.shape[0] == 2 * config["hidden_size"]:
+    fields["pool"] = "tok+gap"
+  model = common.infer_model(flat, str(root), **fields)
+  mean, std = _normalisation(root, model_type)
+  return common.Pretrained(common.unflatten(flat), model, mean, std, f"hf-{model_type}:{root}")

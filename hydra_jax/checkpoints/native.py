@@ -1,0 +1,59 @@
+"""hydra_jax's own format: one safetensors file of '/'-joined params plus JSON metadata.
+
+The metadata (ViT fields, mean/std, source) sits in the safetensors header under the key
+``hydra_jax``, so a checkpoint is a single file and is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from hydra_jax.checkpoints import common
+
+METADATA_KEY = "hydra_jax"
+
+
+def metadata(path: pathlib.Path) -> dict | None:
+  """The hydra_jax metadata of a safetensors file, or None when it has none."""
+  try:
+    with safe_open(str(path), framework="numpy") as f:
+      meta = f.metadata() or {}
+  except Exception:  # noqa: BLE001 - not a safetensors file at all
+    return None
+  return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
+
+
+def save(path, pretrained: common.Pretrained) -> None:
+  """Writes ``pretrained`` to ``path`` (a tmp file, then ``os.replace``).
+
+  Args:
+    path: destination file, conventionally ``*.safetensors``.
+    pretrained: params (any float arrays, stored float32) and their metadata.
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  flat = {k: np.ascontiguousarray(np.asarray(v, np.float32))
+          for k, v in common.flatten(pretrained.params).items()}
+  meta = dict(model=pretrained.model, mean=list(pretrained.mean), std=list(pretrained.std),
+              source=pretrained.source)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  try:
+    save_file(flat, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
+    os.chmod(tmp, 0o644)  # safetensors creates it owner-only; a cache is shared like any file
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def load_native(path: pathlib.Path, meta: dict) -> common.Pretrained:
+  """A native file (with its already-read ``meta``) -> ``Pretrained`` (not yet finalized)."""
+  model = dict(meta["model"])
+  model["posemb_grid"] = tuple(model["posemb_grid"])
+  return common.Pretrained(common.unflatten(load_file(str(path))), model, tuple(meta["mean"]),
+                           tuple(meta["std"]), meta["source"])

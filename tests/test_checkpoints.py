@@ -1,0 +1,313 @@
+"""Checkpoint loaders against independent references (Hugging Face torch models), strict checks,
+head / posemb options, the native round trip and the parameter-count table."""
+
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file
+
+from hydra_jax import checkpoints
+from hydra_jax.models import PATCHES, SIZES, param_count, variant
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=4, image_size=16)
+PUBLISHED = {"Ti/16": 5_717_416, "S/16": 22_050_664, "B/16": 86_567_656, "L/16": 304_326_632,
+             "H/14": 632_045_800}
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+  """Every parameter random (layer norms and layer scales included) so each one matters."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+  return model.eval()
+
+
+def _images(size: int, batch: int = 2, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
+
+
+def _torch(model, images, **kw):
+  with torch.no_grad():
+    return model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)), **kw)
+
+
+def _apply(pretrained, images, method=None):
+  model = checkpoints.build_model(pretrained)
+  return np.asarray(model.apply({"params": pretrained.params}, images, method=method))
+
+
+def _save_hf(model, path):
+  model.save_pretrained(path)
+  return path
+
+
+# ---------------------------------------------------------------- Hugging Face ViT and DINOv2
+
+
+@pytest.fixture(scope="module")
+def hf_vit(tmp_path_factory):
+  config = transformers.ViTConfig(intermediate_size=128, **TINY)
+  model = _randomise(transformers.ViTModel(config), seed=1)
+  return model, _save_hf(model, tmp_path_factory.mktemp("hf_vit"))
+
+
+def test_hf_vit_matches_torch(hf_vit):
+  model, path = hf_vit
+  pretrained = checkpoints.load(path)
+  assert pretrained.model["ln_eps"] == 1e-12 and not pretrained.model["gelu_approximate"]
+  assert pretrained.mean == (0.5, 0.5, 0.5) and pretrained.model["representation_size"] == 64
+  images = _images(16)
+  ref = _torch(model, images)
+  assert _rel(_apply(pretrained, images, "encode"), ref.last_hidden_state) < 1e-5
+  # ViTModel's pooler (tanh dense on the class token) is the ViT's pre_logits.
+  assert _rel(_apply(pretrained, images, "features"), ref.pooler_output) < 1e-5
+
+
+def test_hf_vit_classifier_with_prefix(tmp_path):
+  config = transformers.ViTConfig(intermediate_size=128, num_labels=5, **TINY)
+  model = _randomise(transformers.ViTForImageClassification(config), seed=2)
+  path = _save_hf(model, tmp_path)
+  assert any(k.startswith("vit.") for k in load_file(str(path / "model.safetensors")))
+  pretrained = checkpoints.load(path / "model.safetensors")  # the file works as well as its dir
+  images = _images(16)
+  assert _rel(_apply(pretrained, images), _torch(model, images).logits) < 1e-5
+  (path / "preprocessor_config.json").write_text(
+      json.dumps({"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6]}))
+  pretrained = checkpoints.load(path)
+  assert (pretrained.mean, pretrained.std) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+  config = json.loads((path / "config.json").read_text())
+  (path / "config.json").write_text(json.dumps(dict(config, hidden_act="relu")))
+  with pytest.raises(ValueError, match="unsupported MLP.*'relu'"):
+    checkpoints.load(path)
+
+
+@pytest.fixture(scope="module")
+def hf_dino(tmp_path_factory):
+  config = transformers.Dinov2Config(mlp_ratio=2, **TINY)
+  model = _randomise(transformers.Dinov2Model(config), seed=3)
+  return model, _save_hf(model, tmp_path_factory.mktemp("hf_dino"))
+
+
+@pytest.mark.parametrize("size", [16, 24])  # native grid, and HF's bicubic interpolation to 6x6
+def test_hf_dinov2_matches_torch(hf_dino, size):
+  model, path = hf_dino
+  pretrained = checkpoints.load(path)
+  assert pretrained.model["layer_scale"] and pretrained.model["ln_eps"] == 1e-6
+  assert pretrained.mean == checkpoints.common.IMAGENET_MEAN
+  assert "mask_token" not in pretrained.params
+  images = _images(size)
+  ref = _torch(model, images).last_hidden_state
+  assert _rel(_apply(pretrained, images, "encode"), ref) < 1e-5
+  resampled = checkpoints.load(path, image_size=size)  # resampled once at load time
+  assert resampled.model["posemb_grid"] == (size // 4, size // 4)
+  assert _rel(_apply(resampled, images, "encode"), ref) < 1e-5
+
+
+def test_hf_dinov2_classifier_is_tok_plus_gap(tmp_path):
+  config = transformers.Dinov2Config(mlp_ratio=2, num_labels=3, **TINY)
+  model = _randomise(transformers.Dinov2ForImageClassification(config), seed=4)
+  pretrained = checkpoints.load(_save_hf(model, tmp_path))
+  assert pretrained.model["pool"] == "tok+gap"
+  images = _images(16)
+  assert _rel(_apply(pretrained, images), _torch(model, images).logits) < 1e-5
+
+
+# ---------------------------------------------------------------- Google and big_vision npz
+
+
+@pytest.fixture(scope="module")
+def google_fn(tmp_path_factory):
+  """A torch ViT computing what a Google file means (tanh GELU, eps 1e-6) and its hub tensors."""
+  config = transformers.ViTConfig(intermediate_size=128, hidden_act="gelu_pytorch_tanh",
+                                  layer_norm_eps=1e-6, **TINY)
+  model = _randomise(transformers.ViTModel(config), seed=5)
+  path = _save_hf(model, tmp_path_factory.mktemp("google_fn"))
+  return model, load_file(str(path / "model.safetensors"))
+
+
+def _google_arrays(sd, *, big_vision=False, scan=False, gap=False) -> dict[str, np.ndarray]:
+  """Writes hub tensors into the vision_transformer or big_vision npz layout (test-side mapping)."""
+  heads, d = TINY["num_attention_heads"], TINY["hidden_size"]
+  names = (("LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0"),
+           ("LayerNorm_0", "MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3"))
+  ln0, mha, ln1, mlp = names[0] if big_vision else names[1]
+  blocks = []
+  for i in range(TINY["num_hidden_layers"]):
+    t = lambda name: sd[f"encoder.layer.{i}.{name}"]  # noqa: B023
+    b = {f"{ln0}/scale": t("layernorm_before.weight"), f"{ln0}/bias": t("layernorm_before.bias"),
+         f"{ln1}/scale": t("layernorm_after.weight"), f"{ln1}/bias": t("layernorm_after.bias"),
+         f"{mlp}/Dense_0/kernel": t("intermediate.dense.weight").T,
+         f"{mlp}/Dense_0/bias": t("intermediate.dense.bias"),
+         f"{mlp}/Dense_1/kernel": t("output.dense.weight").T,
+         f"{mlp}/Dense_1/bias": t("output.dense.bias"),
+         f"{mha}/out/kernel": t("attention.output.dense.weight").T.reshape(heads, -1, d),
+         f"{mha}/out/bias": t("attention.output.dense.bias")}
+    for n in ("query", "key", "value"):
+      b[f"{mha}/{n}/kernel"] = t(f"attention.attention.{n}.weight").T.reshape(d, heads, -1)
+      b[f"{mha}/{n}/bias"] = t(f"attention.attention.{n}.bias").reshape(heads, -1)
+    blocks.append(b)
+  if scan:
+    arrays = {f"Transformer/encoderblock/{k}": np.stack([b[k] for b in blocks]) for k in blocks[0]}
+  else:
+    arrays = {f"Transformer/encoderblock_{i}/{k}": v
+              for i, b in enumerate(blocks) for k, v in b.items()}
+  arrays.update({
+      "embedding/kernel": sd["embeddings.patch_embeddings.projection.weight"].transpose(2, 3, 1, 0),
+      "embedding/bias": sd["embeddings.patch_embeddings.projection.bias"],
+      "Transformer/encoder_norm/scale": sd["layernorm.weight"],
+      "Transformer/encoder_norm/bias": sd["layernorm.bias"]})
+  pos, cls = sd["embeddings.position_embeddings"], sd["embeddings.cls_token"]
+  if big_vision:  # posemb on patch tokens only; the class token's row is folded into cls
+    arrays["pos_embedding"] = pos[:, 1:]
+    if not gap:
+      arrays["cls"] = cls + pos[:, :1]
+  else:
+    arrays.update({"Transformer/posembed_input/pos_embedding": pos, "cls": cls,
+                   "pre_logits/kernel": sd["pooler.dense.weight"].T,
+                   "pre_logits/bias": sd["pooler.dense.bias"]})
+  return arrays
+
+
+def _npz(path, arrays):
+  np.savez(path, **arrays)
+  return path
+
+
+def test_vision_transformer_npz(google_fn, tmp_path):
+  model, sd = google_fn
+  arrays = _google_arrays(sd)
+  rng = np.random.default_rng(0)
+  arrays.update({"head/kernel": rng.normal(size=(64, 10)).astype(np.float32),
+                 "head/bias": rng.normal(size=(10,)).astype(np.float32)})
+  pretrained = checkpoints.load(_npz(tmp_path / "vit.npz", arrays))
+  assert pretrained.model["gelu_approximate"] and pretrained.mean == (0.5, 0.5, 0.5)
+  images = _images(16)
+  ref = _torch(model, images)
+  assert _rel(_apply(pretrained, images, "encode"), ref.last_hidden_state) < 1e-5
+  assert _rel(_apply(pretrained, images, "features"), ref.pooler_output) < 1e-5  # pre_logits
+  logits = ref.pooler_output.numpy() @ arrays["head/kernel"] + arrays["head/bias"]
+  assert _rel(_apply(pretrained, images), logits) < 1e-5
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_big_vision_npz(google_fn, tmp_path, scan):
+  model, sd = google_fn
+  arrays = {f"params/{k}": v for k, v in _google_arrays(sd, big_vision=True, scan=scan).items()}
+  pretrained = checkpoints.load(_npz(tmp_path / "bv.npz", arrays))
+  assert pretrained.model["depth"] == 2 and pretrained.model["pool"] == "tok"
+  np.testing.assert_array_equal(pretrained.params["pos_embedding"][0, 0], 0.0)
+  images = _images(16)
+  assert _rel(_apply(pretrained, images, "encode"), _torch(model, images).last_hidden_state) < 1e-5
+
+
+def test_big_vision_gap_npz(google_fn, tmp_path):
+  model, sd = google_fn
+  pretrained = checkpoints.load(_npz(tmp_path / "gap.npz", _google_arrays(sd, big_vision=True,
+                                                                          gap=True)))
+  assert not pretrained.model["class_token"] and pretrained.model["pool"] == "gap"
+  images = _images(16)
+  with torch.no_grad():  # the torch blocks on patch tokens only: no class token anywhere
+    h = model.embeddings.patch_embeddings(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    h = h + model.embeddings.position_embeddings[:, 1:]
+    for layer in model.layers:
+      h = layer(h)
+    h = model.layernorm(h).numpy()
+  assert _rel(_apply(pretrained, images, "encode"), h) < 1e-5
+  assert _rel(_apply(pretrained, images, "features"), h.mean(axis=1)) < 1e-5
+
+
+# ---------------------------------------------------------------- strict checks and options
+
+
+def test_strict_lists_missing_unexpected_and_misshaped_at_once(google_fn, tmp_path):
+  arrays = _google_arrays(google_fn[1])
+  del arrays["Transformer/encoderblock_1/LayerNorm_0/scale"]
+  arrays["Transformer/encoderblock_0/extra/kernel"] = np.zeros((2, 2), np.float32)
+  arrays["Transformer/encoderblock_1/MlpBlock_3/Dense_1/bias"] = np.zeros((3,), np.float32)
+  with pytest.raises(ValueError) as err:
+    checkpoints.load(_npz(tmp_path / "bad.npz", arrays))
+  msg = str(err.value)
+  assert "1 missing, 1 unexpected, 1 mis-shaped" in msg
+  assert "missing: Transformer/encoderblock_1/LayerNorm_0/scale (expected (64,))" in msg
+  assert "unexpected: Transformer/encoderblock_0/extra/kernel (2, 2)" in msg
+  assert re.search(r"mis-shaped: Transformer/encoderblock_1/MlpBlock_0/Dense_1/bias: got \(3,\), "
+                   r"expected \(64,\)", msg)
+
+
+def test_unknown_formats(tmp_path):
+  (tmp_path / "notes.txt").write_text("hello")
+  with pytest.raises(ValueError, match=r"notes\.txt is not a checkpoint format.*big_vision"):
+    checkpoints.load(tmp_path / "notes.txt")
+  with pytest.raises(ValueError, match=r"other\.npz is not a checkpoint format"):
+    checkpoints.load(_npz(tmp_path / "other.npz", {"w": np.zeros(3)}))
+  with pytest.raises(FileNotFoundError, match="absent"):
+    checkpoints.load(tmp_path / "absent.npz")
+
+
+def test_head_options(google_fn, tmp_path):
+  arrays = _google_arrays(google_fn[1])
+  arrays.update({"head/kernel": np.ones((64, 10), np.float32),
+                 "head/bias": np.ones(10, np.float32)})
+  path = _npz(tmp_path / "head.npz", arrays)
+  kept = checkpoints.load(path, num_classes=10)
+  np.testing.assert_array_equal(kept.params["head"]["kernel"], 1.0)
+  for pretrained in (checkpoints.load(path, num_classes=7),
+                     checkpoints.load(path, num_classes=10, reset_head=True)):
+    n = pretrained.params["head"]["kernel"].shape[1]
+    assert pretrained.params["head"]["kernel"].shape == (64, n)  # 64: pre_logits width
+    assert not np.any(pretrained.params["head"]["kernel"]) and not np.any(
+        pretrained.params["head"]["bias"])
+    assert checkpoints.build_model(pretrained).num_classes == n
+  dropped = checkpoints.load(path, reset_head=True)
+  assert "head" not in dropped.params and checkpoints.build_model(dropped).num_classes is None
+
+
+def test_native_round_trip_and_image_size(google_fn, tmp_path):
+  pretrained = checkpoints.load(_npz(tmp_path / "vit.npz", _google_arrays(google_fn[1])),
+                                num_classes=3, image_size=24)
+  assert pretrained.model["posemb_grid"] == (6, 6)
+  assert pretrained.params["pos_embedding"].shape == (1, 37, 64)
+  checkpoints.save(tmp_path / "native.safetensors", pretrained)
+  again = checkpoints.load(tmp_path / "native.safetensors")
+  assert (again.model, again.mean, again.std, again.source) == (
+      pretrained.model, pretrained.mean, pretrained.std, pretrained.source)
+  jax.tree.map(np.testing.assert_array_equal, again.params, pretrained.params)
+  with pytest.raises(ValueError, match="not a multiple of the patch size 4"):
+    checkpoints.load(tmp_path / "native.safetensors", image_size=30)
+
+
+# ---------------------------------------------------------------- parameter counts
+
+
+def _formula(width, depth, mlp_dim, patch_size, grid, classes=1000, **_) -> int:
+  block = 4 * (width * width + width) + 2 * 2 * width + 2 * width * mlp_dim + mlp_dim + width
+  embed = patch_size * patch_size * 3 * width + width + width + (1 + grid * grid) * width
+  return embed + depth * block + 2 * width + width * classes + classes
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_param_count_table(size):
+  """Every size x patch builds and matches the closed form (depth 2 keeps tracing cheap)."""
+  for patch in PATCHES:
+    fields = dict(variant(f"{size}/{patch}"), depth=2)
+    grid = 224 // patch
+    count = param_count(checkpoints.expected_shapes(dict(fields, posemb_grid=(grid, grid)), 1000))
+    assert count == _formula(**fields, grid=grid), (size, patch)
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_param_counts(name):
+  grid = 224 // int(name.split("/")[1])
+  model = dict(variant(name), posemb_grid=(grid, grid))
+  assert param_count(checkpoints.expected_shapes(model, 1000)) == PUBLISHED[name]
