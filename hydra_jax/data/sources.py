@@ -1,0 +1,138 @@
+"""Random-access image sources: prepared tfds datasets (array_record) and class-per-folder trees.
+
+Every source maps an index to {"image": uint8 (H, W, C), "label": int} and knows `num_classes`.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import PIL.Image
+import tensorflow_datasets as tfds
+
+from hydra_jax.data import fashion_mnist
+
+FOLDER_PREFIX = "folder:"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def to_hwc_uint8(image) -> np.ndarray:
+  """Returns an image as uint8 (H, W, C): grayscale keeps C=1, anything else becomes RGB."""
+  if isinstance(image, PIL.Image.Image):
+    if image.mode not in ("L", "RGB"):
+      image = image.convert("RGB")
+    image = np.asarray(image)
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.dtype != np.uint8:
+    raise ValueError(f"expected a uint8 image (H, W, C), got {image.dtype} {image.shape}")
+  return image
+
+
+class TfdsSource:
+  """A prepared tfds dataset split, read with `tfds.data_source` (array_record, numpy)."""
+
+  def __init__(self, name: str, split: str, *, data_dir: str | None = None,
+               label_key: str = "label"):
+    _check_prepared(name, data_dir)
+    self.name, self.split, self.label_key = name, split, label_key
+    self._ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    features = self._ds.dataset_info.features
+    if label_key not in features or not hasattr(features[label_key], "num_classes"):
+      raise ValueError(f"{name!r} has no ClassLabel feature {label_key!r}; its features are "
+                       f"{list(features.keys())}")
+    self.num_classes = int(features[label_key].num_classes)
+
+  def __len__(self) -> int:
+    return len(self._ds)
+
+  def __getitem__(self, index: int) -> dict:
+    record = self._ds[int(index)]
+    return {"image": to_hwc_uint8(record["image"]), "label": int(record[self.label_key])}
+
+  def __repr__(self) -> str:
+    return f"TfdsSource({self.name!r}, split={self.split!r}, n={len(self)})"
+
+
+class FolderSource:
+  """Images under root/<class_name>/*; labels follow the sorted class folder names."""
+
+  def __init__(self, root: str | pathlib.Path):
+    self.root = pathlib.Path(root).expanduser()
+    if not self.root.is_dir():
+      raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist")
+    self.class_names = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+    self._files, labels = [], []
+    for label, name in enumerate(self.class_names):
+      files = sorted(p for p in (self.root / name).rglob("*")
+                     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+      self._files += files
+      labels += [label] * len(files)
+    if not self._files:
+      raise ValueError(f"image folder {str(self.root)!r} holds no images: expected "
+                       f"root/<class_name>/<image> files with a suffix in {IMAGE_SUFFIXES}")
+    self.labels = np.asarray(labels, np.int64)
+    self.num_classes = len(self.class_names)
+
+  def __len__(self) -> int:
+    return len(self._files)
+
+  def __getitem__(self, index: int) -> dict:
+    with PIL.Image.open(self._files[index]) as image:
+      return {"image": to_hwc_uint8(image), "label": int(self.labels[index])}
+
+  def __repr__(self) -> str:
+    return f"FolderSource({str(self.root)!r}, n={len(self)}, classes={self.num_classes})"
+
+
+def get_source(name: str, split: str | None = None, *, data_dir: str | None = None,
+               label_key: str = "label"):
+  """Opens a random-access source of {"image": uint8 (H, W, C), "label": int}.
+
+  Args:
+    name: a tfds dataset name (e.g. "fashion_mnist_offline", "cifar100") or "folder:/path/root".
+    split: tfds split string, e.g. "train[:800]+train[54000:54200]" (ignored for folders).
+    data_dir: tfds data dir (None: tfds' default).
+    label_key: the tfds ClassLabel feature to use as label (see VTAB1K[task]["label"]).
+
+  Returns:
+    A source with `len()`, indexing and `num_classes`.
+  """
+  if name.startswith(FOLDER_PREFIX):
+    source = FolderSource(name[len(FOLDER_PREFIX):])
+  else:
+    if split is None:
+      raise ValueError(f"tfds dataset {name!r} needs a split, e.g. 'train' or 'train[:800]'")
+    try:
+      source = TfdsSource(name, split, data_dir=data_dir, label_key=label_key)
+    except ValueError as e:
+      if "0 length" not in str(e):
+        raise
+      source = None
+    if source is None or len(source) == 0:
+      raise ValueError(f"split {split!r} of {name!r} is empty")
+  return source
+
+
+def _check_prepared(name: str, data_dir: str | None) -> None:
+  """Raises a FileNotFoundError saying how to prepare `name` when it is not in data_dir."""
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"unknown tfds dataset {name!r}; expected a tfds name such as "
+                     f"{fashion_mnist.NAME!r} or 'folder:/path/to/root'") from e
+  if builder.is_prepared():
+    return
+  where = builder.data_dir_root if data_dir is None else data_dir
+  if builder.name == fashion_mnist.NAME:
+    how = (f"prepare it (no network needed) with `python -c \"from hydra_jax import data; "
+           f"data.prepare_fashion_mnist({str(where)!r})\"` "
+           f"(idx files from `apt-get install -y dataset-fashion-mnist`)")
+  else:
+    how = (f"prepare it in the array_record format, e.g. `tfds build {name} --data_dir={where} "
+           f"--file_format=array_record` or tfds.builder({name!r}, data_dir={str(where)!r})"
+           ".download_and_prepare(file_format='array_record')")
+  raise FileNotFoundError(f"tfds dataset {name!r} is not prepared in data_dir {str(where)!r}; "
+                          f"{how}")
