@@ -1,0 +1,65 @@
+"""VTAB-1k with Hydra on ViT-B/16 ImageNet-21k, the paper's per-task settings.
+
+  python train.py --config configs/vtab1k.py:cifar100 --workdir /tmp/vtab_cifar100 \\
+      --config.model.checkpoint=/path/to/ViT-B_16.npz --config.data.data_dir=/path/to/tfds
+
+Trains on train800val200 (1,000 images), reports test accuracy; AdamW, 100 epochs, cosine with
+10 warm-up epochs, no augmentation, 224 px. The tfds data must be prepared by the user (network
+or their own copy); the checkpoint is the original i21k ``ViT-B_16.npz``.
+"""
+
+import ml_collections
+
+from configs import default
+
+# task: (lr, weight decay, Hydra scale s, dropout, batch size) -- Kim et al. 2023, VTAB-1k code.
+HPARAMS = {
+    "cifar100": (5e-4, 1e-4, 0.1, 0.2, 16),
+    "caltech101": (1e-3, 1e-4, 4.0, 0.1, 32),
+    "dtd": (1e-3, 1e-4, 0.1, 0.2, 32),
+    "flowers102": (5e-3, 1e-4, 0.1, 0.0, 64),
+    "pets": (1e-3, 1e-4, 0.1, 0.0, 32),
+    "svhn": (1e-3, 1e-4, 3.0, 0.0, 16),
+    "sun397": (1e-3, 1e-4, 0.1, 0.2, 64),
+    "camelyon": (5e-3, 1e-4, 0.1, 0.2, 64),
+    "eurosat": (5e-4, 1e-4, 0.1, 0.2, 64),
+    "resisc45": (5e-3, 1e-4, 0.1, 0.2, 64),
+    "retinopathy": (5e-4, 1e-4, 4.5, 0.2, 64),
+    "clevr_count": (5e-4, 1e-4, 1.5, 0.2, 64),
+    "clevr_dist": (5e-4, 1e-4, 0.1, 0.0, 16),
+    "dmlab": (1e-3, 1e-4, 4.5, 0.2, 64),
+    "kitti_dist": (5e-4, 1e-4, 4.5, 0.2, 64),
+    "dsprites_loc": (1e-3, 1e-4, 4.5, 0.2, 16),
+    "dsprites_ori": (1e-3, 1e-4, 2.5, 0.2, 64),
+    "smallnorb_azi": (5e-3, 1e-5, 3.0, 0.2, 64),
+    "smallnorb_ele": (5e-4, 1e-4, 1.0, 0.2, 64),
+}
+
+
+def get_config(task: str = "cifar100") -> ml_collections.ConfigDict:
+  from hydra_jax.data import VTAB1K  # the tfds names and split strings of each task
+
+  if task not in HPARAMS:
+    raise ValueError(f"unknown VTAB-1k task {task!r}; expected one of {sorted(HPARAMS)}")
+  lr, wd, scale, dropout, batch = HPARAMS[task]
+  info = VTAB1K[task]
+  c = default.get_config()
+  c.model.checkpoint = "ViT-B_16.npz"  # path to the original ImageNet-21k file
+  c.model.image_size = 224
+  c.model.pool = "tok"
+  c.adapter = default.adapter_config("hydra", scale=scale, dropout=dropout)
+  c.data.name = info["tfds_name"]
+  c.data.train_split = info["train_split"]  # train800val200: all 1,000 images train
+  c.data.val_split = info["val_split"]  # the 200 validation images (for monitoring)
+  c.data.test_split = info["test_split"]
+  c.data.num_classes = info["num_classes"]
+  c.data.label_key = info["label"]  # the tfds feature holding the task's label
+  c.data.test_limit = None
+  c.data.eval_batch_size = 256
+  c.batch_size = batch
+  c.num_epochs = 100
+  c.eval_every_epochs = 10
+  c.optim.lr = lr
+  c.optim.weight_decay = wd
+  c.optim.warmup_epochs = 10
+  return c

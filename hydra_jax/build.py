@@ -1,0 +1,59 @@
+"""From a config to a model and its (pre-trained) params."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+from hydra_jax import checkpoints
+from hydra_jax.models import ViT, variant
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def cache_dir() -> pathlib.Path:
+  """Where prepared assets and datasets live: $HYDRA_JAX_CACHE or ~/.cache/hydra_jax."""
+  default = pathlib.Path.home() / ".cache" / "hydra_jax"
+  return pathlib.Path(os.environ.get("HYDRA_JAX_CACHE", default))
+
+
+def data_dir(configured: str | None) -> str:
+  """The tfds data directory: the configured one, else <cache>/tensorflow_datasets."""
+  return str(configured) if configured else str(cache_dir() / "tensorflow_datasets")
+
+
+def _dtype(name: str):
+  if name not in DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; expected one of {tuple(DTYPES)}")
+  return DTYPES[name]
+
+
+def build_model(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:
+  """The ViT of ``config.model`` and its params, with a fresh head of ``config.data.num_classes``.
+
+  ``config.model.checkpoint``: "default" (the bundled ViT-S/14, see ``hydra_jax.assets``), a
+  checkpoint path (any format ``checkpoints.load`` reads), or None for a random ``variant``
+  (plus ``overrides``), as the tests use.
+  """
+  cfg, num_classes = config.model, config.data.num_classes
+  runtime = dict(dtype=_dtype(cfg.dtype), attention=cfg.attention, remat=cfg.remat)
+  if cfg.get("pool"):
+    runtime["pool"] = cfg.pool
+  if cfg.checkpoint is None:
+    kwargs = {**variant(cfg.variant), **cfg.get("overrides", {})}
+    grid = cfg.image_size // kwargs["patch_size"]
+    kwargs["posemb_grid"] = (grid, grid)
+    model = ViT(num_classes=num_classes, **kwargs, **runtime)
+    images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
+    params = jax.jit(model.init)(rng, images)["params"]
+    mean = std = (0.5, 0.5, 0.5)
+    return model, checkpoints.Pretrained(params, kwargs, mean, std, f"random {cfg.variant}")
+  path = cfg.checkpoint
+  if path == "default":
+    from hydra_jax import assets  # prepares the bundled backbone on first use
+    path = assets.default_backbone()
+  pre = checkpoints.load(path, num_classes=num_classes, image_size=cfg.image_size, rng=rng)
+  return checkpoints.build_model(pre, num_classes=num_classes, **runtime), pre

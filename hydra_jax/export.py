@@ -1,0 +1,56 @@
+"""Deployment exports: merged full params, or the adapters (and trained head) alone.
+
+Both are safetensors files written atomically. A merged export is a plain hydra_jax checkpoint
+(``checkpoints.load`` reads it; it has exactly the base architecture). An adapters export holds
+the trainable tree ``{"adapters": ..., "params": ...}`` and the adapter spec as JSON metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import safetensors.numpy
+from flax import traverse_util
+
+from hydra_jax import adapters as adapters_lib
+from hydra_jax import checkpoints
+
+
+def save_merged(path: str | pathlib.Path, params, pre: checkpoints.Pretrained) -> None:
+  """Saves merged params with the base model's kwargs and input normalisation."""
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  merged = checkpoints.Pretrained(jax.device_get(params), pre.model, pre.mean, pre.std,
+                                  f"merged from {pre.source}")
+  checkpoints.save(path, merged)
+
+
+def save_adapters(path: str | pathlib.Path, trainable, spec: adapters_lib.AdapterSpec) -> None:
+  """Saves the trainable tree and the spec that reads it."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  flat = traverse_util.flatten_dict(jax.device_get(trainable), sep="/")
+  tensors = {k: np.ascontiguousarray(v) for k, v in flat.items()}
+  meta = {"hydra_jax_adapter_spec": json.dumps(dataclasses.asdict(spec))}
+  tmp = path.with_name(path.name + ".tmp")
+  safetensors.numpy.save_file(tensors, str(tmp), metadata=meta)
+  os.replace(tmp, path)
+
+
+def load_adapters(path: str | pathlib.Path):
+  """Reads ``save_adapters`` output; returns (trainable tree, AdapterSpec)."""
+  with safetensors.safe_open(str(path), framework="numpy") as f:
+    meta = f.metadata() or {}
+    if "hydra_jax_adapter_spec" not in meta:
+      raise ValueError(f"{path} is not a hydra_jax adapters export (no adapter spec metadata)")
+    tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+  fields = json.loads(meta["hydra_jax_adapter_spec"])
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+  trainable = traverse_util.unflatten_dict(tensors, sep="/")
+  trainable.setdefault("adapters", {})
+  trainable.setdefault("params", {})
+  return trainable, adapters_lib.AdapterSpec(**fields)

@@ -1,0 +1,224 @@
+"""``train_and_evaluate(config, workdir)``: the run a user starts with ``train.py``."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from hydra_jax import adapters as adapters_lib
+from hydra_jax import checkpointing, data, export, metrics, optim, parallel, train_lib
+from hydra_jax.build import build_model, data_dir
+
+_MERGE_RTOL = 1e-4
+
+
+def _make_spec(config) -> adapters_lib.AdapterSpec | None:
+  if config.adapter.kind == "none":
+    return None
+  return adapters_lib.spec_from_config(config.adapter)
+
+
+def _init_state(config, model, params, spec, rng, steps_per_epoch: int):
+  """Splits params, initialises adapters and the optimizer; logs what trains."""
+  trainable_params, frozen = optim.split(params, list(config.train_patterns))
+  adapters = {} if spec is None else adapters_lib.init(spec, params, rng)
+  trainable = {"adapters": adapters, "params": trainable_params}
+  # One report over everything: adapter factors and the params that train by pattern.
+  patterns = (["adapters/.*"] if adapters else []) + [f"params/{p}" for p in config.train_patterns]
+  report = optim.report({"adapters": adapters, "params": params}, patterns)
+  logging.info("what trains:\n%s", report)
+  opt = ml_collections.ConfigDict(config.optim.to_dict())
+  opt.total_steps = config.num_epochs * steps_per_epoch
+  opt.warmup_steps = int(config.optim.warmup_epochs * steps_per_epoch)
+  tx, schedule = train_lib.make_optimizer(opt)
+  state = train_lib.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+  return state, frozen, tx, schedule, report
+
+
+def _sources(config):
+  cfg = config.data
+  if cfg.name == "fashion_mnist_offline":
+    if jax.process_index() == 0:  # one writer; the others wait for it
+      data.prepare_fashion_mnist(data_dir(cfg.data_dir))
+    multihost_utils.sync_global_devices("hydra_jax: data prepared")
+  get = functools.partial(data.get_source, cfg.name, data_dir=data_dir(cfg.data_dir),
+                          label_key=cfg.get("label_key") or "label")
+  return get(cfg.train_split), get(cfg.val_split), get(cfg.test_split)
+
+
+class _Runner:
+  """Holds the compiled steps for one run (jit over a mesh, or pmap)."""
+
+  def __init__(self, config, model, spec, tx, schedule, frozen, state):
+    self.mesh = parallel.make_mesh(config.parallel.num_devices)
+    self.pmap = config.parallel.mode == "pmap"
+    step = functools.partial(train_lib.train_step, model=model, spec=spec, tx=tx,
+                             schedule=schedule, axis_name="batch" if self.pmap else None)
+    rep = parallel.replicated(self.mesh)
+    if self.pmap:
+      devices = self.mesh.devices.tolist()
+      self.frozen = parallel.replicate_for_pmap(frozen, self.mesh)
+      self.step = jax.pmap(step, axis_name="batch", in_axes=(0, 0, 0, None), donate_argnums=0,
+                           devices=devices)
+    else:
+      self.frozen = jax.device_put(
+          frozen, parallel.frozen_shardings(self.mesh, frozen, fsdp=config.parallel.fsdp))
+      self.step = jax.jit(step, donate_argnums=0, out_shardings=(rep, rep))
+    self.state = self.place(state)
+    self.predict = jax.jit(functools.partial(train_lib.predict_step, model=model, spec=spec))
+    self.apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+
+  def place(self, state):
+    if self.pmap:
+      return parallel.replicate_for_pmap(state, self.mesh)
+    return jax.device_put(state, parallel.replicated(self.mesh))
+
+  def run_step(self, local_batch, rng):
+    if self.pmap:
+      n = self.mesh.size
+      batch = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in local_batch.items()}
+      self.state, m = self.step(self.state, self.frozen, batch, rng)
+      return jax.tree.map(lambda x: x[0], m)
+    batch = parallel.global_batch(local_batch, self.mesh)
+    self.state, m = self.step(self.state, self.frozen, batch, rng)
+    return m
+
+  def _unreplicate(self, tree):
+    if not self.pmap:
+      return tree
+    return jax.device_put(jax.tree.map(lambda x: x[0], tree), parallel.replicated(self.mesh))
+
+  def host_state(self):
+    """The state as one copy, replicated over the mesh (pmap keeps one per device)."""
+    return self._unreplicate(self.state)
+
+  def frozen_params(self):
+    return self._unreplicate(self.frozen)
+
+
+def _eval_batches(config, source, image_size, pre, limit):
+  mesh = parallel.make_mesh(config.parallel.num_devices)
+  return (parallel.global_batch(b, mesh)
+          for b in data.eval_batches(
+              source, batch_size=config.data.eval_batch_size, image_size=image_size,
+              mean=pre.mean, std=pre.std, num_classes=config.data.num_classes, limit=limit,
+              shard_index=jax.process_index(), shard_count=jax.process_count()))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Fine-tunes, checkpoints, evaluates the merged model; returns the final results."""
+  parallel.initialize_distributed(**config.parallel.distributed)
+  workdir = pathlib.Path(workdir)
+  rng = jax.random.key(config.seed)
+  model, pre = build_model(config, jax.random.fold_in(rng, 0))
+  spec = _make_spec(config)
+  train_src, val_src, test_src = _sources(config)
+  steps_per_epoch = len(train_src) // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_src)} train examples")
+  total = config.num_epochs * steps_per_epoch
+  state, frozen, tx, schedule, report = _init_state(
+      config, model, pre.params, spec, jax.random.fold_in(rng, 1), steps_per_epoch)
+  runner = _Runner(config, model, spec, tx, schedule, frozen, state)
+  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
+                                    use_async=config.async_checkpoints)
+  start = ckpt.latest_step() or 0
+  if start:
+    restored, _ = ckpt.restore(start, runner.host_state())
+    runner.state = runner.place(restored)
+    logging.info("resumed from step %d", start)
+  is_main = jax.process_index() == 0
+  writer = metrics.MetricWriter(workdir, enabled=is_main)
+  if is_main:
+    (workdir / "trainable.txt").write_text(report + "\n")
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  image_size = config.model.image_size
+  batches = data.train_batches(
+      train_src, batch_size=config.batch_size, image_size=image_size, mean=pre.mean, std=pre.std,
+      seed=config.seed, start_step=start, shard_index=jax.process_index(),
+      shard_count=jax.process_count(), num_classes=config.data.num_classes)
+  eval_every = config.eval_every_epochs * steps_per_epoch
+  progress = metrics.Progress(total=total, initial=start, batch_size=config.batch_size,
+                              enabled=config.progress and is_main)
+  step_rng = jax.random.fold_in(rng, 2)
+  pending: list[tuple[int, Any]] = []
+  for step in range(start + 1, total + 1):
+    pending.append((step, runner.run_step(next(batches), step_rng)))
+    if step % config.log_every == 0 or step % eval_every == 0 or step == total:
+      history = [(s, jax.device_get(m)) for s, m in pending]
+      pending = []
+      bad = train_lib.first_nonfinite(history)
+      if bad is not None:
+        ckpt.close()
+        raise FloatingPointError(
+            f"loss is {history[bad - history[0][0]][1]['loss']} at step {bad}; the last good "
+            f"checkpoint (step {ckpt.latest_step()}) is kept in {workdir / 'checkpoints'}")
+      last = history[-1][1]
+      img_s = progress.update(step, last)
+      writer.write(step, {**last, "img_per_s": img_s})
+    if step % eval_every == 0 or step == total:
+      val = _evaluate_unmerged(config, runner, spec, val_src, pre, config.data.val_limit)
+      writer.write(step, {"val_accuracy": val})
+      ckpt.save(step, runner.host_state(), meta={"seed": config.seed, "data_step": step},
+                val_accuracy=val)
+    elif config.checkpoint_every and step % config.checkpoint_every == 0:
+      ckpt.save(step, runner.host_state(), meta={"seed": config.seed, "data_step": step})
+  progress.close()
+  ckpt.close()
+  results = _final(config, runner, spec, model, pre, val_src, test_src, workdir)
+  writer.write(total, results)
+  writer.close()
+  return results
+
+
+def _evaluate_unmerged(config, runner, spec, source, pre, limit) -> float:
+  state = runner.host_state()
+  frozen = runner.frozen_params()
+  return train_lib.evaluate(
+      lambda b: runner.predict(state.trainable, frozen, b["image"]),
+      _eval_batches(config, source, config.model.image_size, pre, limit))
+
+
+def _final(config, runner, spec, model, pre, val_src, test_src, workdir) -> dict[str, Any]:
+  """Evaluates the merged model (checking it against the unmerged one) and exports it."""
+  state, frozen = runner.host_state(), runner.frozen_params()
+  exact = spec is None or spec.kind != "hydralora"
+  merged = train_lib.merged_params(state.trainable, frozen, spec) if exact else None
+  images = next(_eval_batches(config, val_src, config.model.image_size, pre, 8))["image"]
+  unmerged_logits = runner.predict(state.trainable, frozen, images)
+  results: dict[str, Any] = {"steps": int(state.step)}
+  if merged is not None:
+    merged_logits = runner.apply(merged, images)
+    err = float(jnp.linalg.norm(merged_logits - unmerged_logits)
+                / (jnp.linalg.norm(unmerged_logits) + 1e-12))
+    results["merge_rel_error"] = err
+    if err > _MERGE_RTOL:
+      raise AssertionError(f"merged model differs from the unmerged one: rel error {err:.2e}")
+    logits_fn = lambda b: runner.apply(merged, b["image"])  # noqa: E731
+  else:
+    logits_fn = lambda b: runner.predict(state.trainable, frozen, b["image"])  # noqa: E731
+  t0 = time.perf_counter()
+  for name, src, limit in (("val", val_src, config.data.val_limit),
+                           ("test", test_src, config.data.test_limit)):
+    batches = _eval_batches(config, src, config.model.image_size, pre, limit)
+    results[f"{name}_accuracy"] = train_lib.evaluate(logits_fn, batches)
+  results["eval_seconds"] = time.perf_counter() - t0
+  results["model"] = "merged" if merged is not None else "unmerged (input-dependent router)"
+  if jax.process_index() == 0:
+    if config.export and merged is not None:
+      export.save_merged(workdir / "export" / "merged.safetensors", merged, pre)
+    if config.export and spec is not None:
+      export.save_adapters(workdir / "export" / "adapters.safetensors",
+                           jax.device_get(state.trainable), spec)
+    checkpointing.write_json_atomic(workdir / "results.json", results)
+  logging.info("results: %s", results)
+  return {k: (float(v) if isinstance(v, np.floating) else v) for k, v in results.items()}

@@ -1,0 +1,62 @@
+"""What a user sees: a progress bar, JSONL metrics and TensorBoard summaries in the workdir."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import tqdm
+
+
+class MetricWriter:
+  """Appends ``{"step": s, **scalars}`` lines to ``metrics.jsonl`` and TensorBoard scalars."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True):
+    self._enabled = enabled
+    if not enabled:
+      return
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    self._jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
+    from tensorboardX import SummaryWriter  # heavy import, only where used
+    self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self._enabled:
+      return
+    scalars = {k: float(v) for k, v in scalars.items() if isinstance(v, (int, float))
+               or getattr(v, "shape", None) == ()}
+    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self._jsonl.flush()
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, value, step)
+
+  def close(self) -> None:
+    if self._enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+class Progress:
+  """A tqdm bar showing loss, accuracy, learning rate and images per second."""
+
+  def __init__(self, *, total: int, initial: int, batch_size: int, enabled: bool = True):
+    self._bar = tqdm.tqdm(total=total, initial=initial, disable=not enabled, unit="step",
+                          dynamic_ncols=True)
+    self._batch_size = batch_size
+    self._last = (initial, time.perf_counter())
+
+  def update(self, step: int, metrics: dict[str, float]) -> float:
+    """Advances the bar to ``step``; returns images per second since the last update."""
+    last_step, last_time = self._last
+    now = time.perf_counter()
+    img_s = (step - last_step) * self._batch_size / max(now - last_time, 1e-9)
+    self._last = (step, now)
+    self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}",
+                          lr=f"{metrics['lr']:.2e}", img_s=f"{img_s:.0f}")
+    self._bar.update(step - self._bar.n)
+    return img_s
+
+  def close(self) -> None:
+    self._bar.close()

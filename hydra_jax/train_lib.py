@@ -1,0 +1,124 @@
+"""Training: the state, the pure train step, evaluation, and ``train_and_evaluate``.
+
+Data flow: config -> model + pre-trained params -> split into (trainable, frozen) ->
+adapters.init -> optax -> ``train_step(state, frozen, batch, rng)`` -> orbax. The frozen
+params are an argument of the step, never part of its state or optimizer; the step differentiates
+only the trainable tree ``{"adapters": ..., "params": ...}`` (adapter factors and e.g. the head).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hydra_jax import adapters as adapters_lib
+from hydra_jax import optim
+
+Batch = dict[str, jax.Array]
+
+
+class TrainState(NamedTuple):
+  """What a checkpoint holds: step, trainable tree and optimizer state (a pytree)."""
+  step: jax.Array
+  trainable: dict[str, Any]
+  opt_state: optax.OptState
+
+
+def forward(model: nn.Module, spec: adapters_lib.AdapterSpec | None, trainable, frozen,
+            images: jax.Array, *, rng: jax.Array | None = None, train: bool = False):
+  """Logits (B, C) of the adapted model and aux losses; ``spec=None`` is the plain model."""
+  params = optim.join(trainable["params"], frozen)
+  if spec is None:
+    return model.apply({"params": params}, images), {"balance_loss": jnp.zeros(())}
+  return adapters_lib.forward(model, params, trainable["adapters"], spec, images, rng=rng,
+                              train=train)
+
+
+def loss_fn(trainable, frozen, batch: Batch, rng: jax.Array, *, model: nn.Module,
+            spec: adapters_lib.AdapterSpec | None):
+  """Mean cross-entropy plus the router's load-balancing loss (already weighted by the spec)."""
+  logits, aux = forward(model, spec, trainable, frozen, batch["image"], rng=rng, train=True)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+  return loss + aux["balance_loss"], logits
+
+
+def train_step(state: TrainState, frozen, batch: Batch, rng: jax.Array, *, model: nn.Module,
+               spec: adapters_lib.AdapterSpec | None, tx: optax.GradientTransformation,
+               schedule: Callable[[jax.Array], jax.Array], axis_name: str | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step. Pure: jit it (state donated) or pmap it (``axis_name`` set).
+
+  Args:
+    state: the trainable tree, its optimizer state and the step.
+    frozen: the frozen params (not differentiated, not updated).
+    batch: {"image": (B, H, W, 3) float32, "label": (B,) int32}; under pmap, this device's part.
+    rng: the run's base key; each step folds in its step number (and device under pmap), so a
+      resumed run draws the same dropout masks as an uninterrupted one.
+  Returns:
+    The new state and {"loss", "accuracy", "lr"} scalars.
+  """
+  rng = jax.random.fold_in(rng, state.step)
+  if axis_name is not None:
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, spec=spec), has_aux=True)
+  (loss, logits), grads = grad_fn(state.trainable, frozen, batch, rng)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+  metrics = {"loss": loss, "accuracy": accuracy}
+  if axis_name is not None:
+    grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+  trainable = optax.apply_updates(state.trainable, updates)
+  metrics["lr"] = schedule(state.step)
+  return TrainState(state.step + 1, trainable, opt_state), metrics
+
+
+def predict_step(trainable, frozen, images: jax.Array, *, model: nn.Module,
+                 spec: adapters_lib.AdapterSpec | None) -> jax.Array:
+  """Logits of the unmerged adapted model in inference mode."""
+  return forward(model, spec, trainable, frozen, images)[0]
+
+
+def merged_params(trainable, frozen, spec: adapters_lib.AdapterSpec | None):
+  """Full params with the adapters folded in: the plain ViT then runs at the base model's cost."""
+  params = optim.join(trainable["params"], frozen)
+  if spec is None:
+    return params
+  return adapters_lib.merge(params, trainable["adapters"], spec)
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with linear warm-up and cosine decay to zero, optional global-norm clipping."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.lr, warmup_steps=config.warmup_steps,
+      decay_steps=max(config.total_steps, config.warmup_steps + 1), end_value=0.0)
+  tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
+  if config.grad_clip:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
+  return tx, schedule
+
+
+def evaluate(logits_fn: Callable[[Batch], jax.Array], batches: Iterator[Batch]) -> float:
+  """Accuracy over padded batches ({"image", "label", "mask"}); padding rows do not count."""
+  correct = total = 0
+  for batch in batches:
+    hits = (jnp.argmax(logits_fn(batch), -1) == batch["label"]) & batch["mask"]
+    correct += int(jnp.sum(hits))
+    total += int(jnp.sum(batch["mask"]))
+  if total == 0:
+    raise ValueError("evaluation saw no examples")
+  return correct / total
+
+
+def first_nonfinite(history: list[tuple[int, dict[str, Any]]]) -> int | None:
+  """The first step whose loss is NaN or inf, from fetched (step, metrics) pairs."""
+  for step, metrics in history:
+    if not np.isfinite(metrics["loss"]):
+      return step
+  return None

@@ -1,0 +1,202 @@
+"""End-to-end training: one run, resume after SIGKILL, multi-device, pmap, 2 processes, NaN."""
+
+import functools
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from hydra_jax import adapters, data, export, optim, parallel, train_lib
+from hydra_jax.build import build_model
+from hydra_jax.loop import train_and_evaluate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _testing_config(**overrides):
+  c = default.get_testing_config()
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def _adapters_of(workdir):
+  trainable, _ = export.load_adapters(pathlib.Path(workdir) / "export" / "adapters.safetensors")
+  return trainable
+
+
+def _assert_trees_equal(a, b, **tol):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    if tol:
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+    else:
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """One uninterrupted end-to-end run of the testing config."""
+  workdir = tmp_path_factory.mktemp("reference")
+  results = train_and_evaluate(_testing_config(), str(workdir))
+  return workdir, results
+
+
+def test_end_to_end_run(reference_run):
+  workdir, results = reference_run
+  assert results["steps"] == 8  # 64 images / batch 16 x 2 epochs
+  assert results["merge_rel_error"] < 1e-5
+  assert 0.0 <= results["test_accuracy"] <= 1.0
+  lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert any("val_accuracy" in x for x in lines)
+  assert all(np.isfinite(x["loss"]) for x in lines if "loss" in x)
+  report = (workdir / "trainable.txt").read_text()
+  assert "adapters/.*" in report and "params/head/.*" in report
+  assert (workdir / "export" / "merged.safetensors").exists()
+  assert json.loads((workdir / "results.json").read_text())["steps"] == 8
+  trained = _adapters_of(workdir)
+  assert any(np.abs(x).max() > 0 for x in jax.tree.leaves(trained["adapters"]))
+
+
+_KILL_CHILD = """
+import os, signal, sys
+from hydra_jax import checkpointing
+saves = []
+original = checkpointing.Checkpointer.save
+def save_then_die(self, step, *args, **kwargs):
+  original(self, step, *args, **kwargs)
+  saves.append(step)
+  if len(saves) == 2:  # SIGKILL while the second (async) save may still be writing
+    os.kill(os.getpid(), signal.SIGKILL)
+checkpointing.Checkpointer.save = save_then_die
+sys.argv = ["train.py"] + sys.argv[1:]
+from absl import app
+import train
+app.run(train.main)
+"""
+
+
+def _train_cmd(workdir, *flags):
+  return ["--config", str(ROOT / "configs" / "testing.py"), "--workdir", str(workdir), *flags]
+
+
+def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path):
+  flags = ("--config.checkpoint_every=2", "--config.async_checkpoints=True")
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  killed = subprocess.run([sys.executable, "-c", _KILL_CHILD, *_train_cmd(tmp_path, *flags)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert not (tmp_path / "results.json").exists()
+  resumed = subprocess.run([sys.executable, "train.py", *_train_cmd(tmp_path, *flags)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from step" in resumed.stderr
+  _assert_trees_equal(_adapters_of(tmp_path), _adapters_of(reference_run[0]))
+
+
+def _step_setup():
+  """The pieces of a train step for the testing config, on random data."""
+  config = _testing_config()
+  model, pre = build_model(config, jax.random.key(0))
+  spec = adapters.spec_from_config(config.adapter)
+  trainable_params, frozen = optim.split(pre.params, list(config.train_patterns))
+  ad = adapters.init(spec, pre.params, jax.random.key(1))
+  ad = jax.tree.map(lambda x: x + 0.01, ad)  # non-zero B: gradients reach every factor
+  trainable = {"adapters": ad, "params": trainable_params}
+  config.optim.total_steps, config.optim.warmup_steps = 10, 2
+  tx, schedule = train_lib.make_optimizer(config.optim)
+  state = train_lib.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+  rng = np.random.default_rng(0)
+  batches = [{"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+              "label": rng.integers(0, 10, size=(16,)).astype(np.int32)} for _ in range(3)]
+  step = functools.partial(train_lib.train_step, model=model, spec=spec, tx=tx,
+                           schedule=schedule)
+  return state, frozen, batches, step
+
+
+def _run_jit(num_devices, *, fsdp=False):
+  state, frozen, batches, step = _step_setup()
+  mesh = parallel.make_mesh(num_devices)
+  frozen = jax.device_put(frozen, parallel.frozen_shardings(mesh, frozen, fsdp=fsdp))
+  state = jax.device_put(state, parallel.replicated(mesh))
+  fn = jax.jit(step, donate_argnums=0)
+  for b in batches:
+    state, _ = fn(state, frozen, parallel.global_batch(b, mesh), jax.random.key(2))
+  return jax.device_get(state.trainable)
+
+
+def test_eight_device_step_equals_single_device():
+  assert jax.device_count() == 8
+  single = _run_jit(1)
+  _assert_trees_equal(_run_jit(8), single, rtol=2e-5, atol=1e-6)
+  _assert_trees_equal(_run_jit(8, fsdp=True), single, rtol=2e-5, atol=1e-6)
+
+
+def test_pmap_step_equals_jit_step():
+  state, frozen, batches, step = _step_setup()
+  fn = jax.pmap(functools.partial(step, axis_name="batch"), axis_name="batch",
+                in_axes=(0, 0, 0, None))
+  mesh = parallel.make_mesh()
+  state = parallel.replicate_for_pmap(state, mesh)
+  frozen = parallel.replicate_for_pmap(frozen, mesh)
+  for b in batches:
+    sharded = {k: v.reshape(8, -1, *v.shape[1:]) for k, v in b.items()}
+    state, _ = fn(state, frozen, sharded, jax.random.key(2))
+  pmapped = jax.tree.map(lambda x: np.asarray(x[0]), state.trainable)
+  _assert_trees_equal(pmapped, _run_jit(1), rtol=2e-5, atol=1e-6)
+
+
+def test_pmap_mode_end_to_end(reference_run, tmp_path):
+  results = train_and_evaluate(_testing_config(**{"parallel.mode": "pmap"}), str(tmp_path))
+  assert results["steps"] == 8
+  _assert_trees_equal(_adapters_of(tmp_path), _adapters_of(reference_run[0]),
+                      rtol=1e-4, atol=1e-6)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_process_run_equals_one_process(reference_run, tmp_path):
+  port = _free_port()
+  env = {**os.environ, "PYTHONPATH": str(ROOT),
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  procs = [subprocess.Popen(
+      [sys.executable, "train.py", *_train_cmd(
+          tmp_path, f"--config.parallel.distributed.coordinator=127.0.0.1:{port}",
+          "--config.parallel.distributed.num_processes=2",
+          f"--config.parallel.distributed.process_id={i}")],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+  _assert_trees_equal(_adapters_of(tmp_path), _adapters_of(reference_run[0]),
+                      rtol=1e-4, atol=1e-6)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  real = data.train_batches
+
+  def poisoned(*args, start_step=0, **kwargs):
+    for step, batch in enumerate(real(*args, start_step=start_step, **kwargs), start_step + 1):
+      if step == 3:
+        batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+      yield batch
+
+  monkeypatch.setattr(data, "train_batches", poisoned)
+  config = _testing_config(**{"checkpoint_every": 2, "log_every": 4})
+  with pytest.raises(FloatingPointError, match="at step 3"):
+    train_and_evaluate(config, str(tmp_path))
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [2]
