@@ -1,0 +1,155 @@
+"""Times the real ``train_lib.train_step`` and merged-model inference on synthetic batches.
+
+  python -m hydra_jax.bench --model B/16 --batch 128 --adapters hydra,lora --dtype bfloat16 \\
+      --attention cudnn
+  python -m hydra_jax.bench --model Ti/16 --batch 8 --image_size 32 --steps 2   # CPU smoke test
+
+One JSON line per configuration: img/s, step ms (median of repeats, warm-up excluded, device
+synchronised), achieved TFLOP/s (XLA's FLOP count of the compiled step), peak device memory,
+and the same for inference of the merged model against the plain ViT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hydra_jax import adapters, optim, train_lib
+from hydra_jax.build import DTYPES
+from hydra_jax.models import ViT, variant
+
+# adapter name -> (AdapterSpec fields or None, params that train besides adapters)
+ADAPTERS = {
+    "hydra": (dict(kind="hydra"), ("head/.*",)),
+    "lora": (dict(kind="lora"), ("head/.*",)),
+    "sequential": (dict(kind="sequential", rank=4), ("head/.*",)),
+    "hydralora": (dict(kind="hydralora"), ("head/.*",)),
+    "linear": (None, ("head/.*",)),
+    "full": (None, (".*",)),
+}
+
+
+def _timed(fn, *, steps: int, repeats: int) -> float:
+  """Median seconds per call of ``fn`` (which returns something to block on)."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      out = fn()
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / steps)
+  return statistics.median(times)
+
+
+def _peak_memory_gib() -> float | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2**30
+
+
+def _flops(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return (cost or {}).get("flops")
+
+
+def _setup(args, name: str):
+  fields, patterns = ADAPTERS[name]
+  grid = args.image_size // variant(args.model)["patch_size"]
+  model = ViT(num_classes=args.num_classes, **variant(args.model), posemb_grid=(grid, grid),
+              dtype=DTYPES[args.dtype], attention=args.attention, remat=args.remat)
+  images = jnp.zeros((1, args.image_size, args.image_size, 3))
+  params = jax.jit(model.init)(jax.random.key(0), images)["params"]
+  spec = None if fields is None else adapters.AdapterSpec(**fields)
+  trainable_params, frozen = optim.split(params, list(patterns))
+  ad = {} if spec is None else adapters.init(spec, params, jax.random.key(1))
+  trainable = {"adapters": ad, "params": trainable_params}
+  cfg = argparse.Namespace(lr=1e-3, weight_decay=1e-4, b1=0.9, b2=0.999, warmup_steps=10,
+                           total_steps=1000, grad_clip=0.0)
+  tx, schedule = train_lib.make_optimizer(cfg)
+  state = train_lib.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+  return model, spec, tx, schedule, state, frozen
+
+
+def bench_one(args, name: str) -> dict:
+  model, spec, tx, schedule, state, frozen = _setup(args, name)
+  rng = np.random.default_rng(0)
+  batches = [jax.device_put({
+      "image": rng.normal(size=(args.batch, args.image_size, args.image_size, 3)).astype(
+          np.float32),
+      "label": rng.integers(0, args.num_classes, args.batch).astype(np.int32)})
+      for _ in range(3)]
+  step = jax.jit(functools.partial(train_lib.train_step, model=model, spec=spec, tx=tx,
+                                   schedule=schedule), donate_argnums=0)
+  key = jax.random.key(2)
+  compiled = step.lower(state, frozen, batches[0], key).compile()
+  holder = {"state": state, "i": 0}
+
+  def one_step():
+    holder["i"] += 1
+    holder["state"], m = compiled(holder["state"], frozen, batches[holder["i"] % 3], key)
+    return m["loss"]
+
+  step_s = _timed(one_step, steps=args.steps, repeats=args.repeats)
+  flops = _flops(compiled)
+  result = dict(framework="jax", model=args.model, adapter=name, batch=args.batch,
+                image_size=args.image_size, dtype=args.dtype, attention=args.attention,
+                remat=args.remat, img_per_s=args.batch / step_s, step_ms=step_s * 1e3,
+                tflops=None if flops is None else flops / step_s / 1e12,
+                gflop_per_img=None if flops is None else flops / args.batch / 1e9,
+                peak_mem_gib=_peak_memory_gib(),
+                trainable_params=int(sum(x.size for x in jax.tree.leaves(state.trainable))))
+  result.update(_bench_inference(args, model, spec, holder["state"], frozen, batches))
+  result.update(device=jax.devices()[0].device_kind, jax=jax.__version__)
+  return result
+
+
+def _bench_inference(args, model, spec, state, frozen, batches) -> dict:
+  """Merged-model forward against the plain ViT (same architecture: should cost the same)."""
+  if spec is None or spec.kind == "hydralora":
+    return {}
+  merged = jax.jit(train_lib.merged_params, static_argnums=2)(state.trainable, frozen, spec)
+  base = optim.join(state.trainable["params"], frozen)
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  x = batches[0]["image"]
+  merged_s = _timed(lambda: apply(merged, x), steps=args.steps, repeats=args.repeats)
+  plain_s = _timed(lambda: apply(base, x), steps=args.steps, repeats=args.repeats)
+  return dict(infer_merged_img_per_s=args.batch / merged_s,
+              infer_plain_img_per_s=args.batch / plain_s,
+              infer_merged_over_plain=merged_s / plain_s)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--model", default="B/16")
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--image_size", type=int, default=224)
+  p.add_argument("--num_classes", type=int, default=100)
+  p.add_argument("--adapters", default="hydra,lora,hydralora,full",
+                 help=f"comma-separated, of {sorted(ADAPTERS)}")
+  p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+  p.add_argument("--attention", default="xla", choices=("xla", "cudnn"))
+  p.add_argument("--remat", action="store_true")
+  p.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
+  p.add_argument("--repeats", type=int, default=5)
+  args = p.parse_args(argv)
+  for name in args.adapters.split(","):
+    if name not in ADAPTERS:
+      raise SystemExit(f"unknown adapter {name!r}; expected one of {sorted(ADAPTERS)}")
+    try:
+      print(json.dumps(bench_one(args, name)), flush=True)
+    except Exception as e:  # one failing configuration (e.g. out of memory) must not stop the rest
+      print(json.dumps(dict(framework="jax", model=args.model, adapter=name, batch=args.batch,
+                            error=f"{type(e).__name__}: {str(e)[:300]}")), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine: Debian's Fashion-MNIST (the default run's data), a virtual environment
+# in .venv with hydra_jax and its dependencies (add "test" for the test-only ones).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq dataset-fashion-mnist
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+req=requirements.txt
+[ "${1:-}" = test ] && req=requirements-test.txt
+.venv/bin/pip install -q -r "$req"
+.venv/bin/pip install -q --no-deps -e .
