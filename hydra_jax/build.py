@@ -36,16 +36,16 @@ def build_model(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:
 
   ``config.model.checkpoint``: "default" (the bundled ViT-S/14, see ``hydra_jax.assets``), a
   checkpoint path (any format ``checkpoints.load`` reads), or None for a random ``variant``
-  (plus ``overrides``), as the tests use.
+  (plus ``overrides``), as the tests use. ``config.model.pool`` overrides the checkpoint's pooling.
   """
   cfg, num_classes = config.model, config.data.num_classes
   runtime = dict(dtype=_dtype(cfg.dtype), attention=cfg.attention, remat=cfg.remat)
-  if cfg.get("pool"):
-    runtime["pool"] = cfg.pool
   if cfg.checkpoint is None:
     kwargs = {**variant(cfg.variant), **cfg.get("overrides", {})}
     grid = cfg.image_size // kwargs["patch_size"]
     kwargs["posemb_grid"] = (grid, grid)
+    if cfg.get("pool"):
+      kwargs["pool"] = cfg.pool
     model = ViT(num_classes=num_classes, **kwargs, **runtime)
     images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
     params = jax.jit(model.init)(rng, images)["params"]
@@ -55,5 +55,6 @@ def build_model(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:
   if path == "default":
     from hydra_jax import assets  # prepares the bundled backbone on first use
     path = assets.default_backbone()
-  pre = checkpoints.load(path, num_classes=num_classes, image_size=cfg.image_size, rng=rng)
+  pre = checkpoints.load(path, num_classes=num_classes, image_size=cfg.image_size,
+                         pool=cfg.get("pool") or None)
   return checkpoints.build_model(pre, num_classes=num_classes, **runtime), pre

@@ -48,7 +48,8 @@ def _read(path: pathlib.Path) -> Pretrained:
 
 
 def load(path, *, num_classes: int | None = None, reset_head: bool = False,
-         image_size: int | tuple[int, int] | None = None, rng=None) -> Pretrained:
+         image_size: int | tuple[int, int] | None = None, pool: str | None = None,
+         rng=None) -> Pretrained:
   """Loads a pre-trained ViT from any supported format into the ViT's param layout.
 
   Args:
@@ -59,6 +60,8 @@ def load(path, *, num_classes: int | None = None, reset_head: bool = False,
     reset_head: discard the file's head (replaced by a zero head when ``num_classes`` is set).
     image_size: int or (H, W): resample pos_embedding to that patch grid once (bicubic) and
       record the new ``model["posemb_grid"]``.
+    pool: override the checkpoint's pooling ("tok", "gap", "tok+gap"); the head then follows
+      the new feature width.
     rng: unused; the head is zero-initialised as the ViT's own initializer does, so no
       randomness is needed. Kept so callers can pass one without caring.
 
@@ -71,4 +74,5 @@ def load(path, *, num_classes: int | None = None, reset_head: bool = False,
   """
   del rng
   raw = _read(pathlib.Path(path).expanduser())
-  return finalize(raw, num_classes=num_classes, reset_head=reset_head, image_size=image_size)
+  return finalize(raw, num_classes=num_classes, reset_head=reset_head, image_size=image_size,
+                  pool=pool)

@@ -160,7 +160,8 @@ def _resample(params: dict, model: dict, image_size) -> tuple[dict, dict]:
   return dict(params, pos_embedding=np.asarray(pos, np.float32)), dict(model, posemb_grid=grid)
 
 
-def finalize(raw: Pretrained, *, num_classes=None, reset_head=False, image_size=None) -> Pretrained:
+def finalize(raw: Pretrained, *, num_classes=None, reset_head=False, image_size=None,
+             pool=None) -> Pretrained:
   """Applies the head / image-size options to a converted checkpoint and checks it strictly.
 
   Args:
@@ -169,6 +170,8 @@ def finalize(raw: Pretrained, *, num_classes=None, reset_head=False, image_size=
       kept only when its shape matches and ``reset_head`` is False).
     reset_head: drop the loaded head (and with ``num_classes`` replace it by a zero head).
     image_size: int or (H, W); resample pos_embedding to that patch grid once.
+    pool: pool the features another way than the checkpoint does ("tok", "gap", "tok+gap");
+      a head whose input width no longer fits is replaced by a zero head.
 
   Returns:
     A ``Pretrained`` with float32 numpy params that match ``build_model`` of it exactly.
@@ -176,6 +179,8 @@ def finalize(raw: Pretrained, *, num_classes=None, reset_head=False, image_size=
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), raw.params)
   model = dict(raw.model)
   model["posemb_grid"] = tuple(model["posemb_grid"])
+  if pool is not None:
+    model["pool"] = pool
   kept = None if reset_head else _head_classes(params)
   expected = expected_shapes(model, kept if num_classes is None else num_classes)
   params = _set_head(params, expected, num_classes, reset_head)
