@@ -18,7 +18,8 @@ from hydra_jax import adapters as adapters_lib
 from hydra_jax import checkpointing, data, export, metrics, optim, parallel, train_lib
 from hydra_jax.build import build_model, data_dir
 
-_MERGE_RTOL = 1e-4
+# Merged vs factored logits: float32 agrees to rounding; bfloat16 rounds the two paths apart.
+_MERGE_RTOL = {"float32": 1e-4, "bfloat16": 3e-2}
 
 
 def _make_spec(config) -> adapters_lib.AdapterSpec | None:
@@ -188,21 +189,34 @@ def _evaluate_unmerged(config, runner, spec, source, pre, limit) -> float:
       _eval_batches(config, source, config.model.image_size, pre, limit))
 
 
+def _check_merge(config, model, spec, state, frozen, merged, images) -> float:
+  """Relative error of the merged model against the activation-level (factored) adapters.
+
+  The two paths share no code beyond the frozen ViT: the merged one runs the plain model on
+  folded weights, the factored one intercepts every adapted layer and adds its branches.
+  """
+  params = optim.join(state.trainable["params"], frozen)
+  factored = jax.jit(lambda p, a, x: adapters_lib.apply_intercepted(model, p, a, spec, x)[0])(
+      params, state.trainable["adapters"], images)
+  plain = jax.jit(lambda p, x: model.apply({"params": p}, x))(merged, images)
+  err = float(jnp.linalg.norm(plain - factored) / (jnp.linalg.norm(factored) + 1e-12))
+  rtol = _MERGE_RTOL[config.model.dtype]
+  if err > rtol:
+    raise RuntimeError(f"the merged model differs from the factored one: relative error "
+                       f"{err:.2e} > {rtol:.0e}")
+  return err
+
+
 def _final(config, runner, spec, model, pre, val_src, test_src, workdir) -> dict[str, Any]:
   """Evaluates the merged model (checking it against the unmerged one) and exports it."""
   state, frozen = runner.host_state(), runner.frozen_params()
   exact = spec is None or spec.kind != "hydralora"
   merged = train_lib.merged_params(state.trainable, frozen, spec) if exact else None
-  images = next(_eval_batches(config, val_src, config.model.image_size, pre, 8))["image"]
-  unmerged_logits = runner.predict(state.trainable, frozen, images)
   results: dict[str, Any] = {"steps": int(state.step)}
   if merged is not None:
-    merged_logits = runner.apply(merged, images)
-    err = float(jnp.linalg.norm(merged_logits - unmerged_logits)
-                / (jnp.linalg.norm(unmerged_logits) + 1e-12))
-    results["merge_rel_error"] = err
-    if err > _MERGE_RTOL:
-      raise AssertionError(f"merged model differs from the unmerged one: rel error {err:.2e}")
+    if spec is not None:
+      images = next(_eval_batches(config, val_src, config.model.image_size, pre, 8))["image"]
+      results["merge_rel_error"] = _check_merge(config, model, spec, state, frozen, merged, images)
     logits_fn = lambda b: runner.apply(merged, b["image"])  # noqa: E731
   else:
     logits_fn = lambda b: runner.predict(state.trainable, frozen, b["image"])  # noqa: E731

@@ -200,3 +200,15 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monke
     train_and_evaluate(config, str(tmp_path))
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [2]
+
+
+def test_final_merge_check_catches_a_wrong_merge(tmp_path, monkeypatch):
+  real = train_lib.merged_params
+
+  def off_by_one(trainable, frozen, spec):
+    params = real(trainable, frozen, spec)
+    return {**params, "head": {**params["head"], "bias": params["head"]["bias"] + 1.0}}
+
+  monkeypatch.setattr(train_lib, "merged_params", off_by_one)
+  with pytest.raises(RuntimeError, match="differs from the factored one"):
+    train_and_evaluate(_testing_config(), str(tmp_path))
