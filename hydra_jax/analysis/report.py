@@ -1,0 +1,184 @@
+"""Runs the whole analysis on a trained run's workdir: ``analysis.json``, ``report.md``, PNGs.
+
+A workdir (``hydra_jax.loop.train_and_evaluate``) holds config.json, results.json and
+export/adapters.safetensors (trained adapters + head, and the spec). The frozen backbone is
+rebuilt from the config exactly as training built it (same seed), and checked against the run's
+merged export where there is one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from safetensors import safe_open
+
+from hydra_jax import data, export, optim
+from hydra_jax.adapters import transform
+from hydra_jax.adapters.spec import AdapterSpec
+from hydra_jax.analysis import activations, markdown, plots, weights
+from hydra_jax.build import build_model, data_dir
+
+_LOG = logging.getLogger(__name__)
+_CHECK_LEAF = "embedding/kernel"  # a backbone leaf no adapter changes
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained run, ready to analyse."""
+  workdir: pathlib.Path
+  config: ml_collections.ConfigDict
+  model: Any
+  pre: Any  # checkpoints.Pretrained (mean / std for the data)
+  params: dict  # frozen backbone joined with the trained params (head)
+  adapters: dict
+  spec: AdapterSpec
+  results: dict
+
+
+def load_run(workdir: str | pathlib.Path) -> Run:
+  """Reads a workdir and rebuilds the frozen model the run trained against."""
+  workdir = pathlib.Path(workdir)
+  exported = workdir / "export" / "adapters.safetensors"
+  for need in (workdir / "config.json", exported):
+    if not need.exists():
+      raise FileNotFoundError(f"{need} is missing; is {workdir} the workdir of a finished "
+                              "adapter run (config.adapter.kind != 'none', config.export)?")
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  trainable, spec = export.load_adapters(exported)
+  model, pre = build_model(config, jax.random.fold_in(jax.random.key(config.seed), 0))
+  _, frozen = optim.split(pre.params, list(config.train_patterns))
+  params = optim.join(trainable["params"], frozen)
+  _check_backbone(workdir / "export" / "merged.safetensors", params)
+  results_path = workdir / "results.json"
+  results = json.loads(results_path.read_text()) if results_path.exists() else {}
+  return Run(workdir, config, model, pre, params, trainable["adapters"], spec, results)
+
+
+def _check_backbone(merged: pathlib.Path, params) -> None:
+  if not merged.exists():
+    return
+  with safe_open(str(merged), framework="numpy") as f:
+    if _CHECK_LEAF not in f.keys():
+      return
+    saved = f.get_tensor(_CHECK_LEAF)
+  rebuilt = np.asarray(transform.get_path(params, tuple(_CHECK_LEAF.split("/"))))
+  if saved.shape != rebuilt.shape or not np.allclose(saved, rebuilt, atol=1e-6):
+    raise ValueError(f"the rebuilt backbone's {_CHECK_LEAF} differs from {merged}: the config "
+                     "no longer builds the model this run trained (checkpoint or seed changed?)")
+
+
+def eval_data(run: Run, num_examples: int) -> list[dict[str, np.ndarray]]:
+  """The first ``num_examples`` test images as padded batches (held in memory, reused)."""
+  cfg = run.config.data
+  source = data.get_source(cfg.name, cfg.test_split, data_dir=data_dir(cfg.get("data_dir")),
+                           label_key=cfg.get("label_key") or "label")
+  return list(data.eval_batches(source, batch_size=min(cfg.eval_batch_size, num_examples),
+                                image_size=run.config.model.image_size, mean=run.pre.mean,
+                                std=run.pre.std, num_classes=cfg.num_classes, limit=num_examples))
+
+
+def branch_names(run: Run) -> list[str]:
+  """The adapter's branches, as ``kinds.outputs`` names them."""
+  if run.spec.kind == "hydra":
+    return list(activations.PAIR)
+  if run.spec.kind == "hydralora":
+    _, f = next(transform.factor_dicts(run.adapters))
+    return [f"head_{i}" for i in range(np.shape(f["B"])[0])]
+  return [run.spec.kind]
+
+
+def _router(run: Run, layers: list[dict], stats: dict) -> dict[str, Any]:
+  """HydraLoRA: usage per head per layer and per class, routing entropy, head similarity."""
+  usage, per_class = [], []
+  for row in layers:
+    s = stats[row["name"]]
+    u, c = activations.router_usage(s["routing"], s["labels"], run.config.data.num_classes)
+    row["router_usage"], row["router_per_class"] = u.tolist(), c.tolist()
+    row["router_entropy"] = float(np.mean(s["entropy"]))
+    usage.append(u)
+    per_class.append(c)
+  return {"usage": np.stack(usage), "per_class": np.nanmean(np.stack(per_class), 0)}
+
+
+def analyze(workdir: str | pathlib.Path, *, out: str | pathlib.Path | None = None,
+            num_examples: int = 500, top_fraction: float = 0.1) -> pathlib.Path:
+  """Analyses a run and writes ``report.md``, ``analysis.json`` and ``plots/*.png`` to ``out``.
+
+  Args:
+    workdir: the run's workdir.
+    out: output folder (None: the workdir).
+    num_examples: test images for the data-dependent numbers and the ablations.
+    top_fraction: W's top-k subspaces keep this fraction of min(d_in, d_out) directions.
+
+  Returns:
+    the path of report.md.
+  """
+  run = load_run(workdir)
+  out = pathlib.Path(out) if out is not None else run.workdir
+  out.mkdir(parents=True, exist_ok=True)
+  _LOG.info("analysing %s (%s) on %d test images", run.workdir, run.spec.kind, num_examples)
+  layers = weights.analyze_weights(run.params, run.adapters, run.spec, top_fraction=top_fraction)
+  batches = eval_data(run, num_examples)
+  _LOG.info("weight-space analysis of %d layers done; branch outputs on data", len(layers))
+  stats = activations.output_stats(run.model, run.params, run.adapters, run.spec, batches)
+  for row in layers:
+    s = stats[row["name"]]
+    row["output_norm"] = s["output_norm"]
+    row.update({k: s[k] for k in ("cosine", "cka", "cosine_of_means") if k in s})
+  depth = sum(k.startswith("encoderblock_") for k in run.params.get("Transformer", {}))
+  plans = activations.ablation_plans([r["name"] for r in layers], run.spec, branch_names(run),
+                                     depth, weights.layer_info)
+  ablation = activations.run_ablations(run.model, run.params, run.adapters, run.spec, batches,
+                                       plans)
+  _LOG.info("%d ablations done; plots and report", len(ablation))
+  router = _router(run, layers, stats) if run.spec.kind == "hydralora" else None
+  figures = _figures(run, layers, ablation, router, out / markdown.PLOT_DIR)
+  num_seen = int(sum(np.sum(b["mask"]) for b in batches))
+  summary = {"workdir": str(run.workdir), "kind": run.spec.kind,
+             "spec": dataclasses.asdict(run.spec), "results": run.results,
+             "num_examples": num_seen, "top_fraction": top_fraction, "layers": layers,
+             "ablation": ablation}
+  (out / "analysis.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
+  text = markdown.report(summary, figures, router)
+  path = out / "report.md"
+  path.write_text(text)
+  return path
+
+
+def _figures(run: Run, layers, ablation, router, plot_dir: pathlib.Path) -> dict[str, str]:
+  figs = {"spectra": plots.spectra(layers, plot_dir), "energy": plots.energy(layers, plot_dir),
+          "ablation": plots.ablation(ablation, plot_dir)}
+  if run.spec.kind == "hydra":
+    figs["similarity"] = plots.similarity([r for r in layers if r["block"] is not None],
+                                          plot_dir)
+  figs["norms"] = plots.norms(layers, plot_dir)
+  if router is not None:
+    names = [_short(r) for r in layers]
+    figs["router_usage"] = plots.heatmap(router["usage"], plot_dir, "router_usage.png",
+                                         title="mean routing weight per head", ylabels=names)
+    figs["router_class"] = plots.heatmap(
+        router["per_class"], plot_dir, "router_per_class.png",
+        title="mean routing weight per head by true class (mean over layers)",
+        ylabels=[str(c) for c in range(router["per_class"].shape[0])])
+  return figs
+
+
+def _short(row: dict) -> str:
+  return row["name"] if row["block"] is None else f"{row['block']} {row['type']}"
+
+
+def _jsonable(x):
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, (frozenset, set, tuple)):
+    return list(x)
+  raise TypeError(f"cannot write {type(x).__name__} to analysis.json")

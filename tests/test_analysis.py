@@ -1,0 +1,246 @@
+"""Adapter analysis: each number on planted cases, the ablation identity, the CLI end to end."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from hydra_jax import adapters as ad
+from hydra_jax import analysis, analyze
+from hydra_jax.analysis import activations, metrics, weights
+from hydra_jax.loop import train_and_evaluate
+from hydra_jax.models import ViT
+
+
+def _orthonormal(rng, d, k):
+  return np.linalg.qr(rng.normal(size=(d, k)))[0]
+
+
+def test_effective_rank_planted():
+  assert metrics.effective_rank([3.0, 3.0, 3.0, 0.0]) == pytest.approx(3.0)
+  assert metrics.effective_rank([5.0, 0.0]) == pytest.approx(1.0)
+  assert metrics.effective_rank([0.0, 0.0]) == 0.0
+  assert 1.0 < metrics.effective_rank([4.0, 1.0]) < 2.0
+  rng = np.random.default_rng(0)
+  planted = _orthonormal(rng, 30, 4) @ np.diag([2.0, 2.0, 2.0, 2.0]) @ _orthonormal(rng, 20, 4).T
+  assert metrics.effective_rank(metrics.singular_values(planted)) == pytest.approx(4.0, abs=1e-6)
+
+
+def test_subspace_energy_planted_inside_top_k_scores_one():
+  rng = np.random.default_rng(1)
+  w = rng.normal(size=(60, 40))
+  u_k, v_k, _ = metrics.singular_bases(w, 6)
+  inside_left = u_k @ rng.normal(size=(6, 40))  # columns in W's top-6 left subspace
+  inside_right = rng.normal(size=(60, 6)) @ v_k.T  # rows in W's top-6 right subspace
+  assert metrics.subspace_energy(inside_left, u_k, side="left") == pytest.approx(1.0)
+  assert metrics.subspace_energy(inside_right, v_k, side="right") == pytest.approx(1.0)
+  # outside: the complement of U_k scores 0
+  u_full = np.linalg.svd(w, full_matrices=True)[0]
+  outside = u_full[:, 6:] @ rng.normal(size=(54, 40))
+  assert metrics.subspace_energy(outside, u_k, side="left") == pytest.approx(0.0, abs=1e-12)
+  angles = metrics.principal_angles(metrics.column_basis(inside_left), u_k)
+  np.testing.assert_allclose(angles, 0.0, atol=1e-4)
+
+
+def test_subspace_energy_of_random_dw_is_k_over_d():
+  rng = np.random.default_rng(2)
+  d_in, d_out, k = 400, 300, 40
+  u_k, v_k, _ = metrics.singular_bases(rng.normal(size=(d_in, d_out)), k)
+  dw = rng.normal(size=(d_in, d_out))
+  assert metrics.subspace_energy(dw, u_k, side="left") == pytest.approx(k / d_in, abs=0.01)
+  assert metrics.subspace_energy(dw, v_k, side="right") == pytest.approx(k / d_out, abs=0.01)
+  with pytest.raises(ValueError, match="side"):
+    metrics.subspace_energy(dw, u_k, side="top")
+
+
+def test_principal_angles_planted():
+  e = np.eye(4)
+  np.testing.assert_allclose(metrics.principal_angles(e[:, [0, 1]], e[:, [0, 2]]), [0.0, 90.0])
+  diag = (e[:, [0]] + e[:, [1]]) / np.sqrt(2)
+  np.testing.assert_allclose(metrics.principal_angles(diag, e[:, [0]]), [45.0])
+
+
+def _hydra_factors(rng, d_in, d_out, r=2):
+  return {k: rng.normal(size=s).astype(np.float32) for k, s in
+          dict(A_p=(d_in, r), B_p=(r, d_out), a_p=(r,), b_p=(d_out,),
+               A_s=(d_out, r), B_s=(r, d_out), a_s=(r,), b_s=(d_out,)).items()}
+
+
+def test_branch_deltas_and_sequential_column_space_in_range_w():
+  """dW_par = s A_p B_p, dW_seq = s W A_s B_s; the latter's columns lie in range(W)."""
+  rng = np.random.default_rng(3)
+  d_in, d_out, s = 48, 12, 0.7  # an MLP Dense_1 shape: rank(W) = 12 < d_in
+  w = rng.normal(size=(d_in, d_out)).astype(np.float32)
+  f = _hydra_factors(rng, d_in, d_out)
+  deltas = weights.branch_deltas(f, w, ad.AdapterSpec("hydra", scale=s))
+  np.testing.assert_allclose(deltas["parallel"], s * f["A_p"] @ f["B_p"], rtol=1e-5)
+  np.testing.assert_allclose(deltas["sequential"], s * w @ f["A_s"] @ f["B_s"], rtol=1e-4,
+                             atol=1e-5)
+  range_w = metrics.column_basis(w)
+  assert range_w.shape == (d_in, d_out)
+  assert metrics.subspace_energy(deltas["sequential"], range_w, side="left") == pytest.approx(1.0)
+  assert metrics.subspace_energy(deltas["parallel"], range_w, side="left") < 0.9  # ~d_out/d_in
+  row = weights.analyze_layer("Transformer/encoderblock_3/MlpBlock_0/Dense_1", w, f,
+                              ad.AdapterSpec("hydra", scale=s), top_fraction=0.25)
+  assert (row["block"], row["type"], row["k"]) == (3, "mlp/Dense_1", 3)
+  assert row["branches"]["sequential"]["energy_range_w"] == pytest.approx(1.0)
+  assert row["branches"]["parallel"]["effective_rank"] <= 2.0 + 1e-9
+
+
+def test_untrained_branch_has_zero_norm_and_no_alignment():
+  rng = np.random.default_rng(7)
+  f = _hydra_factors(rng, 16, 8)
+  f["B_p"] = np.zeros_like(f["B_p"])
+  row = weights.analyze_layer("head", rng.normal(size=(16, 8)), f, ad.AdapterSpec("hydra"),
+                              top_fraction=0.5)
+  par = row["branches"]["parallel"]
+  assert (row["block"], par["norm"], par["effective_rank"], par["singular_values"]) == (
+      None, 0.0, 0.0, [])
+  assert np.isnan(par["energy_left"]) and np.isnan(par["angle_min"])
+  assert row["branches"]["sequential"]["norm"] > 0
+
+
+def test_cka_planted():
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(500, 16)) @ rng.normal(size=(16, 16))
+  q = _orthonormal(rng, 16, 16)
+  assert metrics.linear_cka(x, x) == pytest.approx(1.0)
+  assert metrics.linear_cka(x, 3.5 * x @ q + 2.0) == pytest.approx(1.0)  # rotation, scale, shift
+  assert metrics.linear_cka(rng.normal(size=(4000, 8)), rng.normal(size=(4000, 8))) < 0.02
+  # against the kernel form of Kornblith et al.: HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))
+  a, b = rng.normal(size=(40, 5)), rng.normal(size=(40, 3))
+  b[:, 0] += a[:, 0]
+  h = np.eye(40) - 1 / 40
+  hsic = lambda k, m: np.trace(k @ h @ m @ h)
+  ka, kb = a @ a.T, b @ b.T
+  assert metrics.linear_cka(a, b) == pytest.approx(hsic(ka, kb) / np.sqrt(hsic(ka, ka)
+                                                                          * hsic(kb, kb)))
+
+
+def test_moments_merge_equals_one_pass_with_a_large_offset():
+  rng = np.random.default_rng(5)
+  x, y = rng.normal(size=(300, 6)) + 1e3, rng.normal(size=(300, 4)) - 50.0
+  y[:, 0] += 0.3 * (x[:, 1] - 1e3)
+  parts = [metrics.Moments.of(x[i:j], y[i:j]) for i, j in ((0, 7), (7, 150), (150, 300))]
+  merged = parts[0].merge(parts[1]).merge(parts[2])
+  whole = metrics.Moments.of(x, y)
+  np.testing.assert_allclose(merged.cxy, whole.cxy, rtol=1e-8, atol=1e-6)
+  assert merged.cka() == pytest.approx(whole.cka(), rel=1e-9)
+
+
+def test_cosine_and_head_similarity_planted():
+  x = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+  y = np.array([[2.0, 0.0], [-1.0, -1.0], [1.0, 0.0]])
+  np.testing.assert_allclose(metrics.cosine_per_row(x, y), [1.0, -1.0, 0.0])
+  rng = np.random.default_rng(6)
+  b0 = rng.normal(size=(2, 5))
+  sim = weights.head_similarity({"A": rng.normal(size=(7, 2)), "B": np.stack([b0, 3 * b0, -b0])})
+  np.testing.assert_allclose(sim, [[1, 1, -1], [1, 1, -1], [-1, -1, 1]], atol=1e-12)
+
+
+def test_router_usage_planted():
+  routing = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.0, 1.0]])
+  usage, per_class = activations.router_usage(routing, np.array([0, 0, 1, 1]), 3)
+  np.testing.assert_allclose(usage, [0.375, 0.625])
+  np.testing.assert_allclose(per_class[:2], [[0.75, 0.25], [0.0, 1.0]])
+  assert np.isnan(per_class[2]).all()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = ViT(num_classes=5, patch_size=4, width=16, depth=2, mlp_dim=32, num_heads=2,
+              posemb_grid=(2, 2))
+  images = jax.random.normal(jax.random.key(0), (3, 8, 8, 3))
+  params = jax.jit(model.init)(jax.random.key(1), images)["params"]
+  params["head"]["kernel"] = jax.random.normal(jax.random.key(2), (16, 5))
+  return model, params, images
+
+
+def _random_adapters(spec, params, seed):
+  adapters = ad.init(spec, params, jax.random.key(seed))
+  leaves, tree = jax.tree.flatten(adapters)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape)
+                                   for k, x in zip(keys, leaves, strict=True)])
+
+
+@pytest.mark.parametrize("branch", ["parallel", "sequential"])
+def test_ablation_removes_exactly_the_branch_output(tiny, branch):
+  """Only the head adapted: its output is the logits, so full - ablated == recorded branch."""
+  model, params, images = tiny
+  spec = ad.AdapterSpec("hydra", targets=("head",))
+  adapters = _random_adapters(spec, params, 3)
+  full, aux = ad.apply_intercepted(model, params, adapters, spec, images, record=True)
+  ablated, _ = ad.apply_intercepted(model, params, analysis.ablate(adapters, spec, branch),
+                                    spec, images)
+  contribution = aux["branches"]["head"][branch]
+  assert float(jnp.abs(contribution).max()) > 0.1
+  np.testing.assert_allclose(full - ablated, contribution, atol=1e-5)
+
+
+def test_ablating_a_layer_group_matches_disable(tiny):
+  model, params, images = tiny
+  spec = ad.AdapterSpec("hydra")
+  adapters = _random_adapters(spec, params, 4)
+  everywhere = analysis.ablate(adapters, spec, "sequential")
+  off, _ = ad.apply_intercepted(model, params, adapters, spec, images, disable=("sequential",))
+  np.testing.assert_allclose(ad.forward(model, params, everywhere, spec, images)[0], off,
+                             atol=1e-5)
+  mlp_only = analysis.ablate(adapters, spec, "parallel", lambda n: n.endswith("Dense_1"))
+  _, aux = ad.apply_intercepted(model, params, mlp_only, spec, images, record=True)
+  for name, branches in aux["branches"].items():
+    zero = float(jnp.abs(branches["parallel"]).max()) == 0.0
+    assert zero == name.endswith("Dense_1"), name
+    assert float(jnp.abs(branches["sequential"]).max()) > 0
+  with pytest.raises(ValueError, match="not a branch"):
+    analysis.ablate(adapters, spec, "lora")
+
+
+def _trained(tmp_path_factory, kind):
+  workdir = tmp_path_factory.mktemp(kind)
+  c = default.get_testing_config()
+  c.adapter = default.adapter_config(kind)
+  return workdir, train_and_evaluate(c, str(workdir))
+
+
+@pytest.mark.slow
+def test_cli_on_a_trained_hydra_run(tmp_path_factory):
+  workdir, results = _trained(tmp_path_factory, "hydra")
+  out = workdir / "analysis"
+  analyze.main(["--workdir", str(workdir), "--num_examples", "64", "--out", str(out)])
+  text = (out / "report.md").read_text()
+  for section in ("## 1. Norms", "## 2. Spectra", "## 3. Alignment", "## 4. Branch similarity",
+                  "## 5. Branch ablation", "## 6. HydraLoRA router\n\nSkipped"):
+    assert section in text, section
+  for png in ("norms_vs_depth", "effective_rank", "subspace_energy", "similarity_vs_depth",
+              "ablation"):
+    assert (out / "plots" / f"{png}.png").stat().st_size > 1000
+    assert f"(plots/{png}.png)" in text
+  summary = json.loads((out / "analysis.json").read_text())
+  assert len(summary["layers"]) == 4  # attention out + Dense_1 of 2 blocks
+  for row in summary["layers"]:
+    seq = row["branches"]["sequential"]
+    assert seq["energy_range_w"] == pytest.approx(1.0, abs=1e-6)  # columns in range(W)
+    assert -1.0 <= row["cosine"] <= 1.0 and 0.0 <= row["cka"] <= 1.0 + 1e-9
+  # the testing config evaluates the same 64 test images; merged vs unmerged may flip a tie
+  assert summary["ablation"][0]["accuracy"] == pytest.approx(results["test_accuracy"], abs=1 / 64)
+  assert len(summary["ablation"]) == 1 + 2 * 5  # full, 2 branches x (all, 2 types, 2 halves)
+
+
+@pytest.mark.slow
+def test_cli_on_a_trained_hydralora_run(tmp_path_factory):
+  workdir, _ = _trained(tmp_path_factory, "hydralora")
+  analyze.main(["--workdir", str(workdir), "--num_examples", "40"])
+  text = (workdir / "report.md").read_text()
+  assert "## 4. Branch similarity\n\nSkipped" in text
+  assert "## 6. HydraLoRA router" in text and "head cos" in text
+  for png in ("router_usage", "router_per_class", "ablation", "norms_vs_depth"):
+    assert (workdir / "plots" / f"{png}.png").exists()
+  layers = json.loads((workdir / "analysis.json").read_text())["layers"]
+  for row in layers:
+    assert sum(row["router_usage"]) == pytest.approx(1.0, abs=1e-5)
+    assert set(row["branches"]) == {"head_0", "head_1", "head_2"}
+    assert 0.0 <= row["router_entropy"] <= np.log(3) + 1e-6
