@@ -28,6 +28,7 @@ from hydra_jax.models import ViT, variant
 # adapter name -> (AdapterSpec fields or None, params that train besides adapters)
 ADAPTERS = {
     "hydra": (dict(kind="hydra"), ("head/.*",)),
+    "hydra_dropout": (dict(kind="hydra", dropout=0.1), ("head/.*",)),  # activation-level path
     "lora": (dict(kind="lora"), ("head/.*",)),
     "sequential": (dict(kind="sequential", rank=4), ("head/.*",)),
     "hydralora": (dict(kind="hydralora"), ("head/.*",)),
@@ -107,7 +108,8 @@ def bench_one(args, name: str) -> dict:
                 gflop_per_img=None if flops is None else flops / args.batch / 1e9,
                 peak_mem_gib=_peak_memory_gib(),
                 trainable_params=int(sum(x.size for x in jax.tree.leaves(state.trainable))))
-  result.update(_bench_inference(args, model, spec, holder["state"], frozen, batches))
+  if getattr(args, "infer", True):
+    result.update(_bench_inference(args, model, spec, holder["state"], frozen, batches))
   result.update(device=jax.devices()[0].device_kind, jax=jax.__version__)
   return result
 
