@@ -66,7 +66,8 @@ def _setup(args, name: str):
   fields, patterns = ADAPTERS[name]
   grid = args.image_size // variant(args.model)["patch_size"]
   model = ViT(num_classes=args.num_classes, **variant(args.model), posemb_grid=(grid, grid),
-              dtype=DTYPES[args.dtype], attention=args.attention, remat=args.remat)
+              dtype=DTYPES[args.dtype], attention=args.attention, remat=args.remat,
+              gelu_approximate=getattr(args, "gelu_approximate", False))
   images = jnp.zeros((1, args.image_size, args.image_size, 3))
   params = jax.jit(model.init)(jax.random.key(0), images)["params"]
   spec = None if fields is None else adapters.AdapterSpec(**fields)
@@ -103,7 +104,8 @@ def bench_one(args, name: str) -> dict:
   flops = _flops(compiled)
   result = dict(framework="jax", model=args.model, adapter=name, batch=args.batch,
                 image_size=args.image_size, dtype=args.dtype, attention=args.attention,
-                remat=args.remat, img_per_s=args.batch / step_s, step_ms=step_s * 1e3,
+                remat=args.remat, gelu_approximate=getattr(args, "gelu_approximate", False),
+                img_per_s=args.batch / step_s, step_ms=step_s * 1e3,
                 tflops=None if flops is None else flops / step_s / 1e12,
                 gflop_per_img=None if flops is None else flops / args.batch / 1e9,
                 peak_mem_gib=_peak_memory_gib(),
@@ -140,6 +142,8 @@ def main(argv=None):
   p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
   p.add_argument("--attention", default="xla", choices=("xla", "cudnn"))
   p.add_argument("--remat", action="store_true")
+  p.add_argument("--gelu_approximate", action="store_true",
+                 help="tanh GELU, as the Google ViT checkpoints use (XLA can fuse it into GEMMs)")
   p.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
   p.add_argument("--repeats", type=int, default=5)
   args = p.parse_args(argv)
