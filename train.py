@@ -8,6 +8,7 @@ import json
 import logging
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from hydra_jax.loop import train_and_evaluate
@@ -22,7 +23,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger().setLevel(logging.INFO)
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and tfds are chatty at INFO
+  logging.getLogger("hydra_jax").setLevel(logging.INFO)
   results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
   print(json.dumps(results, sort_keys=True))
   print(f"test accuracy ({results['model']} model): {results['test_accuracy']:.4f}")

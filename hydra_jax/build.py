@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import pathlib
-
 import jax
 import jax.numpy as jnp
 
-from hydra_jax import checkpoints
+from hydra_jax import assets, checkpoints
 from hydra_jax.models import ViT, variant
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def cache_dir() -> pathlib.Path:
-  """Where prepared assets and datasets live: $HYDRA_JAX_CACHE or ~/.cache/hydra_jax."""
-  default = pathlib.Path.home() / ".cache" / "hydra_jax"
-  return pathlib.Path(os.environ.get("HYDRA_JAX_CACHE", default))
-
-
 def data_dir(configured: str | None) -> str:
   """The tfds data directory: the configured one, else <cache>/tensorflow_datasets."""
-  return str(configured) if configured else str(cache_dir() / "tensorflow_datasets")
+  return str(configured) if configured else str(assets.cache_root() / "tensorflow_datasets")
 
 
 def _dtype(name: str):
@@ -52,8 +43,7 @@ def build_model(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:
     mean = std = (0.5, 0.5, 0.5)
     return model, checkpoints.Pretrained(params, kwargs, mean, std, f"random {cfg.variant}")
   path = cfg.checkpoint
-  if path == "default":
-    from hydra_jax import assets  # prepares the bundled backbone on first use
+  if path == "default":  # the bundled backbone, prepared on first use
     path = assets.default_backbone()
   pre = checkpoints.load(path, num_classes=num_classes, image_size=cfg.image_size,
                          pool=cfg.get("pool") or None)

@@ -21,6 +21,8 @@ from hydra_jax.build import build_model, data_dir
 # Merged vs factored logits: float32 agrees to rounding; bfloat16 rounds the two paths apart.
 _MERGE_RTOL = {"float32": 1e-4, "bfloat16": 3e-2}
 
+_LOG = logging.getLogger(__name__)
+
 
 def _make_spec(config) -> adapters_lib.AdapterSpec | None:
   if config.adapter.kind == "none":
@@ -36,7 +38,7 @@ def _init_state(config, model, params, spec, rng, steps_per_epoch: int):
   # One report over everything: adapter factors and the params that train by pattern.
   patterns = (["adapters/.*"] if adapters else []) + [f"params/{p}" for p in config.train_patterns]
   report = optim.report({"adapters": adapters, "params": params}, patterns)
-  logging.info("what trains:\n%s", report)
+  _LOG.info("what trains:\n%s", report)
   opt = ml_collections.ConfigDict(config.optim.to_dict())
   opt.total_steps = config.num_epochs * steps_per_epoch
   opt.warmup_steps = int(config.optim.warmup_epochs * steps_per_epoch)
@@ -136,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start:
     restored, _ = ckpt.restore(start, runner.host_state())
     runner.state = runner.place(restored)
-    logging.info("resumed from step %d", start)
+    _LOG.info("resumed from step %d", start)
   is_main = jax.process_index() == 0
   writer = metrics.MetricWriter(workdir, enabled=is_main)
   if is_main:
@@ -212,7 +214,9 @@ def _final(config, runner, spec, model, pre, val_src, test_src, workdir) -> dict
   state, frozen = runner.host_state(), runner.frozen_params()
   exact = spec is None or spec.kind != "hydralora"
   merged = train_lib.merged_params(state.trainable, frozen, spec) if exact else None
-  results: dict[str, Any] = {"steps": int(state.step)}
+  results: dict[str, Any] = {
+      "steps": int(state.step),
+      "trainable_params": sum(int(x.size) for x in jax.tree.leaves(state.trainable))}
   if merged is not None:
     if spec is not None:
       images = next(_eval_batches(config, val_src, config.model.image_size, pre, 8))["image"]
@@ -234,5 +238,5 @@ def _final(config, runner, spec, model, pre, val_src, test_src, workdir) -> dict
       export.save_adapters(workdir / "export" / "adapters.safetensors",
                            jax.device_get(state.trainable), spec)
     checkpointing.write_json_atomic(workdir / "results.json", results)
-  logging.info("results: %s", results)
+  _LOG.info("results: %s", results)
   return {k: (float(v) if isinstance(v, np.floating) else v) for k, v in results.items()}

@@ -16,6 +16,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA = "data"
 
+_LOG = logging.getLogger(__name__)
+
 
 def initialize_distributed(*, coordinator: str | None, num_processes: int | None,
                            process_id: int | None) -> None:
@@ -33,7 +35,7 @@ def initialize_distributed(*, coordinator: str | None, num_processes: int | None
   else:
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
-  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+  _LOG.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
