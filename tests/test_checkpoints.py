@@ -287,6 +287,19 @@ def test_native_round_trip_and_image_size(google_fn, tmp_path):
     checkpoints.load(tmp_path / "native.safetensors", image_size=30)
 
 
+def test_pool_override_gives_a_head_of_the_new_width(google_fn, tmp_path):
+  arrays = _google_arrays(google_fn[1])
+  with pytest.raises(ValueError, match="pre_logits/kernel"):  # its input width changes too
+    checkpoints.load(_npz(tmp_path / "rep.npz", arrays), num_classes=3, pool="tok+gap")
+  path = _npz(tmp_path / "vit.npz",
+              {k: v for k, v in arrays.items() if not k.startswith("pre_logits")})
+  pooled = checkpoints.load(path, num_classes=3, pool="tok+gap")
+  assert pooled.model["pool"] == "tok+gap"
+  assert pooled.params["head"]["kernel"].shape == (2 * 64, 3)
+  logits = _apply(pooled, _images(16))
+  assert logits.shape == (2, 3)
+
+
 # ---------------------------------------------------------------- parameter counts
 
 

@@ -48,8 +48,7 @@ def _read(path: pathlib.Path) -> Pretrained:
 
 
 def load(path, *, num_classes: int | None = None, reset_head: bool = False,
-         image_size: int | tuple[int, int] | None = None, pool: str | None = None,
-         rng=None) -> Pretrained:
+         image_size: int | tuple[int, int] | None = None, pool: str | None = None) -> Pretrained:
   """Loads a pre-trained ViT from any supported format into the ViT's param layout.
 
   Args:
@@ -62,8 +61,6 @@ def load(path, *, num_classes: int | None = None, reset_head: bool = False,
       record the new ``model["posemb_grid"]``.
     pool: override the checkpoint's pooling ("tok", "gap", "tok+gap"); the head then follows
       the new feature width.
-    rng: unused; the head is zero-initialised as the ViT's own initializer does, so no
-      randomness is needed. Kept so callers can pass one without caring.
 
   Returns:
     ``Pretrained`` with float32 numpy params that exactly fit ``build_model(pretrained)``.
@@ -72,7 +69,6 @@ def load(path, *, num_classes: int | None = None, reset_head: bool = False,
     ValueError: unknown format, or ONE error listing every missing / unexpected / mis-shaped
       param after conversion.
   """
-  del rng
   raw = _read(pathlib.Path(path).expanduser())
   return finalize(raw, num_classes=num_classes, reset_head=reset_head, image_size=image_size,
                   pool=pool)
