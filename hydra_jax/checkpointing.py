@@ -31,7 +31,8 @@ class Checkpointer:
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=use_async, create=True)
-    self._manager = ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+    self.directory = pathlib.Path(directory).absolute()
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def save(self, step: int, state: Any, *, meta: dict[str, Any],
            val_accuracy: float | None = None) -> None:

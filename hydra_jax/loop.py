@@ -128,67 +128,84 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   steps_per_epoch = len(train_src) // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_src)} train examples")
-  total = config.num_epochs * steps_per_epoch
   state, frozen, tx, schedule, report = _init_state(
       config, model, pre.params, spec, jax.random.fold_in(rng, 1), steps_per_epoch)
   runner = _Runner(config, model, spec, tx, schedule, frozen, state)
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
                                     use_async=config.async_checkpoints)
+  start = _restore(ckpt, runner)
+  writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  if jax.process_index() == 0:
+    (workdir / "trainable.txt").write_text(report + "\n")
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  batches = data.train_batches(
+      train_src, batch_size=config.batch_size, image_size=config.model.image_size,
+      mean=pre.mean, std=pre.std, seed=config.seed, start_step=start,
+      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      num_classes=config.data.num_classes)
+  validate = lambda: _evaluate_unmerged(config, runner, val_src, pre)  # noqa: E731
+  _train_loop(config, runner, ckpt, writer, batches, validate, start=start,
+              steps_per_epoch=steps_per_epoch, rng=jax.random.fold_in(rng, 2))
+  results = _final(config, runner, spec, model, pre, val_src, test_src, workdir)
+  writer.write(results["steps"], results)
+  writer.close()
+  return results
+
+
+def _restore(ckpt: checkpointing.Checkpointer, runner: _Runner) -> int:
+  """Loads the latest checkpoint into ``runner``; returns its step (0 for a fresh run)."""
   start = ckpt.latest_step() or 0
   if start:
     restored, _ = ckpt.restore(start, runner.host_state())
     runner.state = runner.place(restored)
     _LOG.info("resumed from step %d", start)
-  is_main = jax.process_index() == 0
-  writer = metrics.MetricWriter(workdir, enabled=is_main)
-  if is_main:
-    (workdir / "trainable.txt").write_text(report + "\n")
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  image_size = config.model.image_size
-  batches = data.train_batches(
-      train_src, batch_size=config.batch_size, image_size=image_size, mean=pre.mean, std=pre.std,
-      seed=config.seed, start_step=start, shard_index=jax.process_index(),
-      shard_count=jax.process_count(), num_classes=config.data.num_classes)
+  return start
+
+
+def _train_loop(config, runner, ckpt, writer, batches, validate, *, start: int,
+                steps_per_epoch: int, rng: jax.Array) -> None:
+  """Steps from ``start`` to the end: logs, validates and checkpoints on the configured steps."""
+  total = config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_epochs * steps_per_epoch
   progress = metrics.Progress(total=total, initial=start, batch_size=config.batch_size,
-                              enabled=config.progress and is_main)
-  step_rng = jax.random.fold_in(rng, 2)
+                              enabled=config.progress and jax.process_index() == 0)
   pending: list[tuple[int, Any]] = []
   for step in range(start + 1, total + 1):
-    pending.append((step, runner.run_step(next(batches), step_rng)))
-    if step % config.log_every == 0 or step % eval_every == 0 or step == total:
-      history = [(s, jax.device_get(m)) for s, m in pending]
+    pending.append((step, runner.run_step(next(batches), rng)))
+    evaluate = step % eval_every == 0 or step == total
+    if evaluate or step % config.log_every == 0:
+      _flush(pending, progress, writer, ckpt)
       pending = []
-      bad = train_lib.first_nonfinite(history)
-      if bad is not None:
-        ckpt.close()
-        raise FloatingPointError(
-            f"loss is {history[bad - history[0][0]][1]['loss']} at step {bad}; the last good "
-            f"checkpoint (step {ckpt.latest_step()}) is kept in {workdir / 'checkpoints'}")
-      last = history[-1][1]
-      img_s = progress.update(step, last)
-      writer.write(step, {**last, "img_per_s": img_s})
-    if step % eval_every == 0 or step == total:
-      val = _evaluate_unmerged(config, runner, spec, val_src, pre, config.data.val_limit)
+    meta = {"seed": config.seed, "data_step": step}
+    if evaluate:
+      val = validate()
       writer.write(step, {"val_accuracy": val})
-      ckpt.save(step, runner.host_state(), meta={"seed": config.seed, "data_step": step},
-                val_accuracy=val)
+      ckpt.save(step, runner.host_state(), meta=meta, val_accuracy=val)
     elif config.checkpoint_every and step % config.checkpoint_every == 0:
-      ckpt.save(step, runner.host_state(), meta={"seed": config.seed, "data_step": step})
+      ckpt.save(step, runner.host_state(), meta=meta)
   progress.close()
   ckpt.close()
-  results = _final(config, runner, spec, model, pre, val_src, test_src, workdir)
-  writer.write(total, results)
-  writer.close()
-  return results
 
 
-def _evaluate_unmerged(config, runner, spec, source, pre, limit) -> float:
-  state = runner.host_state()
-  frozen = runner.frozen_params()
+def _flush(pending, progress, writer, ckpt) -> None:
+  """Fetches the pending steps' metrics; a NaN or inf loss stops the run naming its step."""
+  history = [(s, jax.device_get(m)) for s, m in pending]
+  bad = train_lib.first_nonfinite(history)
+  if bad is not None:
+    ckpt.close()
+    loss = dict(history)[bad]["loss"]
+    raise FloatingPointError(
+        f"loss is {loss} at step {bad}; the last good checkpoint (step {ckpt.latest_step()}) "
+        f"is kept in {ckpt.directory}")
+  step, last = history[-1]
+  writer.write(step, {**last, "img_per_s": progress.update(step, last)})
+
+
+def _evaluate_unmerged(config, runner, source, pre) -> float:
+  state, frozen = runner.host_state(), runner.frozen_params()
   return train_lib.evaluate(
       lambda b: runner.predict(state.trainable, frozen, b["image"]),
-      _eval_batches(config, source, config.model.image_size, pre, limit))
+      _eval_batches(config, source, config.model.image_size, pre, config.data.val_limit))
 
 
 def _check_merge(config, model, spec, state, frozen, merged, images) -> float:
