@@ -63,7 +63,7 @@ def main(argv=None):
   p.add_argument("--remat", action="store_true")
   p.add_argument("--steps", type=int, default=5)
   args = p.parse_args(argv)
-  model, spec, tx, schedule, state, frozen = bench._setup(args, args.adapter)  # noqa: SLF001
+  model, spec, tx, schedule, state, frozen, _ = bench._setup(args, args.adapter)  # noqa: SLF001
   rng = np.random.default_rng(0)
   batch = jax.device_put({
       "image": rng.normal(size=(args.batch, args.image_size, args.image_size, 3)).astype(

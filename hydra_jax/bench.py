@@ -5,7 +5,8 @@
   python -m hydra_jax.bench --model Ti/16 --batch 8 --image_size 32 --steps 2   # CPU smoke test
 
 One JSON line per configuration: img/s, step ms (median of repeats, warm-up excluded, device
-synchronised), achieved TFLOP/s (XLA's FLOP count of the compiled step), peak device memory,
+synchronised), achieved TFLOP/s (the step's matmul FLOPs counted from the shapes by
+``hydra_jax.flops``: XLA's cost analysis misses cuBLAS/cuDNN calls on GPU), peak device memory,
 and the same for inference of the merged model against the plain ViT.
 """
 
@@ -14,14 +15,16 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
-from hydra_jax import adapters, optim, train_lib
+from hydra_jax import adapters, flops, optim, train_lib
 from hydra_jax.build import DTYPES
 from hydra_jax.models import ViT, variant
 
@@ -56,10 +59,23 @@ def _peak_memory_gib() -> float | None:
   return None if peak is None else peak / 2**30
 
 
-def _flops(compiled) -> float | None:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return (cost or {}).get("flops")
+def _weight_grads(params, spec, patterns) -> list[str]:
+  """Module paths whose kernel gets a full weight gradient in this step.
+
+  Trained kernels always do; adapted kernels do when the step merges the adapters into the
+  weights (autodiff then forms dL/dW' before the factors' gradients); the activation-level path
+  only forms low-rank products.
+  """
+  kernels = [k[:-len("/kernel")] for k in traverse_util.flatten_dict(params, sep="/")
+             if k.endswith("/kernel")]
+  trained = [k for k in kernels if any(re.fullmatch(p, k + "/kernel") for p in patterns)]
+  if spec is not None and spec.kind != "hydralora" and not spec.dropout:
+    trained += _adapted(params, spec)
+  return sorted(set(trained))
+
+
+def _adapted(params, spec) -> list[str]:
+  return [] if spec is None else [layer.name for layer in adapters.find_layers(spec, params)]
 
 
 def _setup(args, name: str):
@@ -78,11 +94,13 @@ def _setup(args, name: str):
                            total_steps=1000, grad_clip=0.0)
   tx, schedule = train_lib.make_optimizer(cfg)
   state = train_lib.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
-  return model, spec, tx, schedule, state, frozen
+  step_flops = args.batch * flops.train_step_flops(
+      model, args.image_size, _weight_grads(params, spec, patterns), _adapted(params, spec))
+  return model, spec, tx, schedule, state, frozen, step_flops
 
 
 def bench_one(args, name: str) -> dict:
-  model, spec, tx, schedule, state, frozen = _setup(args, name)
+  model, spec, tx, schedule, state, frozen, step_flops = _setup(args, name)
   rng = np.random.default_rng(0)
   batches = [jax.device_put({
       "image": rng.normal(size=(args.batch, args.image_size, args.image_size, 3)).astype(
@@ -101,13 +119,11 @@ def bench_one(args, name: str) -> dict:
     return m["loss"]
 
   step_s = _timed(one_step, steps=args.steps, repeats=args.repeats)
-  flops = _flops(compiled)
   result = dict(framework="jax", model=args.model, adapter=name, batch=args.batch,
                 image_size=args.image_size, dtype=args.dtype, attention=args.attention,
                 remat=args.remat, gelu_approximate=getattr(args, "gelu_approximate", False),
                 img_per_s=args.batch / step_s, step_ms=step_s * 1e3,
-                tflops=None if flops is None else flops / step_s / 1e12,
-                gflop_per_img=None if flops is None else flops / args.batch / 1e9,
+                tflops=step_flops / step_s / 1e12, gflop_per_img=step_flops / args.batch / 1e9,
                 peak_mem_gib=_peak_memory_gib(),
                 trainable_params=int(sum(x.size for x in jax.tree.leaves(state.trainable))))
   if getattr(args, "infer", True):
