@@ -69,7 +69,7 @@ def _weight_grads(params, spec, patterns) -> list[str]:
   kernels = [k[:-len("/kernel")] for k in traverse_util.flatten_dict(params, sep="/")
              if k.endswith("/kernel")]
   trained = [k for k in kernels if any(re.fullmatch(p, k + "/kernel") for p in patterns)]
-  if spec is not None and spec.kind != "hydralora" and not spec.dropout:
+  if spec is not None and adapters.merge_path(spec, train=True):
     trained += _adapted(params, spec)
   return sorted(set(trained))
 
@@ -134,7 +134,7 @@ def bench_one(args, name: str) -> dict:
 
 def _bench_inference(args, model, spec, state, frozen, batches) -> dict:
   """Merged-model forward against the plain ViT (same architecture: should cost the same)."""
-  if spec is None or spec.kind == "hydralora":
+  if spec is None or not spec.mergeable:
     return {}
   merged = jax.jit(train_lib.merged_params, static_argnums=2)(state.trainable, frozen, spec)
   base = optim.join(state.trainable["params"], frozen)

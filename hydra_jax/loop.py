@@ -108,11 +108,11 @@ class _Runner:
     return self._unreplicate(self.frozen)
 
 
-def _eval_batches(config, source, image_size, pre, limit):
-  mesh = parallel.make_mesh(config.parallel.num_devices)
+def _eval_batches(config, mesh, source, pre, limit):
+  """Padded, masked evaluation batches, each assembled across processes onto ``mesh``."""
   return (parallel.global_batch(b, mesh)
           for b in data.eval_batches(
-              source, batch_size=config.data.eval_batch_size, image_size=image_size,
+              source, batch_size=config.data.eval_batch_size, image_size=config.model.image_size,
               mean=pre.mean, std=pre.std, num_classes=config.data.num_classes, limit=limit,
               shard_index=jax.process_index(), shard_count=jax.process_count()))
 
@@ -205,7 +205,7 @@ def _evaluate_unmerged(config, runner, source, pre) -> float:
   state, frozen = runner.host_state(), runner.frozen_params()
   return train_lib.evaluate(
       lambda b: runner.predict(state.trainable, frozen, b["image"]),
-      _eval_batches(config, source, config.model.image_size, pre, config.data.val_limit))
+      _eval_batches(config, runner.mesh, source, pre, config.data.val_limit))
 
 
 def _check_merge(config, model, spec, state, frozen, merged, images) -> float:
@@ -229,14 +229,14 @@ def _check_merge(config, model, spec, state, frozen, merged, images) -> float:
 def _final(config, runner, spec, model, pre, val_src, test_src, workdir) -> dict[str, Any]:
   """Evaluates the merged model (checking it against the unmerged one) and exports it."""
   state, frozen = runner.host_state(), runner.frozen_params()
-  exact = spec is None or spec.kind != "hydralora"
+  exact = spec is None or spec.mergeable
   merged = train_lib.merged_params(state.trainable, frozen, spec) if exact else None
   results: dict[str, Any] = {
       "steps": int(state.step),
       "trainable_params": sum(int(x.size) for x in jax.tree.leaves(state.trainable))}
   if merged is not None:
     if spec is not None:
-      images = next(_eval_batches(config, val_src, config.model.image_size, pre, 8))["image"]
+      images = next(_eval_batches(config, runner.mesh, val_src, pre, 8))["image"]
       results["merge_rel_error"] = _check_merge(config, model, spec, state, frozen, merged, images)
     logits_fn = lambda b: runner.apply(merged, b["image"])  # noqa: E731
   else:
@@ -244,7 +244,7 @@ def _final(config, runner, spec, model, pre, val_src, test_src, workdir) -> dict
   t0 = time.perf_counter()
   for name, src, limit in (("val", val_src, config.data.val_limit),
                            ("test", test_src, config.data.test_limit)):
-    batches = _eval_batches(config, src, config.model.image_size, pre, limit)
+    batches = _eval_batches(config, runner.mesh, src, pre, limit)
     results[f"{name}_accuracy"] = train_lib.evaluate(logits_fn, batches)
   results["eval_seconds"] = time.perf_counter() - t0
   results["model"] = "merged" if merged is not None else "unmerged (input-dependent router)"

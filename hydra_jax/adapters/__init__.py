@@ -12,7 +12,7 @@ from hydra_jax.adapters.hydralora import (
     router_probs,
     top_k_weights,
 )
-from hydra_jax.adapters.intercept import apply_intercepted, forward
+from hydra_jax.adapters.intercept import apply_intercepted, forward, merge_path
 from hydra_jax.adapters.spec import (
     HYDRA_TARGETS,
     KINDS,
@@ -27,6 +27,6 @@ from hydra_jax.adapters.transform import delta, init, merge, unmerge
 __all__ = [
     "HYDRA_TARGETS", "KINDS", "LORA_TARGETS", "AdapterSpec", "Layer", "add", "apply_intercepted",
     "balance_loss", "choose_num_heads", "combine", "delta", "find_layers", "forward", "init",
-    "kmeans", "merge", "negate", "router_probs", "scale", "spec_from_config", "top_k_weights",
-    "unmerge", "weighted_sum",
+    "kmeans", "merge", "merge_path", "negate", "router_probs", "scale", "spec_from_config",
+    "top_k_weights", "unmerge", "weighted_sum",
 ]

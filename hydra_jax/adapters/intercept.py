@@ -121,6 +121,11 @@ def _balance(probs_all: list[jax.Array], spec: AdapterSpec) -> jax.Array:
   return spec.balance_weight * losses.mean()
 
 
+def merge_path(spec: AdapterSpec, *, train: bool) -> bool:
+  """Whether ``forward`` runs the ViT on merged weights (exact: no train-time dropout or router)."""
+  return spec.mergeable and not (train and spec.dropout > 0)
+
+
 def forward(model: nn.Module, params: Mapping, adapters: Mapping, spec: AdapterSpec,
             images: jax.Array, *, rng: jax.Array | None = None,
             train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -133,7 +138,7 @@ def forward(model: nn.Module, params: Mapping, adapters: Mapping, spec: AdapterS
   Returns:
     (logits (B, C), {"balance_loss": scalar float32}).
   """
-  if spec.kind != "hydralora" and not (train and spec.dropout > 0):
+  if merge_path(spec, train=train):
     logits = model.apply({"params": transform.merge(params, adapters, spec)}, images)
     return logits, {"balance_loss": jnp.zeros((), jnp.float32)}
   logits, aux = apply_intercepted(model, params, adapters, spec, images, rng=rng, train=train)

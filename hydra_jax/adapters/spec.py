@@ -106,6 +106,14 @@ class AdapterSpec:
       return float(self.scale)
     return float(self.alpha) / float(self.rank)
 
+  @property
+  def mergeable(self) -> bool:
+    """Whether ``merge`` folds the adapters into the weights exactly.
+
+    HydraLoRA's router depends on the input, so it merges only with fixed routing weights.
+    """
+    return self.kind != "hydralora"
+
 
 def spec_from_config(cfg: Any) -> AdapterSpec:
   """An ``AdapterSpec`` from a ConfigDict (or mapping) with the same field names.
