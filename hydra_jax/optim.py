@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import optax
+from flax import traverse_util
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 
@@ -51,29 +52,17 @@ def labels(tree: Any, patterns: str | Sequence[str]) -> Any:
   return jax.tree_util.tree_unflatten(treedef, [FROZEN if h is None else TRAINABLE for h in hits])
 
 
-def _prune(tree: Mapping, keep) -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      sub = _prune(v, lambda p, k=k: keep((k,) + p))
-      if sub:
-        out[k] = sub
-    elif keep((k,)):
-      out[k] = v
-  return out
-
-
 def split(tree: Mapping, patterns: str | Sequence[str]) -> tuple[dict, dict]:
   """(trainable, frozen): two nested dicts holding the matched / unmatched leaves only.
 
   ``join(*split(tree, patterns)) == tree``. Empty sub-dicts are dropped.
   """
-  pats = _patterns(patterns)
-  paths, hits, _ = _first_match(tree, pats)
+  paths, hits, _ = _first_match(tree, _patterns(patterns))
   trainable = {p for p, h in zip(paths, hits, strict=True) if h is not None}
-  key = lambda path: "/".join(str(k) for k in path)  # noqa: E731
-  return (_prune(tree, lambda p: key(p) in trainable),
-          _prune(tree, lambda p: key(p) not in trainable))
+  flat = traverse_util.flatten_dict(dict(tree), sep="/")
+  return (traverse_util.unflatten_dict({k: v for k, v in flat.items() if k in trainable}, sep="/"),
+          traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in trainable},
+                                       sep="/"))
 
 
 def join(trainable: Mapping, frozen: Mapping) -> dict:

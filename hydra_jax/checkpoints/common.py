@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from hydra_jax.models import ViT
 from hydra_jax.models import posemb as posemb_lib
@@ -43,30 +43,6 @@ class Pretrained:
   source: str
 
 
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-  """Nested dict -> {'a/b/c': leaf}."""
-  flat = {}
-  for key, value in tree.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      flat.update(flatten(value, path + "/"))
-    else:
-      flat[path] = value
-  return flat
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-  """{'a/b/c': leaf} -> nested dict."""
-  tree: dict = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split("/")
-    node = tree
-    for name in parents:
-      node = node.setdefault(name, {})
-    node[leaf] = value
-  return tree
-
-
 def _shape(leaf) -> tuple[int, ...]:
   return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(leaf)
 
@@ -79,8 +55,8 @@ def check_tree(expected: Mapping, params: Mapping) -> None:
       shape tuples.
     params: nested tree of arrays to check.
   """
-  want = {k: _shape(v) for k, v in flatten(expected).items()}
-  got = {k: _shape(v) for k, v in flatten(params).items()}
+  want = {k: _shape(v) for k, v in traverse_util.flatten_dict(expected, sep="/").items()}
+  got = {k: _shape(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
   missing = [f"  missing: {k} (expected {want[k]})" for k in sorted(want.keys() - got.keys())]
   unexpected = [f"  unexpected: {k} {got[k]}" for k in sorted(got.keys() - want.keys())]
   misshaped = [f"  mis-shaped: {k}: got {got[k]}, expected {want[k]}"

@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 
 import numpy as np
+from flax import traverse_util
 
 from hydra_jax.checkpoints import common
 
@@ -55,7 +56,8 @@ def load_vision_transformer(arrays: Mapping[str, np.ndarray], source: str) -> co
   """google-research/vision_transformer arrays -> ``Pretrained`` (not yet finalized)."""
   flat = {_rename_vision_transformer(k): v for k, v in arrays.items()}
   model = common.infer_model(flat, source, **_GOOGLE_FIELDS)
-  return common.Pretrained(common.unflatten(flat), model, common.HALF, common.HALF,
+  return common.Pretrained(traverse_util.unflatten_dict(flat, sep="/"), model, common.HALF,
+                           common.HALF,
                            f"vision_transformer:{source}")
 
 
@@ -80,5 +82,6 @@ def load_big_vision(arrays: Mapping[str, np.ndarray], source: str) -> common.Pre
     # big_vision adds posemb to the patch tokens only; a zero cls row is the same function.
     flat["pos_embedding"] = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
   model = common.infer_model(flat, source, **_GOOGLE_FIELDS)
-  return common.Pretrained(common.unflatten(flat), model, common.HALF, common.HALF,
+  return common.Pretrained(traverse_util.unflatten_dict(flat, sep="/"), model, common.HALF,
+                           common.HALF,
                            f"big_vision:{source}")

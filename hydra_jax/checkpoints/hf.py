@@ -15,6 +15,7 @@ import pathlib
 import re
 
 import numpy as np
+from flax import traverse_util
 from safetensors.numpy import load_file
 
 from hydra_jax.checkpoints import common
@@ -115,4 +116,5 @@ def load_hf(root: pathlib.Path) -> common.Pretrained:
     fields["pool"] = "tok+gap"
   model = common.infer_model(flat, str(root), **fields)
   mean, std = _normalisation(root, model_type)
-  return common.Pretrained(common.unflatten(flat), model, mean, std, f"hf-{model_type}:{root}")
+  return common.Pretrained(traverse_util.unflatten_dict(flat, sep="/"), model, mean, std,
+                           f"hf-{model_type}:{root}")

@@ -11,6 +11,7 @@ import os
 import pathlib
 
 import numpy as np
+from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
@@ -39,7 +40,7 @@ def save(path, pretrained: common.Pretrained) -> None:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   flat = {k: np.ascontiguousarray(np.asarray(v, np.float32))
-          for k, v in common.flatten(pretrained.params).items()}
+          for k, v in traverse_util.flatten_dict(pretrained.params, sep="/").items()}
   meta = dict(model=pretrained.model, mean=list(pretrained.mean), std=list(pretrained.std),
               source=pretrained.source)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -55,5 +56,5 @@ def load_native(path: pathlib.Path, meta: dict) -> common.Pretrained:
   """A native file (with its already-read ``meta``) -> ``Pretrained`` (not yet finalized)."""
   model = dict(meta["model"])
   model["posemb_grid"] = tuple(model["posemb_grid"])
-  return common.Pretrained(common.unflatten(load_file(str(path))), model, tuple(meta["mean"]),
-                           tuple(meta["std"]), meta["source"])
+  params = traverse_util.unflatten_dict(load_file(str(path)), sep="/")
+  return common.Pretrained(params, model, tuple(meta["mean"]), tuple(meta["std"]), meta["source"])
