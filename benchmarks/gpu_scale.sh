@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One device call: a kernel-time profile of the Hydra step, then the scale study.
+# One device call: how the Hydra step scales with batch and model size, and the largest batch
+# for ViT-L/16 and ViT-H/14 under each remat policy. Writes JSON lines under $OUT.
 #   bash benchmarks/gpu_scale.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu_scale}; mkdir -p "$OUT"
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
-timeout 140 python3 benchmarks/profile_step.py > "$OUT/profile.json" 2> "$OUT/profile.err"
-timeout 170 python3 benchmarks/scale.py --part batch > "$OUT/scale_batch.jsonl" 2> "$OUT/batch.err"
-timeout 90 python3 benchmarks/scale.py --part size > "$OUT/scale_size.jsonl" 2> "$OUT/size.err"
-timeout 150 python3 benchmarks/scale.py --part maxbatch > "$OUT/maxbatch.jsonl" 2> "$OUT/maxbatch.err"
-head -c 3000 "$OUT/profile.json"; cut -c1-300 "$OUT"/scale_*.jsonl "$OUT/maxbatch.jsonl"
-tail -3 "$OUT"/*.err
+OUT=${OUT:-/tmp/gpu_scale}; mkdir -p "$OUT" .jcache
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+  JAX_COMPILATION_CACHE_DIR=$PWD/.jcache
+t0=$SECONDS
+for part in batch size maxbatch; do
+  timeout 190 python3 benchmarks/scale.py --part $part > "$OUT/scale_$part.jsonl" \
+    2> "$OUT/$part.err"; echo "$part: $((SECONDS - t0)) s"
+done
+tail -n 2 "$OUT"/*.err; cut -c1-300 "$OUT"/scale_*.jsonl

@@ -60,7 +60,8 @@ def main(argv=None):
   p.add_argument("--adapter", default="hydra")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--attention", default="cudnn")
-  p.add_argument("--remat", action="store_true")
+  p.add_argument("--remat", default="none")
+  p.add_argument("--gelu_approximate", action="store_true")
   p.add_argument("--steps", type=int, default=5)
   args = p.parse_args(argv)
   model, spec, tx, schedule, state, frozen, _ = bench._setup(args, args.adapter)  # noqa: SLF001

@@ -2,7 +2,7 @@
 
   python benchmarks/scale.py --part batch    # B/16, batch 32..512
   python benchmarks/scale.py --part size     # S/16, B/16, L/16 at batch 128
-  python benchmarks/scale.py --part maxbatch # ViT-L/16, ViT-H/14, with and without remat
+  python benchmarks/scale.py --part maxbatch # ViT-L/16, ViT-H/14, remat none / dots / block
 
 maxbatch compiles the real train step at one batch and reads XLA's memory analysis: arguments
 (params, adapters, optimizer state) stay fixed, temporaries (activations) grow with the batch,
@@ -23,11 +23,11 @@ from hydra_jax import bench, train_lib
 
 def _args(**kw) -> argparse.Namespace:
   base = dict(model="B/16", batch=128, image_size=224, num_classes=100, dtype="bfloat16",
-              attention="cudnn", remat=False, steps=10, repeats=3, infer=False)
+              attention="cudnn", remat="none", steps=10, repeats=3, infer=False)
   return argparse.Namespace(**{**base, **kw})
 
 
-def max_batch(model: str, remat: bool, *, probe: int = 32) -> dict:
+def max_batch(model: str, remat: str, *, probe: int = 32) -> dict:
   args = _args(model=model, remat=remat, batch=probe)
   net, spec, tx, schedule, state, frozen, _ = bench._setup(args, "hydra")  # noqa: SLF001
   batch = {"image": jax.ShapeDtypeStruct((probe, 224, 224, 3), jnp.float32),
@@ -50,9 +50,9 @@ def main():
   runs = {"batch": [dict(batch=b) for b in (32, 64, 256, 512)],
           "size": [dict(model=m) for m in ("S/16", "L/16")]}
   if part == "maxbatch":
-    for model in ("L/16", "H/14"):
-      for remat in (False, True):
-        print(json.dumps(max_batch(model, remat)), flush=True)
+    for model, remat in (("L/16", "none"), ("L/16", "dots"), ("L/16", "block"), ("H/14", "none"),
+                         ("H/14", "block")):
+      print(json.dumps(max_batch(model, remat)), flush=True)
     return
   for kw in runs[part]:
     try:

@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.pool = "tok+gap"  # class token and mean patch token, concatenated (DINOv2 probe style)
   c.model.dtype = "float32"  # compute dtype ("bfloat16" on GPU/TPU); params stay float32
   c.model.attention = "xla"  # "cudnn" for flash attention on NVIDIA GPUs
-  c.model.remat = False  # rematerialise blocks to save memory on large models
+  c.model.remat = "none"  # "block": recompute blocks (least memory); "dots": keep matmul outputs
 
   # Hydra on every block's attention out projection and MLP Dense_1, rank 2 + 2 (the paper's).
   c.adapter = adapter_config("hydra", scale=1.0)

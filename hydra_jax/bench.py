@@ -7,7 +7,8 @@
 One JSON line per configuration: img/s, step ms (median of repeats, warm-up excluded, device
 synchronised), achieved TFLOP/s (the step's matmul FLOPs counted from the shapes by
 ``hydra_jax.flops``: XLA's cost analysis misses cuBLAS/cuDNN calls on GPU), peak device memory,
-and the same for inference of the merged model against the plain ViT.
+XLA's temporary buffers of the compiled step (``xla_temp_gib``, on CPU too), and the same for
+inference of the merged model against the plain ViT.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from flax import traverse_util
 from hydra_jax import adapters, flops, optim, train_lib
 from hydra_jax.build import DTYPES
 from hydra_jax.models import ViT, variant
+from hydra_jax.models.vit import REMATS
 
 # adapter name -> (AdapterSpec fields or None, params that train besides adapters)
 ADAPTERS = {
@@ -57,6 +59,13 @@ def _peak_memory_gib() -> float | None:
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get("peak_bytes_in_use")
   return None if peak is None else peak / 2**30
+
+
+def _temp_gib(compiled) -> float | None:
+  """XLA's temporaries of the compiled step (activations kept for the backward pass and scratch);
+  available on every backend, unlike the device's peak, so remat policies compare on CPU too."""
+  mem = compiled.memory_analysis()
+  return None if mem is None else mem.temp_size_in_bytes / 2**30
 
 
 def _weight_grads(params, spec, patterns) -> list[str]:
@@ -124,9 +133,9 @@ def bench_one(args, name: str) -> dict:
                 remat=args.remat, gelu_approximate=getattr(args, "gelu_approximate", False),
                 img_per_s=args.batch / step_s, step_ms=step_s * 1e3,
                 tflops=step_flops / step_s / 1e12, gflop_per_img=step_flops / args.batch / 1e9,
-                peak_mem_gib=_peak_memory_gib(),
+                peak_mem_gib=_peak_memory_gib(), xla_temp_gib=_temp_gib(compiled),
                 trainable_params=int(sum(x.size for x in jax.tree.leaves(state.trainable))))
-  if getattr(args, "infer", True):
+  if args.infer:
     result.update(_bench_inference(args, model, spec, holder["state"], frozen, batches))
   result.update(device=jax.devices()[0].device_kind, jax=jax.__version__)
   return result
@@ -157,9 +166,12 @@ def main(argv=None):
                  help=f"comma-separated, of {sorted(ADAPTERS)}")
   p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
   p.add_argument("--attention", default="xla", choices=("xla", "cudnn"))
-  p.add_argument("--remat", action="store_true")
+  p.add_argument("--remat", default="none", choices=REMATS,
+                 help="none; block (recompute each block); dots (keep matmul outputs)")
   p.add_argument("--gelu_approximate", action="store_true",
                  help="tanh GELU, as the Google ViT checkpoints use (XLA can fuse it into GEMMs)")
+  p.add_argument("--no_infer", dest="infer", action="store_false",
+                 help="skip the merged-vs-plain inference timing")
   p.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
   p.add_argument("--repeats", type=int, default=5)
   args = p.parse_args(argv)

@@ -201,3 +201,23 @@ def test_dropout_path(tiny):
   np.testing.assert_allclose(clean, ref, atol=1e-6)
   with pytest.raises(ValueError, match="rng"):
     ad.forward(model, params, adapters, spec, images, train=True)
+
+
+@pytest.mark.parametrize("kind", ad.KINDS)
+@pytest.mark.parametrize("space", ["activations", "weights"])
+def test_total_is_the_sum_of_the_branches(kind, space):
+  """``total`` (one concatenated matmul, what training runs) == the branches one by one."""
+  spec = ad.AdapterSpec(kind, bias=True, num_heads=3)
+  layer = ad.spec.Layer(("l",), (12,), (10,))
+  f = randomize(ad.kinds.init_factors(jax.random.key(0), layer, spec), std=0.5)
+  w = jax.random.normal(jax.random.key(1), (12, 10))
+  if space == "activations":
+    x = jax.random.normal(jax.random.key(2), (4, 5, 12))
+    y0, routing = x @ w, None
+  else:  # the merge's dW: x = identity, y0 = W (HydraLoRA needs fixed routing there)
+    x, y0, routing = None, w, (jnp.array([0.2, 0.3, 0.5]) if kind == "hydralora" else None)
+  out, probs = ad.kinds.outputs(f, x, y0, spec, routing=routing)
+  tot, probs_t = ad.kinds.total(f, x, y0, spec, routing=routing)
+  assert len(out) == {"hydra": 2, "hydralora": 3}.get(kind, 1)
+  np.testing.assert_allclose(tot, sum(out.values()), rtol=1e-5, atol=1e-6)
+  assert (probs is None) == (probs_t is None)

@@ -8,7 +8,9 @@ dropout inside branches, HydraLoRA's per-token router, recording each branch's o
 switching branches off for ablations. ``forward`` picks the merge path whenever it is exact.
 
 Router probabilities and recorded outputs are sown into a flax collection (not kept in Python
-lists), so the path also works under ``ViT(remat=True)``'s lifted checkpoint.
+lists), so the path also works under ``ViT(remat=True)``'s lifted checkpoint. A layer whose parent
+module has a ``valid_tokens`` attribute runs on a padded sequence (the ViT's cuDNN attention):
+its router probabilities and recorded outputs are cut to the first ``valid_tokens`` tokens.
 """
 
 from __future__ import annotations
@@ -86,15 +88,21 @@ def apply_intercepted(model: nn.Module, params: Mapping, adapters: Mapping, spec
     x = _flatten(args[0], layer.in_shape, layer.d_in)
     y = _flatten(y0, layer.out_shape, layer.d_out)
     drop = _dropout_hook(rng, index[path], spec.dropout) if dropout else kinds.no_drop
-    out, probs = kinds.outputs(factors[path], x, y, spec, drop=drop, disable=tuple(disable),
-                               routing=transform.routing_for(routing, layer))
+    kw = dict(drop=drop, disable=tuple(disable), routing=transform.routing_for(routing, layer))
+    if record:
+      out, probs = kinds.outputs(factors[path], x, y, spec, **kw)
+      delta = sum(out.values(), jnp.zeros_like(y))
+    else:
+      delta, probs = kinds.total(factors[path], x, y, spec, **kw)
     seen.add(path)
+    valid = getattr(context.module.parent, "valid_tokens", None)
+    cut = (lambda a: a) if valid is None else (lambda a: a[:, :valid])  # noqa: E731
     # sown, not appended to a Python list, so that lifted transforms (remat) carry them out
     if probs is not None:
-      context.module.sow(_AUX, "probs", probs)
+      context.module.sow(_AUX, "probs", cut(probs))
     if record:
-      context.module.sow(_AUX, "branches", {k: v.reshape(y0.shape) for k, v in out.items()})
-    return (y + sum(out.values(), jnp.zeros_like(y))).astype(y0.dtype).reshape(y0.shape)
+      context.module.sow(_AUX, "branches", {k: cut(v.reshape(y0.shape)) for k, v in out.items()})
+    return (y + delta).astype(y0.dtype).reshape(y0.shape)
 
   with nn.intercept_methods(interceptor):
     out, state = model.apply({"params": params}, images, method=method, mutable=[_AUX])

@@ -1,10 +1,11 @@
 """The math of each adapter kind, written once and used by both the weight and activation paths.
 
-A layer computes ``y0 = x @ W + b`` with W flattened to (d_in, d_out). Each kind's ``outputs``
-function returns its branches' contributions for inputs x and frozen outputs y0; the adapted
-layer is ``y = y0 + sum(branches)``. Every branch is affine in (x, y0), so the merge follows from
-the SAME function (``layer_delta``): ``dW = sum(outputs(x=I, y0=W))`` with the factor biases
-left out, and ``db = sum(outputs(x=0, y0=b))``.
+A layer computes ``y0 = x @ W + b`` with W flattened to (d_in, d_out). Each kind writes its
+branches once, as terms ``h @ up + bias`` of inputs x and frozen outputs y0; the adapted layer is
+``y = y0 + sum(branches)``. ``outputs`` evaluates the branches one by one (for recording and
+ablations), ``total`` their sum as a single matmul (for training). Every branch is affine in
+(x, y0), so the merge follows from the SAME function (``layer_delta``):
+``dW = total(x=I, y0=W)`` with the factor biases left out, and ``db = total(x=0, y0=b)``.
 
 A low-rank branch is ``f(z) = drop(z @ A + a) @ B + b``. Factors per layer (float32):
 
@@ -23,7 +24,7 @@ Naming convention the algebra relies on: ``A*`` / ``a*`` hold the rank on their 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,25 +45,40 @@ def _mm(z: jax.Array | None, m: jax.Array) -> jax.Array:
   return m if z is None else z @ m.astype(z.dtype)
 
 
-def _branch(z, f, tag: str, *, affine: bool, drop: Callable) -> jax.Array:
-  """f(z) = drop(z @ A + a) @ B + b for the factors ``A{tag}`` etc.; biases only if affine."""
+class Term(NamedTuple):
+  """One branch as ``h @ up + bias``: every branch ends in an up-projection.
+
+  h: (..., r) low-rank activations, already scaled, dropped and routed; up: (r, d_out);
+  bias: (d_out,) or None. Branches sharing the up-projection's input side concatenate into one
+  product (``total``): one (..., sum r) @ (sum r, d_out) matmul writes the layer's full-width
+  delta once instead of once per branch.
+  """
+  h: jax.Array
+  up: jax.Array
+  bias: jax.Array | None
+
+
+def _down(z, f, tag: str, *, affine: bool) -> jax.Array:
+  """z @ A + a for the factors ``A{tag}`` / ``a{tag}``; the bias only if affine."""
   h = _mm(z, f["A" + tag])
   if affine and "a" + tag in f:
     h = h + f["a" + tag].astype(h.dtype)
-  y = drop(h) @ f["B" + tag].astype(h.dtype)
-  if affine and "b" + tag in f:
-    y = y + f["b" + tag].astype(y.dtype)
-  return y
+  return h
+
+
+def _bias(f, name: str, scale: float, affine: bool) -> jax.Array | None:
+  return scale * f[name] if affine and name in f else None
 
 
 def _hydra(f, x, y0, spec, *, affine, drop, routing, disable):
-  """Hydra and sequential: parallel branch on the input, sequential branch on the output."""
+  """Hydra and sequential: s drop(x A_p + a_p) B_p + s b_p and the same on y0 with ``_s``."""
   del routing
-  s, out = spec.scaling, {}
+  s, terms = spec.scaling, {}
   for name, tag, z in (("parallel", "_p", x), ("sequential", "_s", y0)):
     if "A" + tag in f and name not in disable:
-      out[name] = s * _branch(z, f, tag, affine=affine, drop=lambda h, n=name: drop(n, h))
-  return out, None
+      h = s * drop(name, _down(z, f, tag, affine=affine))
+      terms[name] = Term(h, f["B" + tag], _bias(f, "b" + tag, s, affine))
+  return terms, None
 
 
 def _lora(f, x, y0, spec, *, affine, drop, routing, disable):
@@ -70,11 +86,16 @@ def _lora(f, x, y0, spec, *, affine, drop, routing, disable):
   if "lora" in disable:
     return {}, None
   z = None if x is None else drop("lora", x)
-  return {"lora": spec.scaling * _branch(z, f, "", affine=affine, drop=lambda h: h)}, None
+  h = spec.scaling * _down(z, f, "", affine=affine)
+  return {"lora": Term(h, f["B"], _bias(f, "b", spec.scaling, affine))}, None
 
 
 def _hydralora(f, x, y0, spec, *, affine, drop, routing, disable):
-  """Shared A, N heads B_i weighted per token by the router (or by fixed ``routing`` (N,))."""
+  """Shared A, N heads B_i weighted per token by the router (or by fixed ``routing`` (N,)).
+
+  Head i is ``s w_i (drop(x) A + a) B_i + s w_i b_i``: its per-token bias rides along as one
+  more column of h (``s w_i``) and one more row of up (``b_i``).
+  """
   del y0
   probs = None
   if routing is None:
@@ -83,26 +104,39 @@ def _hydralora(f, x, y0, spec, *, affine, drop, routing, disable):
                        "routing weights (merge(..., routing=...))")
     probs = hydralora.router_probs(x, f["router"])
     routing = hydralora.top_k_weights(probs, spec.top_k)
-  h = _mm(None if x is None else drop("x", x), f["A"])
-  if affine and "a" in f:
-    h = h + f["a"].astype(h.dtype)
-  out = {}
+  h = _down(None if x is None else drop("x", x), f, "", affine=affine)
+  terms = {}
   for i in range(f["B"].shape[0]):
     if f"head_{i}" in disable:
       continue
-    y = h @ f["B"][i].astype(h.dtype)
+    w = spec.scaling * routing[..., i:i + 1].astype(h.dtype)
     if affine and "b" in f:
-      y = y + f["b"][i].astype(y.dtype)
-    out[f"head_{i}"] = spec.scaling * routing[..., i:i + 1].astype(y.dtype) * y
-  return out, probs
+      w = jnp.broadcast_to(w, h.shape[:-1] + (1,))
+      terms[f"head_{i}"] = Term(jnp.concatenate([w * h, w], -1),
+                                jnp.concatenate([f["B"][i], f["b"][i][None]], 0), None)
+    else:
+      terms[f"head_{i}"] = Term(w * h, f["B"][i], None)
+  return terms, probs
 
 
-OUTPUTS = {"hydra": _hydra, "sequential": _hydra, "lora": _lora, "hydralora": _hydralora}
+TERMS = {"hydra": _hydra, "sequential": _hydra, "lora": _lora, "hydralora": _hydralora}
+
+
+def _terms(f, x, y0, spec: AdapterSpec, *, affine: bool, drop: Drop, routing, disable):
+  return TERMS[spec.kind](f, x, y0, spec, affine=affine, drop=drop, routing=routing,
+                          disable=disable)
+
+
+def _product(h: jax.Array, up: jax.Array, biases) -> jax.Array:
+  y = h @ up.astype(h.dtype)
+  for b in biases:
+    y = y + b.astype(y.dtype)
+  return y
 
 
 def outputs(f, x, y0, spec: AdapterSpec, *, affine: bool = True, drop: Drop = no_drop,
             routing=None, disable=()):
-  """Branch contributions of one layer's adapter.
+  """Branch contributions of one layer's adapter, one by one.
 
   Args:
     f: the layer's factor dict.
@@ -117,16 +151,35 @@ def outputs(f, x, y0, spec: AdapterSpec, *, affine: bool = True, drop: Drop = no
   Returns:
     ({branch: (..., d_out)}, router probabilities (..., N) or None).
   """
-  return OUTPUTS[spec.kind](f, x, y0, spec, affine=affine, drop=drop, routing=routing,
-                            disable=disable)
+  terms, probs = _terms(f, x, y0, spec, affine=affine, drop=drop, routing=routing,
+                        disable=disable)
+  return {k: _product(t.h, t.up, [t.bias] if t.bias is not None else []) for k, t in
+          terms.items()}, probs
+
+
+def total(f, x, y0, spec: AdapterSpec, *, affine: bool = True, drop: Drop = no_drop,
+          routing=None, disable=()):
+  """The sum of ``outputs``' branches as ONE matmul (the branches' h and up concatenated).
+
+  Same arguments as ``outputs``. Returns ((..., d_out) like y0, router probabilities or None).
+  """
+  terms, probs = _terms(f, x, y0, spec, affine=affine, drop=drop, routing=routing,
+                        disable=disable)
+  if not terms:
+    return jnp.zeros_like(y0), probs
+  ts = list(terms.values())
+  dtype = ts[0].h.dtype
+  h = jnp.concatenate([t.h for t in ts], -1)
+  up = jnp.concatenate([t.up.astype(dtype) for t in ts], 0)
+  return _product(h, up, [t.bias for t in ts if t.bias is not None]), probs
 
 
 def layer_delta(f, w: jax.Array, b: jax.Array, spec: AdapterSpec, *, routing=None):
-  """(dW (d_in, d_out), db (d_out,)) of one layer, float32, from ``outputs`` itself."""
+  """(dW (d_in, d_out), db (d_out,)) of one layer, float32, from the same ``total``."""
   w, b = w.astype(jnp.float32), b.astype(jnp.float32)
-  lin, _ = outputs(f, None, w, spec, affine=False, routing=routing)
-  off, _ = outputs(f, jnp.zeros((w.shape[0],), jnp.float32), b, spec, routing=routing)
-  return sum(lin.values(), jnp.zeros_like(w)), sum(off.values(), jnp.zeros_like(b))
+  dw, _ = total(f, None, w, spec, affine=False, routing=routing)
+  db, _ = total(f, jnp.zeros((w.shape[0],), jnp.float32), b, spec, routing=routing)
+  return dw, db
 
 
 def output_lowrank(f, spec: AdapterSpec):

@@ -40,6 +40,11 @@ SIZES = {
 PATCHES = (8, 14, 16, 32)
 POOLS = ("tok", "gap", "tok+gap")
 ATTENTIONS = ("xla", "cudnn")
+# ViT.attention -> jax.nn.dot_product_attention's implementation, and the token multiple it needs
+IMPLEMENTATION = {"xla": "xla", "cudnn": "cudnn"}
+PAD_MULTIPLE = {"xla": 1, "cudnn": 16}
+REMATS = ("none", "block", "dots")
+_REMAT_POLICY = {"block": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def variant(name: str) -> dict[str, Any]:
@@ -62,36 +67,38 @@ class _LayerScale(nn.Module):
 
 
 class _Attention(nn.Module):
-  """Multi-head self-attention with (D, H, Dh) / (H, Dh, D) kernels, as in big_vision."""
+  """Multi-head self-attention with (D, H, Dh) / (H, Dh, D) kernels, as in big_vision.
+
+  cuDNN's flash attention needs the sequence a multiple of 16 tokens (ViT-B/16 has 197). The
+  block's input is padded once, right after the LayerNorm (XLA fuses the pad into it), and the
+  output cut once, before the residual add (fused there too); q, k, v and the out projection run
+  on the padded rows and attention masks them by length. Padding each of q, k, v instead costs
+  six extra passes per block. ``valid_tokens`` tells the adapters' activation path which rows
+  are real (``adapters.intercept`` cuts router statistics and recorded outputs to them).
+  """
   num_heads: int
+  valid_tokens: int
   attention: str = "xla"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    width = x.shape[-1]
+    batch, tokens, width = x.shape  # tokens == valid_tokens (the block passes x.shape[1])
+    padded = -(-tokens // PAD_MULTIPLE[self.attention]) * PAD_MULTIPLE[self.attention]
+    if padded != tokens:
+      x = jnp.pad(x, ((0, 0), (0, padded - tokens), (0, 0)))
     head_dim = width // self.num_heads
     dense = lambda name: nn.DenseGeneral(  # noqa: E731
         (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)
-    out = _dot_product_attention(q, k, v, self.attention)
-    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-                           name="out")(out)
-
-
-def _dot_product_attention(q, k, v, implementation: str):
-  """(B, T, H, Dh) attention; cuDNN needs T a multiple of 16, so it is padded and masked."""
-  if implementation == "xla":
-    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
-  batch, tokens = q.shape[:2]
-  padded = -(-tokens // 16) * 16
-  pad = lambda t: jnp.pad(t, ((0, 0), (0, padded - tokens), (0, 0), (0, 0)))  # noqa: E731
-  lengths = jnp.full((batch,), tokens, jnp.int32)
-  out = jax.nn.dot_product_attention(
-      pad(q), pad(k), pad(v), implementation="cudnn",
-      query_seq_lengths=lengths, key_value_seq_lengths=lengths)
-  return out[:, :tokens]
+    lengths = None if padded == tokens else jnp.full((batch,), tokens, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q, k, v, implementation=IMPLEMENTATION[self.attention], query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths)
+    out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+                          name="out")(out)
+    return out if padded == tokens else out[:, :tokens]
 
 
 class _MlpBlock(nn.Module):
@@ -122,7 +129,8 @@ class _EncoderBlock(nn.Module):
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     y = nn.LayerNorm(epsilon=self.ln_eps, name="LayerNorm_0", **kw)(x)
-    y = _Attention(self.num_heads, self.attention, name="MultiHeadDotProductAttention_0", **kw)(y)
+    y = _Attention(self.num_heads, x.shape[1], self.attention,
+                   name="MultiHeadDotProductAttention_0", **kw)(y)
     if self.layer_scale:
       y = _LayerScale(self.param_dtype, name="LayerScale_0")(y)
     x = x + y
@@ -137,13 +145,15 @@ class _Encoder(nn.Module):
   depth: int
   block: dict[str, Any]
   ln_eps: float = 1e-6
-  remat: bool = False
+  remat: str = "none"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    block_cls = nn.remat(_EncoderBlock) if self.remat else _EncoderBlock
+    block_cls = _EncoderBlock
+    if self.remat != "none":
+      block_cls = nn.remat(_EncoderBlock, policy=_REMAT_POLICY[self.remat])
     for i in range(self.depth):
       x = block_cls(**self.block, ln_eps=self.ln_eps, dtype=self.dtype,
                     param_dtype=self.param_dtype, name=f"encoderblock_{i}")(x)
@@ -166,7 +176,9 @@ class ViT(nn.Module):
     ln_eps: LayerNorm epsilon (1e-6 Google and DINOv2, 1e-12 Hugging Face ViT).
     gelu_approximate: tanh GELU (Google files) instead of the exact erf GELU.
     attention: "xla" (runs everywhere) or "cudnn" (GPU flash attention, padded to 16 tokens).
-    remat: rematerialise each block in the backward pass.
+    remat: what the backward pass recomputes: "none"; "block" (each block from its input: least
+      memory); "dots" (keep the matmul outputs, recompute the element-wise work). True / False
+      mean "block" / "none".
     dtype: compute dtype; param_dtype: parameter dtype.
   """
   num_classes: int | None = None
@@ -183,7 +195,7 @@ class ViT(nn.Module):
   ln_eps: float = 1e-6
   gelu_approximate: bool = False
   attention: str = "xla"
-  remat: bool = False
+  remat: bool | str = "none"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -192,6 +204,9 @@ class ViT(nn.Module):
       raise ValueError(f"unknown pool {self.pool!r}; expected one of {POOLS}")
     if self.attention not in ATTENTIONS:
       raise ValueError(f"unknown attention {self.attention!r}; expected one of {ATTENTIONS}")
+    remat = {True: "block", False: "none"}.get(self.remat, self.remat)
+    if remat not in REMATS:
+      raise ValueError(f"unknown remat {self.remat!r}; expected one of {REMATS} or a bool")
     if "tok" in self.pool and not self.class_token:
       raise ValueError(f"pool={self.pool!r} needs class_token=True")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -204,7 +219,7 @@ class ViT(nn.Module):
         "pos_embedding", nn.initializers.normal(0.02), (1, tokens, d), self.param_dtype)
     block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, layer_scale=self.layer_scale,
                  gelu_approximate=self.gelu_approximate, attention=self.attention)
-    self.Transformer = _Encoder(self.depth, block, self.ln_eps, self.remat, **kw)
+    self.Transformer = _Encoder(self.depth, block, self.ln_eps, remat, **kw)
     if self.representation_size:
       self.pre_logits = nn.Dense(self.representation_size, **kw)
     if self.num_classes:

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One device call: this tree against an older version of hydra_jax (extracted into $OLD by
+#   git archive REV | tar -x -C .old), same shapes, same machine, then a kernel-time profile.
+#   OLD=.old bash benchmarks/gpu_ab.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_ab}; OLD=${OLD:-.old}; mkdir -p "$OUT" .jcache
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 JAX_COMPILATION_CACHE_DIR=$PWD/.jcache
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+B="-m hydra_jax.bench --model B/16 --batch 128 --attention cudnn --no_infer"
+t0=$SECONDS
+PYTHONPATH=$PWD timeout 260 python3 $B --adapters hydra,lora,hydralora,hydra_dropout \
+  > "$OUT/new.jsonl" 2> "$OUT/new.err"; echo "new: $((SECONDS - t0)) s"
+# the old bench has no --no_infer: call its bench_one directly
+(cd "$OLD" && PYTHONPATH=$PWD timeout 120 python3 -c "
+import argparse, json
+from hydra_jax import bench
+for a in ('hydra', 'hydralora'):
+  args = argparse.Namespace(model='B/16', batch=128, image_size=224, num_classes=100,
+      dtype='bfloat16', attention='cudnn', remat=False, steps=10, repeats=5, infer=False)
+  print(json.dumps(bench.bench_one(args, a)), flush=True)
+") > "$OUT/old.jsonl" 2> "$OUT/old.err"; echo "old: $((SECONDS - t0)) s"
+PYTHONPATH=$PWD timeout 120 python3 benchmarks/profile_step.py > "$OUT/profile.json" \
+  2> "$OUT/profile.err"; echo "profile: $((SECONDS - t0)) s"
+PYTHONPATH=$PWD timeout 100 python3 $B --adapters hydra --remat dots > "$OUT/remat.jsonl" \
+  2> "$OUT/remat.err"; echo "remat: $((SECONDS - t0)) s"
+tar czf "$OUT/autotune.tgz" -C .jcache xla_gpu_per_fusion_autotune_cache_dir 2>/dev/null
+ls -la "$OUT"; tail -n 3 "$OUT"/*.err
+python3 - "$OUT" <<'PY'
+import json, sys, pathlib
+for f in ("old", "new", "remat"):
+  for line in (pathlib.Path(sys.argv[1]) / f"{f}.jsonl").read_text().splitlines():
+    r = json.loads(line)
+    print(f, r.get("adapter"), r.get("remat"), round(r.get("img_per_s", 0)), round(r.get("step_ms", 0), 1),
+          round(r.get("peak_mem_gib") or 0, 2), r.get("error", ""))
+p = json.loads((pathlib.Path(sys.argv[1]) / "profile.json").read_text())
+print(round(p["device_ms_per_step"], 2), {k: round(v, 2) for k, v in p["by_kind_ms"].items()})
+for n, ms in p["top_kernels_ms"][:14]: print(f"  {ms:7.3f} {n[:90]}")
+PY

@@ -1,0 +1,75 @@
+"""The ViT's padded attention path (what cuDNN runs) and its rematerialisation policies."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hydra_jax import adapters as ad
+from hydra_jax.models import ViT, vit
+
+KW = dict(num_classes=5, patch_size=4, width=32, depth=2, mlp_dim=64, num_heads=2,
+          posemb_grid=(4, 4), pool="tok+gap")
+
+
+@pytest.fixture
+def padded_on_cpu(monkeypatch):
+  """attention="cudnn" pads 17 tokens to 32 and masks by length; here XLA runs that same path."""
+  monkeypatch.setitem(vit.IMPLEMENTATION, "cudnn", "xla")
+
+
+def _setup():
+  images = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
+  params = ViT(**KW).init(jax.random.key(1), images)["params"]
+  params["head"]["kernel"] = 0.1 * jax.random.normal(jax.random.key(2), (64, 5))
+  return images, params
+
+
+def _loss_and_grads(model, params, images):
+  loss = lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, images)))  # noqa: E731
+  return jax.value_and_grad(loss)(params)
+
+
+def test_padded_attention_equals_unpadded(padded_on_cpu):
+  images, params = _setup()
+  loss, grads = _loss_and_grads(ViT(**KW, attention="xla"), params, images)
+  loss_p, grads_p = _loss_and_grads(ViT(**KW, attention="cudnn"), params, images)
+  np.testing.assert_allclose(loss_p, loss, rtol=1e-5)
+  for (path, g), g_p in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_p),
+                            strict=True):
+    np.testing.assert_allclose(g_p, g, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_padded_rows_stay_out_of_router_statistics_and_records(padded_on_cpu):
+  images, params = _setup()
+  spec = ad.AdapterSpec("hydralora", balance_weight=0.1, top_k=1)
+  adapters = ad.init(spec, params, jax.random.key(3))
+  adapters = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(4), x.shape),
+                          adapters)
+  runs = [ad.apply_intercepted(ViT(**KW, attention=a), params, adapters, spec, images, record=True)
+          for a in ("xla", "cudnn")]
+  (out, aux), (out_p, aux_p) = runs
+  np.testing.assert_allclose(out_p, out, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(aux_p["balance_loss"], aux["balance_loss"], rtol=1e-6)
+  for name, w in aux["routing"].items():
+    assert aux_p["routing"][name].shape == w.shape == (3, 17, spec.num_heads)
+    np.testing.assert_allclose(aux_p["routing"][name], w, atol=1e-6)
+  for name, branches in aux["branches"].items():
+    for k, v in branches.items():
+      np.testing.assert_allclose(aux_p["branches"][name][k], v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["block", "dots", True])
+def test_remat_policies_give_the_same_gradients(remat):
+  images, params = _setup()
+  loss, grads = _loss_and_grads(ViT(**KW), params, images)
+  loss_r, grads_r = _loss_and_grads(ViT(**KW, remat=remat), params, images)
+  np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_r,
+               grads)
+
+
+def test_unknown_remat_is_named():
+  images, _ = _setup()
+  with pytest.raises(ValueError, match=r"unknown remat 'all'; expected one of \('none', "):
+    ViT(**KW, remat="all").init(jax.random.key(0), images)
