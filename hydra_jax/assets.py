@@ -92,9 +92,7 @@ def onnx_params(model_bytes: bytes) -> dict[str, np.ndarray]:
   flat = {"pos_embedding": _posemb(arrays, consumers)}
   for name, array in arrays.items():
     if name.startswith("backbone."):  # same names as a HF Dinov2Model, minus the matrices
-      path, value = hf.rename_key(name.removeprefix("backbone."), array, heads)
-      if path is not None:
-        flat[path] = value
+      flat.update(hf.rename_key(name.removeprefix("backbone."), array, heads))
   for node in graph.node:
     m = _MATMUL.fullmatch(node.name)
     if node.op_type == "MatMul" and m and m.group(2) in _MATMUL_MODULES:

@@ -30,6 +30,12 @@ def _matmuls(model: ViT, image_size: int) -> list[tuple[str, float]]:
     out += [(att + name, 2.0 * t * d * d) for name in ("query", "key", "value", "out")]
     out += [(att + "attention", 4.0 * t * t * d), (b + "MlpBlock_0/Dense_0", 2.0 * t * d * m),
             (b + "MlpBlock_0/Dense_1", 2.0 * t * m * d)]
+  if model.pool == "map":  # one probe token attends to all t tokens, then the head's MLP
+    att = "MAPHead_0/MultiHeadDotProductAttention_0/"
+    out += [(att + "query", 2.0 * d * d), (att + "key", 2.0 * t * d * d),
+            (att + "value", 2.0 * t * d * d), (att + "attention", 4.0 * t * d),
+            (att + "out", 2.0 * d * d), ("MAPHead_0/MlpBlock_0/Dense_0", 2.0 * d * m),
+            ("MAPHead_0/MlpBlock_0/Dense_1", 2.0 * m * d)]
   features = d * (2 if model.pool == "tok+gap" else 1)
   if model.representation_size:
     out.append(("pre_logits", 2.0 * features * model.representation_size))

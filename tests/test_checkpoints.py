@@ -1,6 +1,7 @@
 """Checkpoint loaders against independent references (Hugging Face torch models), strict checks,
 head / posemb options, the native round trip and the parameter-count table."""
 
+import copy
 import json
 import re
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import traverse_util
 from safetensors.numpy import load_file
 
 from hydra_jax import checkpoints
@@ -324,3 +326,79 @@ def test_published_param_counts(name):
   grid = 224 // int(name.split("/")[1])
   model = dict(variant(name), posemb_grid=(grid, grid))
   assert param_count(checkpoints.expected_shapes(model, 1000)) == PUBLISHED[name]
+
+
+# ------------------------------------------------------ SigLIP, half precision, no qkv bias
+
+
+def _siglip_vision_config():
+  return transformers.SiglipVisionConfig(intermediate_size=128, **TINY)
+
+
+@pytest.fixture(scope="module")
+def hf_siglip(tmp_path_factory):
+  model = _randomise(transformers.SiglipVisionModel(_siglip_vision_config()), seed=5)
+  return model, _save_hf(model, tmp_path_factory.mktemp("hf_siglip"))
+
+
+def test_hf_siglip_matches_torch(hf_siglip):
+  model, path = hf_siglip
+  pretrained = checkpoints.load(path)
+  assert pretrained.model["pool"] == "map" and not pretrained.model["class_token"]
+  assert pretrained.model["gelu_approximate"] and pretrained.model["ln_eps"] == 1e-6
+  images = _images(16)
+  ref = _torch(model, images)
+  assert _rel(_apply(pretrained, images, "encode"), ref.last_hidden_state) < 1e-5
+  # SigLIP's attention-pooling head (probe, packed in_proj, LayerNorm, MLP) is MAPHead_0
+  assert _rel(_apply(pretrained, images, "features"), ref.pooler_output) < 1e-5
+  with_head = checkpoints.load(path, num_classes=3)
+  assert checkpoints.build_model(with_head).apply({"params": with_head.params},
+                                                  images).shape == (2, 3)
+  gap = checkpoints.load(path, pool="gap")  # another pooling drops the MAP head
+  assert "MAPHead_0" not in gap.params
+  assert _rel(_apply(gap, images, "features"), ref.last_hidden_state.mean(1)) < 1e-5
+
+
+def test_two_tower_siglip_keeps_the_vision_tower(tmp_path):
+  text = transformers.SiglipTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, vocab_size=50)
+  config = transformers.SiglipConfig(text_config=text.to_dict(),
+                                     vision_config=_siglip_vision_config().to_dict())
+  model = _randomise(transformers.SiglipModel(config), seed=6)
+  pretrained = checkpoints.load(_save_hf(model, tmp_path))
+  images = _images(16)
+  with torch.no_grad():
+    ref = model.vision_model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+  assert _rel(_apply(pretrained, images, "features"), ref.pooler_output) < 1e-5
+
+
+def test_big_vision_two_tower_npz_with_map_head(hf_siglip, tmp_path):
+  """A big_vision SigLIP file: params/img/... (MAPHead_0 included) beside params/txt/..."""
+  model, path = hf_siglip
+  flat = {f"params/img/{k}": v for k, v in
+          traverse_util.flatten_dict(checkpoints.load(path).params, sep="/").items()}
+  flat.update({"params/txt/Encoder_0/encoder_norm/scale": np.ones(32, np.float32),
+               "params/t": np.ones(1, np.float32)})
+  np.savez(tmp_path / "siglip.npz", **flat)
+  pretrained = checkpoints.load(tmp_path / "siglip.npz")
+  assert pretrained.source.startswith("big_vision:") and pretrained.model["pool"] == "map"
+  images = _images(16)
+  assert _rel(_apply(pretrained, images, "features"), _torch(model, images).pooler_output) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_safetensors(hf_vit, tmp_path, dtype):
+  model, _ = hf_vit
+  half = copy.deepcopy(model).to(dtype)
+  pretrained = checkpoints.load(_save_hf(half, tmp_path))
+  images = _images(16)
+  ref = _torch(half.float(), images).last_hidden_state  # the same rounded weights, in float32
+  assert _rel(_apply(pretrained, images, "encode"), ref) < 1e-5
+
+
+def test_hf_vit_without_qkv_bias(tmp_path):
+  config = transformers.ViTConfig(intermediate_size=128, qkv_bias=False, **TINY)
+  model = _randomise(transformers.ViTModel(config, add_pooling_layer=False), seed=7)
+  pretrained = checkpoints.load(_save_hf(model, tmp_path))
+  images = _images(16)
+  assert _rel(_apply(pretrained, images, "encode"), _torch(model, images).last_hidden_state) < 1e-5

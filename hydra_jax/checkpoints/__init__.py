@@ -22,8 +22,8 @@ from hydra_jax.checkpoints.native import save
 FORMATS = (
     "hydra_jax safetensors (checkpoints.save)",
     "google-research/vision_transformer .npz",
-    "big_vision .npz",
-    "Hugging Face ViT/DINOv2 directory (config.json + *.safetensors)",
+    "big_vision .npz (also a two-tower SigLIP / LiT file's image tower)",
+    "Hugging Face ViT/DINOv2/SigLIP directory (config.json + *.safetensors)",
 )
 
 __all__ = ["FORMATS", "Pretrained", "build_model", "check_tree", "expected_shapes", "load",
@@ -53,14 +53,14 @@ def load(path, *, num_classes: int | None = None, reset_head: bool = False,
 
   Args:
     path: a native ``.safetensors`` file, a Google / big_vision ``.npz``, or a Hugging Face
-      ViT / DINOv2 directory (or its ``model.safetensors``).
+      ViT / DINOv2 / SigLIP directory (or its ``model.safetensors``).
     num_classes: give the params a zero-initialised (features, num_classes) head; the file's head
       is kept only if it already has that shape and ``reset_head`` is False.
     reset_head: discard the file's head (replaced by a zero head when ``num_classes`` is set).
     image_size: int or (H, W): resample pos_embedding to that patch grid once (bicubic) and
       record the new ``model["posemb_grid"]``.
-    pool: override the checkpoint's pooling ("tok", "gap", "tok+gap"); the head then follows
-      the new feature width.
+    pool: override the checkpoint's pooling ("tok", "gap", "tok+gap", "map"); the head then
+      follows the new feature width.
 
   Returns:
     ``Pretrained`` with float32 numpy params that exactly fit ``build_model(pretrained)``.

@@ -96,7 +96,8 @@ def infer_model(flat: Mapping[str, np.ndarray], source: str, **fields) -> dict:
       depth=len({k.split("/")[1] for k in flat if k.startswith("Transformer/encoderblock_")}),
       mlp_dim=get(f"{block}/MlpBlock_0/Dense_0/kernel")[1],
       num_heads=get(f"{block}/MultiHeadDotProductAttention_0/query/kernel")[1],
-      posemb_grid=(side, side), class_token=class_token, pool="tok" if class_token else "gap",
+      posemb_grid=(side, side), class_token=class_token,
+      pool="map" if "MAPHead_0/probe" in flat else "tok" if class_token else "gap",
       representation_size=None if pre_logits is None else pre_logits.shape[1],
       layer_scale=f"{block}/LayerScale_0/scale" in flat)
   model.update(fields)
@@ -146,8 +147,9 @@ def finalize(raw: Pretrained, *, num_classes=None, reset_head=False, image_size=
       kept only when its shape matches and ``reset_head`` is False).
     reset_head: drop the loaded head (and with ``num_classes`` replace it by a zero head).
     image_size: int or (H, W); resample pos_embedding to that patch grid once.
-    pool: pool the features another way than the checkpoint does ("tok", "gap", "tok+gap");
-      a head whose input width no longer fits is replaced by a zero head.
+    pool: pool the features another way than the checkpoint does ("tok", "gap", "tok+gap",
+      "map"); a head whose input width no longer fits is replaced by a zero head, and a MAP
+      head the new pooling does not use is dropped.
 
   Returns:
     A ``Pretrained`` with float32 numpy params that match ``build_model`` of it exactly.
@@ -157,6 +159,8 @@ def finalize(raw: Pretrained, *, num_classes=None, reset_head=False, image_size=
   model["posemb_grid"] = tuple(model["posemb_grid"])
   if pool is not None:
     model["pool"] = pool
+    if pool != "map":
+      params.pop("MAPHead_0", None)
   kept = None if reset_head else _head_classes(params)
   expected = expected_shapes(model, kept if num_classes is None else num_classes)
   params = _set_head(params, expected, num_classes, reset_head)

@@ -5,8 +5,9 @@ vision_transformer files use pre-Linen module numbering (``MultiHeadDotProductAt
 ``Transformer/posembed_input/pos_embedding`` with a row for the class token. big_vision files use
 Linen numbering, a top-level ``pos_embedding`` (1, N, D) added *before* the class token is
 concatenated (stored here with a zero class-token row: the same function), may have no ``cls``
-(pool "gap") and, when trained with ``scan=True``, stack the blocks on a leading depth axis
-under ``Transformer/encoderblock/``. Both use tanh GELU, LayerNorm eps 1e-6 and [-1, 1] inputs.
+(pool "gap"), may pool with a ``MAPHead_0`` (SigLIP; pool "map") and, when trained with
+``scan=True``, stack the blocks on a leading depth axis under ``Transformer/encoderblock/``.
+Both use tanh GELU, LayerNorm eps 1e-6 and [-1, 1] inputs.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ _GOOGLE_FIELDS = dict(ln_eps=1e-6, gelu_approximate=True)
 
 
 def read_npz(path) -> dict[str, np.ndarray]:
-  """All arrays of an npz file; a leading ``params/`` (big_vision train checkpoints) is dropped."""
+  """All arrays of an npz file; a leading ``params/`` (big_vision train checkpoints) is dropped,
+  and of a two-tower file (SigLIP, LiT: ``img/`` and ``txt/``) only the image tower is kept."""
   with np.load(path, allow_pickle=False) as f:
-    arrays = {k: f[k] for k in f.files}
-  return {k.removeprefix("params/"): v for k, v in arrays.items()}
+    arrays = {k.removeprefix("params/"): f[k] for k in f.files}
+  if any(k.startswith("img/") for k in arrays):
+    arrays = {k.removeprefix("img/"): v for k, v in arrays.items() if k.startswith("img/")}
+  return arrays
 
 
 def is_vision_transformer(arrays: Mapping) -> bool:

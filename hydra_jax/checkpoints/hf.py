@@ -1,11 +1,16 @@
-"""Hugging Face ViT and DINOv2 checkpoints (a ``save_pretrained`` directory of safetensors).
+"""Hugging Face ViT, DINOv2 and SigLIP checkpoints (a ``save_pretrained`` directory of safetensors).
 
 Keys follow the hub naming that ``save_pretrained`` writes (transformers 4 and 5 alike), with or
-without the ``vit.`` / ``dinov2.`` prefix of the task models. Torch linear weights are (out, in);
-q/k/v become (D, H, Dh) kernels and the attention output (H, Dh, D). ``pooler.dense`` (ViTModel's
-tanh layer on the class token, i.e. the original i21k ``pre_logits``) becomes ``pre_logits`` and
-``classifier`` becomes ``head``; a DINOv2 classifier over [cls, mean patch] means pool "tok+gap".
-DINOv2's ``mask_token`` is only used for masked pre-training and is dropped.
+without the ``vit.`` / ``dinov2.`` / ``vision_model.`` prefix of the task and two-tower models.
+Torch linear weights are (out, in); q/k/v become (D, H, Dh) kernels and the attention output
+(H, Dh, D). ``pooler.dense`` (ViTModel's tanh layer on the class token, i.e. the original i21k
+``pre_logits``) becomes ``pre_logits`` and ``classifier`` becomes ``head``; a DINOv2 classifier
+over [cls, mean patch] means pool "tok+gap". DINOv2's ``mask_token`` is only used for masked
+pre-training and is dropped. SigLIP (``siglip_vision_model``, or the vision tower of a ``siglip``
+model, whose text tower is dropped) has no class token; its attention-pooling head becomes
+``MAPHead_0`` (pool "map"), the packed ``in_proj`` of that head split into query / key / value.
+Files saved in bfloat16 or float16 load as float32; ``qkv_bias=False`` ViTs get zero q/k/v biases
+(the same function).
 """
 
 from __future__ import annotations
@@ -14,28 +19,37 @@ import json
 import pathlib
 import re
 
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import load_file
+from safetensors import safe_open
 
 from hydra_jax.checkpoints import common
 
-MODEL_TYPES = ("vit", "dinov2")
+MODEL_TYPES = ("vit", "dinov2", "siglip", "siglip_vision_model")
 _GELUS = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}
-_BLOCK = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)")
+_BLOCK = re.compile(r"encoder\.layers?\.(\d+)\.(.+)\.(weight|bias|lambda1)")
+_ATT = "MultiHeadDotProductAttention_0/"
 _BLOCK_MODULES = {
-    "attention.attention.query": "MultiHeadDotProductAttention_0/query",
-    "attention.attention.key": "MultiHeadDotProductAttention_0/key",
-    "attention.attention.value": "MultiHeadDotProductAttention_0/value",
-    "attention.output.dense": "MultiHeadDotProductAttention_0/out",
-    "layernorm_before": "LayerNorm_0", "norm1": "LayerNorm_0",
-    "layernorm_after": "LayerNorm_1", "norm2": "LayerNorm_1",
+    "attention.attention.query": _ATT + "query", "self_attn.q_proj": _ATT + "query",
+    "attention.attention.key": _ATT + "key", "self_attn.k_proj": _ATT + "key",
+    "attention.attention.value": _ATT + "value", "self_attn.v_proj": _ATT + "value",
+    "attention.output.dense": _ATT + "out", "self_attn.out_proj": _ATT + "out",
+    "layernorm_before": "LayerNorm_0", "norm1": "LayerNorm_0", "layer_norm1": "LayerNorm_0",
+    "layernorm_after": "LayerNorm_1", "norm2": "LayerNorm_1", "layer_norm2": "LayerNorm_1",
     "intermediate.dense": "MlpBlock_0/Dense_0", "mlp.fc1": "MlpBlock_0/Dense_0",
     "output.dense": "MlpBlock_0/Dense_1", "mlp.fc2": "MlpBlock_0/Dense_1",
     "layer_scale1": "LayerScale_0", "layer_scale2": "LayerScale_1",
 }
-_TOP = {"layernorm": "Transformer/encoder_norm", "pooler.dense": "pre_logits", "classifier": "head",
-        "embeddings.patch_embeddings.projection": "embedding"}
+_TOP = {"layernorm": "Transformer/encoder_norm", "post_layernorm": "Transformer/encoder_norm",
+        "pooler.dense": "pre_logits", "classifier": "head",
+        "embeddings.patch_embeddings.projection": "embedding",
+        "embeddings.patch_embedding": "embedding",
+        "head.attention.out_proj": "MAPHead_0/" + _ATT + "out",
+        "head.layernorm": "MAPHead_0/LayerNorm_0", "head.mlp.fc1": "MAPHead_0/MlpBlock_0/Dense_0",
+        "head.mlp.fc2": "MAPHead_0/MlpBlock_0/Dense_1"}
+_TEXT_TOWER = ("text_model.", "logit_scale", "logit_bias")  # two-tower SigLIP: not the ViT
+_PREFIX = re.compile(r"^(vit|dinov2|vision_model)\.")
 
 
 def hf_dir(path: pathlib.Path) -> pathlib.Path | None:
@@ -67,21 +81,29 @@ def _convert(name: str, leaf: str, value: np.ndarray, heads: int) -> tuple[str, 
   return f"{name}/kernel", kernel
 
 
-def rename_key(key: str, value: np.ndarray, heads: int) -> tuple[str | None, np.ndarray]:
-  """One HF tensor -> (flax path or None to drop it, converted array)."""
-  key = re.sub(r"^(vit|dinov2)\.", "", key)
+def rename_key(key: str, value: np.ndarray, heads: int) -> list[tuple[str, np.ndarray]]:
+  """One HF tensor -> its (flax path, converted array) pairs (none: dropped)."""
+  key = _PREFIX.sub("", key)
   if key == "embeddings.mask_token":
-    return None, value
+    return []
   if key in ("embeddings.cls_token", "embeddings.position_embeddings"):
-    return ("cls" if key.endswith("cls_token") else "pos_embedding"), value
+    return [("cls" if key.endswith("cls_token") else "pos_embedding", value)]
+  if key == "embeddings.position_embedding.weight":  # SigLIP: an nn.Embedding (N, D)
+    return [("pos_embedding", value[None])]
+  if key == "head.probe":
+    return [("MAPHead_0/probe", value)]
+  if key.startswith("head.attention.in_proj_"):  # torch MultiheadAttention packs q, k, v
+    leaf = key.rsplit("_", 1)[1]
+    return [_convert(f"MAPHead_0/{_ATT}{n}", leaf, part, heads)
+            for n, part in zip(("query", "key", "value"), np.split(value, 3), strict=True)]
   m = _BLOCK.fullmatch(key)
   if m and m.group(2) in _BLOCK_MODULES:
     name = f"Transformer/encoderblock_{m.group(1)}/{_BLOCK_MODULES[m.group(2)]}"
-    return _convert(name, m.group(3), value, heads)
+    return [_convert(name, m.group(3), value, heads)]
   module, _, leaf = key.rpartition(".")
   if module in _TOP:
-    return _convert(_TOP[module], leaf, value, heads)
-  return key, value  # unknown keys pass through so the strict check reports them
+    return [_convert(_TOP[module], leaf, value, heads)]
+  return [(key, value)]  # unknown keys pass through so the strict check reports them
 
 
 def _normalisation(root: pathlib.Path, model_type: str) -> tuple[tuple, tuple]:
@@ -96,20 +118,37 @@ def _normalisation(root: pathlib.Path, model_type: str) -> tuple[tuple, tuple]:
   return common.HALF, common.HALF  # ViTImageProcessor's default ([-1, 1])
 
 
+def _read(file: pathlib.Path) -> dict[str, np.ndarray]:
+  """The tensors of one .safetensors file; floating ones as float32 (bf16 / fp16 files too)."""
+  with safe_open(str(file), framework="flax") as f:  # the numpy reader has no bfloat16
+    arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+  return {k: np.asarray(v, np.float32 if jnp.issubdtype(v.dtype, jnp.floating) else v.dtype)
+          for k, v in arrays.items()}
+
+
 def load_hf(root: pathlib.Path) -> common.Pretrained:
-  """A HF ViT / DINOv2 directory -> ``Pretrained`` (not yet finalized)."""
+  """A HF ViT / DINOv2 / SigLIP directory -> ``Pretrained`` (not yet finalized)."""
   config = json.loads((root / "config.json").read_text())
-  model_type, act = config["model_type"], config.get("hidden_act", "gelu")
+  model_type = config["model_type"]
+  if model_type == "siglip":  # two towers: keep the vision one
+    config = dict(config.get("vision_config") or {}, model_type="siglip")
+  act = config.get("hidden_act", "gelu")
   if act not in _GELUS or config.get("use_swiglu_ffn", False):
     raise ValueError(f"{root}: unsupported MLP (hidden_act={act!r}, use_swiglu_ffn="
                      f"{config.get('use_swiglu_ffn', False)}); expected one of {tuple(_GELUS)}")
   heads = config["num_attention_heads"]
   flat = {}
   for file in sorted(root.glob("*.safetensors")):
-    for key, value in load_file(str(file)).items():
-      name, array = rename_key(key, value, heads)
-      if name is not None:
-        flat[name] = np.asarray(array, np.float32)
+    for key, value in _read(file).items():
+      if key.startswith(_TEXT_TOWER):
+        continue
+      flat.update(rename_key(key, value, heads))
+  if not config.get("qkv_bias", True):  # no q/k/v biases: zeros are the same function
+    width = flat["embedding/kernel"].shape[-1]
+    for name in [k for k in flat if k.endswith(f"/{_ATT}query/kernel")]:
+      for qkv in ("query", "key", "value"):
+        flat[name.replace("query/kernel", f"{qkv}/bias")] = np.zeros(
+            (heads, width // heads), np.float32)
   fields = dict(ln_eps=float(config.get("layer_norm_eps", 1e-12)), gelu_approximate=_GELUS[act])
   head = flat.get("head/kernel")
   if model_type == "dinov2" and head is not None and head.shape[0] == 2 * config["hidden_size"]:

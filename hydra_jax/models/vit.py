@@ -12,6 +12,7 @@ Param tree ('/'-paths)::
   Transformer/encoderblock_{i}/LayerNorm_1
   Transformer/encoderblock_{i}/MlpBlock_0/Dense_{0,1}
   Transformer/encoder_norm
+  MAPHead_0/{probe, MultiHeadDotProductAttention_0, LayerNorm_0, MlpBlock_0}   only with pool="map"
   pre_logits/{kernel,bias}                      only with representation_size (i21k files)
   head/{kernel,bias}                            only with num_classes
 
@@ -38,7 +39,7 @@ SIZES = {
     "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
 }
 PATCHES = (8, 14, 16, 32)
-POOLS = ("tok", "gap", "tok+gap")
+POOLS = ("tok", "gap", "tok+gap", "map")
 ATTENTIONS = ("xla", "cudnn")
 # ViT.attention -> jax.nn.dot_product_attention's implementation, and the token multiple it needs
 IMPLEMENTATION = {"xla": "xla", "cudnn": "cudnn"}
@@ -77,21 +78,23 @@ class _Attention(nn.Module):
   are real (``adapters.intercept`` cuts router statistics and recorded outputs to them).
   """
   num_heads: int
-  valid_tokens: int
+  valid_tokens: int | None = None
   attention: str = "xla"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, kv=None):
+    """Self-attention over x (B, T, D); with ``kv`` (B, S, D), x's tokens attend to kv's."""
     batch, tokens, width = x.shape  # tokens == valid_tokens (the block passes x.shape[1])
     padded = -(-tokens // PAD_MULTIPLE[self.attention]) * PAD_MULTIPLE[self.attention]
-    if padded != tokens:
+    if kv is None and padded != tokens:
       x = jnp.pad(x, ((0, 0), (0, padded - tokens), (0, 0)))
     head_dim = width // self.num_heads
     dense = lambda name: nn.DenseGeneral(  # noqa: E731
         (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)
+    kv = x if kv is None else kv
+    q, k, v = dense("query")(x), dense("key")(kv), dense("value")(kv)
     lengths = None if padded == tokens else jnp.full((batch,), tokens, jnp.int32)
     out = jax.nn.dot_product_attention(
         q, k, v, implementation=IMPLEMENTATION[self.attention], query_seq_lengths=lengths,
@@ -113,6 +116,28 @@ class _MlpBlock(nn.Module):
     y = nn.Dense(self.mlp_dim, name="Dense_0", **kw)(x)
     y = nn.gelu(y, approximate=self.gelu_approximate)
     return nn.Dense(x.shape[-1], name="Dense_1", **kw)(y)
+
+
+class _MAPHead(nn.Module):
+  """Multihead attention pooling (big_vision ``MAPHead``, SigLIP): a learned probe token attends
+  to every token, then a residual MLP; (B, T, D) -> (B, D)."""
+  num_heads: int
+  mlp_dim: int
+  ln_eps: float = 1e-6
+  gelu_approximate: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, x.shape[-1]),
+                       self.param_dtype)
+    probe = jnp.broadcast_to(probe.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+    y = _Attention(self.num_heads, name="MultiHeadDotProductAttention_0", **kw)(probe, kv=x)
+    z = nn.LayerNorm(epsilon=self.ln_eps, name="LayerNorm_0", **kw)(y)
+    y = y + _MlpBlock(self.mlp_dim, self.gelu_approximate, name="MlpBlock_0", **kw)(z)
+    return y[:, 0]
 
 
 class _EncoderBlock(nn.Module):
@@ -170,7 +195,8 @@ class ViT(nn.Module):
     posemb_grid: (gh, gw) patch grid of the stored position embedding; other input sizes are
       resampled bicubically on the fly (resample once at load time to save the work).
     class_token: prepend a learned ``cls`` token.
-    pool: "tok" (class token), "gap" (mean of patch tokens) or "tok+gap" (both, concatenated).
+    pool: "tok" (class token), "gap" (mean of patch tokens), "tok+gap" (both, concatenated) or
+      "map" (multihead attention pooling over all tokens, SigLIP's head: ``MAPHead_0``).
     representation_size: width of the tanh ``pre_logits`` layer of the original i21k files.
     layer_scale: DINOv2's per-channel scales on both residual branches.
     ln_eps: LayerNorm epsilon (1e-6 Google and DINOv2, 1e-12 Hugging Face ViT).
@@ -220,6 +246,9 @@ class ViT(nn.Module):
     block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, layer_scale=self.layer_scale,
                  gelu_approximate=self.gelu_approximate, attention=self.attention)
     self.Transformer = _Encoder(self.depth, block, self.ln_eps, remat, **kw)
+    if self.pool == "map":
+      self.MAPHead_0 = _MAPHead(self.num_heads, self.mlp_dim, self.ln_eps, self.gelu_approximate,
+                                **kw)
     if self.representation_size:
       self.pre_logits = nn.Dense(self.representation_size, **kw)
     if self.num_classes:
@@ -246,7 +275,8 @@ class ViT(nn.Module):
     x = self.encode(images)
     patches = x[:, int(self.class_token):]
     pooled = {"tok": lambda: x[:, 0], "gap": lambda: patches.mean(axis=1),
-              "tok+gap": lambda: jnp.concatenate([x[:, 0], patches.mean(axis=1)], -1)}
+              "tok+gap": lambda: jnp.concatenate([x[:, 0], patches.mean(axis=1)], -1),
+              "map": lambda: self.MAPHead_0(x)}
     x = pooled[self.pool]()
     if self.representation_size:
       x = jnp.tanh(self.pre_logits(x))
