@@ -19,8 +19,11 @@ for a in ('hydra', 'hydralora'):
       dtype='bfloat16', attention='cudnn', remat=False, steps=10, repeats=5, infer=False)
   print(json.dumps(bench.bench_one(args, a)), flush=True)
 ") > "$OUT/old.jsonl" 2> "$OUT/old.err"; echo "old: $((SECONDS - t0)) s"
-PYTHONPATH=$PWD timeout 120 python3 benchmarks/profile_step.py > "$OUT/profile.json" \
-  2> "$OUT/profile.err"; echo "profile: $((SECONDS - t0)) s"
+# the optimised HLO of the profiled step comes back too: it names what each fusion computes
+PYTHONPATH=$PWD XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text" timeout 120 \
+  python3 benchmarks/profile_step.py > "$OUT/profile.json" 2> "$OUT/profile.err"
+echo "profile: $((SECONDS - t0)) s"
+(cd /tmp/hlo && tar czf "$OUT/hlo.tgz" $(ls | grep -E 'train_step.*after_optimizations.txt$'))
 PYTHONPATH=$PWD timeout 100 python3 $B --adapters hydra --remat dots > "$OUT/remat.jsonl" \
   2> "$OUT/remat.err"; echo "remat: $((SECONDS - t0)) s"
 tar czf "$OUT/autotune.tgz" -C .jcache xla_gpu_per_fusion_autotune_cache_dir 2>/dev/null

@@ -28,7 +28,7 @@ from flax import traverse_util
 from hydra_jax import adapters, flops, optim, train_lib
 from hydra_jax.build import DTYPES
 from hydra_jax.models import ViT, variant
-from hydra_jax.models.vit import REMATS
+from hydra_jax.models.vit import ATTENTIONS, REMATS, resolve_attention
 
 # adapter name -> (AdapterSpec fields or None, params that train besides adapters)
 ADAPTERS = {
@@ -129,7 +129,8 @@ def bench_one(args, name: str) -> dict:
 
   step_s = _timed(one_step, steps=args.steps, repeats=args.repeats)
   result = dict(framework="jax", model=args.model, adapter=name, batch=args.batch,
-                image_size=args.image_size, dtype=args.dtype, attention=args.attention,
+                image_size=args.image_size, dtype=args.dtype,
+                attention=resolve_attention(args.attention, DTYPES[args.dtype]),
                 remat=args.remat, gelu_approximate=getattr(args, "gelu_approximate", False),
                 img_per_s=args.batch / step_s, step_ms=step_s * 1e3,
                 tflops=step_flops / step_s / 1e12, gflop_per_img=step_flops / args.batch / 1e9,
@@ -165,7 +166,8 @@ def main(argv=None):
   p.add_argument("--adapters", default="hydra,lora,hydralora,full",
                  help=f"comma-separated, of {sorted(ADAPTERS)}")
   p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-  p.add_argument("--attention", default="xla", choices=("xla", "cudnn"))
+  p.add_argument("--attention", default="auto", choices=ATTENTIONS,
+                 help="auto: cuDNN flash attention on a GPU with bf16/fp16, else XLA's")
   p.add_argument("--remat", default="none", choices=REMATS,
                  help="none; block (recompute each block); dots (keep matmul outputs)")
   p.add_argument("--gelu_approximate", action="store_true",

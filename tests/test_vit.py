@@ -73,3 +73,12 @@ def test_unknown_remat_is_named():
   images, _ = _setup()
   with pytest.raises(ValueError, match=r"unknown remat 'all'; expected one of \('none', "):
     ViT(**KW, remat="all").init(jax.random.key(0), images)
+
+
+def test_auto_attention_picks_cudnn_only_on_gpus_with_half_precision(monkeypatch):
+  assert vit.resolve_attention("auto", jnp.bfloat16) == "xla"  # this CPU
+  assert vit.resolve_attention("cudnn", jnp.float32) == "cudnn"  # explicit choices pass through
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert vit.resolve_attention("auto", jnp.bfloat16) == "cudnn"
+  assert vit.resolve_attention("auto", jnp.float16) == "cudnn"
+  assert vit.resolve_attention("auto", jnp.float32) == "xla"  # cuDNN's kernel takes bf16/fp16

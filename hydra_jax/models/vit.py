@@ -40,12 +40,21 @@ SIZES = {
 }
 PATCHES = (8, 14, 16, 32)
 POOLS = ("tok", "gap", "tok+gap", "map")
-ATTENTIONS = ("xla", "cudnn")
+ATTENTIONS = ("auto", "xla", "cudnn")
 # ViT.attention -> jax.nn.dot_product_attention's implementation, and the token multiple it needs
 IMPLEMENTATION = {"xla": "xla", "cudnn": "cudnn"}
 PAD_MULTIPLE = {"xla": 1, "cudnn": 16}
 REMATS = ("none", "block", "dots")
 _REMAT_POLICY = {"block": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def resolve_attention(attention: str, dtype: Any) -> str:
+  """"auto" -> "cudnn" on a GPU backend with bf16/fp16 compute (what cuDNN's flash attention
+  takes), else "xla"; other values pass through."""
+  if attention != "auto":
+    return attention
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
 
 
 def variant(name: str) -> dict[str, Any]:
@@ -201,7 +210,8 @@ class ViT(nn.Module):
     layer_scale: DINOv2's per-channel scales on both residual branches.
     ln_eps: LayerNorm epsilon (1e-6 Google and DINOv2, 1e-12 Hugging Face ViT).
     gelu_approximate: tanh GELU (Google files) instead of the exact erf GELU.
-    attention: "xla" (runs everywhere) or "cudnn" (GPU flash attention, padded to 16 tokens).
+    attention: "xla" (runs everywhere), "cudnn" (GPU flash attention, padded to 16 tokens; bf16
+      or fp16 compute) or "auto" (cudnn where it runs, else xla).
     remat: what the backward pass recomputes: "none"; "block" (each block from its input: least
       memory); "dots" (keep the matmul outputs, recompute the element-wise work). True / False
       mean "block" / "none".
@@ -220,7 +230,7 @@ class ViT(nn.Module):
   layer_scale: bool = False
   ln_eps: float = 1e-6
   gelu_approximate: bool = False
-  attention: str = "xla"
+  attention: str = "auto"
   remat: bool | str = "none"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -244,7 +254,8 @@ class ViT(nn.Module):
     self.pos_embedding = self.param(
         "pos_embedding", nn.initializers.normal(0.02), (1, tokens, d), self.param_dtype)
     block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, layer_scale=self.layer_scale,
-                 gelu_approximate=self.gelu_approximate, attention=self.attention)
+                 gelu_approximate=self.gelu_approximate,
+                 attention=resolve_attention(self.attention, self.dtype))
     self.Transformer = _Encoder(self.depth, block, self.ln_eps, remat, **kw)
     if self.pool == "map":
       self.MAPHead_0 = _MAPHead(self.num_heads, self.mlp_dim, self.ln_eps, self.gelu_approximate,
