@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.image_size = 112  # input resolution; position embeddings are resampled once at load
   c.model.pool = "tok+gap"  # class token and mean patch token, concatenated (DINOv2 probe style)
   c.model.dtype = "float32"  # compute dtype ("bfloat16" on GPU/TPU); params stay float32
-  c.model.attention = "xla"  # "cudnn" for flash attention on NVIDIA GPUs
+  c.model.attention = "auto"  # cuDNN flash attention on GPUs with bf16 compute, else "xla"
   c.model.remat = "none"  # "block": recompute blocks (least memory); "dots": keep matmul outputs
 
   # Hydra on every block's attention out projection and MLP Dense_1, rank 2 + 2 (the paper's).
@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.val_split = "train[54000:54200]"  # ... + 200 validation, carved at 90% of train
   c.data.test_split = "test"
   c.data.label_key = "label"  # the tfds feature holding the class
+  c.data.vtab_task = placeholder(str)  # a data.VTAB1K task: its label function and class count
   c.data.num_classes = 10
   c.data.val_limit = placeholder(int)  # evaluate all 200 validation images
   c.data.test_limit = 2000  # first 2,000 of 10,000 test images: ~1 min on 2 CPU cores

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from hydra_jax import assets, checkpoints
+from hydra_jax import assets, checkpoints, data
 from hydra_jax.models import ViT, variant
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -14,6 +14,25 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def data_dir(configured: str | None) -> str:
   """The tfds data directory: the configured one, else <cache>/tensorflow_datasets."""
   return str(configured) if configured else str(assets.cache_root() / "tensorflow_datasets")
+
+
+def open_source(data_config, split: str):
+  """The source of ``split`` that ``data_config`` (a config's ``data``) describes.
+
+  ``data_config.vtab_task`` (set by configs/vtab1k.py) names a ``data.VTAB1K`` task: its label
+  function, image function and class count then come from that table (``data.source_options``);
+  otherwise the label is the ClassLabel feature ``data_config.label_key``.
+  """
+  cfg = data_config
+  options = {}
+  if cfg.get("vtab_task"):
+    options = data.source_options(cfg.vtab_task)
+    expected = data.TASKS[cfg.vtab_task]["tfds_name"]
+    if cfg.name != expected:
+      raise ValueError(f"data.vtab_task {cfg.vtab_task!r} reads tfds {expected!r}, but data.name "
+                       f"is {cfg.name!r}")
+  return data.get_source(cfg.name, split, data_dir=data_dir(cfg.get("data_dir")),
+                         label_key=cfg.get("label_key") or "label", **options)
 
 
 def _dtype(name: str):

@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 
 from hydra_jax import adapters as adapters_lib
 from hydra_jax import checkpointing, data, export, metrics, optim, parallel, train_lib
-from hydra_jax.build import build_model, data_dir
+from hydra_jax.build import build_model, data_dir, open_source
 
 # Merged vs factored logits: float32 agrees to rounding; bfloat16 rounds the two paths apart.
 _MERGE_RTOL = {"float32": 1e-4, "bfloat16": 3e-2}
@@ -53,9 +53,8 @@ def _sources(config):
     if jax.process_index() == 0:  # one writer; the others wait for it
       data.prepare_fashion_mnist(data_dir(cfg.data_dir))
     multihost_utils.sync_global_devices("hydra_jax: data prepared")
-  get = functools.partial(data.get_source, cfg.name, data_dir=data_dir(cfg.data_dir),
-                          label_key=cfg.get("label_key") or "label")
-  return get(cfg.train_split), get(cfg.val_split), get(cfg.test_split)
+  return tuple(open_source(cfg, split) for split in (cfg.train_split, cfg.val_split,
+                                                      cfg.test_split))
 
 
 class _Runner:

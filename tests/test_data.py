@@ -7,6 +7,7 @@ import struct
 import numpy as np
 import PIL.Image
 import pytest
+import tensorflow_datasets as tfds
 
 from hydra_jax import data
 
@@ -124,18 +125,223 @@ def test_real_fashion_mnist_first_examples(tmp_path):
     assert source[i]["label"] == labels[i]
 
 
+# --- VTAB-1k: the table and the label functions ------------------------------------------
+
+# (train800val200, test) written out by hand from task_adaptation/data/*.py at ed9b417: the
+# reference's percentages of the tfds train sizes, as absolute example counts.
+VTAB_SPLITS = {
+    "cifar100": ("train[:800]+train[45000:45200]", "test"),  # 90% of 50,000
+    "caltech101": ("train[:800]+train[2754:2954]", "test"),  # 90% of 3,060
+    "pets": ("train[:800]+train[2944:3144]", "test"),  # 80% of 3,680
+    "svhn": ("train[:800]+train[65931:66131]", "test"),  # 90% of 73,257
+    "eurosat": ("train[:800]+train[16200:16400]", "train[21600:]"),  # 60%, 60+20% of 27,000
+    "resisc45": ("train[:800]+train[18900:19100]", "train[25200:]"),  # 60%, 60+20% of 31,500
+    "clevr_count": ("train[:800]+train[63000:63200]", "validation"),  # 90% of 70,000
+    "clevr_dist": ("train[:800]+train[63000:63200]", "validation"),
+    "dsprites_loc": ("train[:800]+train[589824:590024]", "train[663552:]"),  # 80%, 80+10%
+    "dsprites_ori": ("train[:800]+train[589824:590024]", "train[663552:]"),  # of 737,280
+    "smallnorb_azi": ("train[:800]+test[:200]", "test[50%:]"),
+    "smallnorb_ele": ("train[:800]+test[:200]", "test[50%:]"),
+    **{task: ("train[:800]+validation[:200]", "test")
+       for task in ("dtd", "flowers102", "sun397", "camelyon", "retinopathy", "dmlab",
+                    "kitti_dist")},
+}
+VTAB_CLASSES = {
+    "cifar100": 100, "caltech101": 102, "dtd": 47, "flowers102": 102, "pets": 37, "svhn": 10,
+    "sun397": 397, "camelyon": 2, "eurosat": 10, "resisc45": 45, "retinopathy": 5,
+    "clevr_count": 8, "clevr_dist": 6, "dmlab": 6, "kitti_dist": 4, "dsprites_loc": 16,
+    "dsprites_ori": 16, "smallnorb_azi": 18, "smallnorb_ele": 9,
+}
+COMPUTED = ("clevr_count", "clevr_dist", "kitti_dist", "dsprites_loc", "dsprites_ori")
+
+
+def _label(task, record):
+  return data.VTAB1K[task]["label_fn"](record)
+
+
 def test_vtab_table():
-  assert len(data.VTAB1K) == 19
-  for task in data.VTAB1K.values():
-    assert {"tfds_name", "train_split", "test_split", "num_classes"} <= task.keys()
-    assert task["train_split"].startswith("train[:800]+")
-  assert data.VTAB1K["cifar100"]["train_split"] == "train[:800]+train[45000:45200]"
-  assert data.VTAB1K["dtd"]["train_split"] == "train[:800]+validation[:200]"
-  assert data.VTAB1K["dtd"]["val_split"] == "validation[:200]"
+  assert set(data.VTAB1K) == set(VTAB_SPLITS) == set(VTAB_CLASSES)
+  for name, task in data.VTAB1K.items():
+    train, test = VTAB_SPLITS[name]
+    assert (task["train_split"], task["test_split"]) == (train, test), name
+    assert task["val_split"] == train.split("+")[1]
+    assert task["num_classes"] == VTAB_CLASSES[name], name
+    assert (task["label_fn"] is not None) == (name in COMPUTED) == (task["label"] is None), name
+  assert data.VTAB1K["smallnorb_azi"]["label"] == "label_azimuth"
   assert data.VTAB1K["smallnorb_ele"]["label"] == "label_elevation"
-  assert data.VTAB1K["eurosat"]["train_split"] == "train[:800]+train[16200:16400]"
+  assert data.VTAB1K["dmlab"]["label"] == "label"
+  assert data.VTAB1K["sun397"]["tfds_name"] == "sun397/tfds"
+  assert data.VTAB1K["eurosat"]["tfds_name"] == "eurosat/rgb"
+  assert [t for t, v in data.VTAB1K.items() if v["image_fn"]] == ["dsprites_loc", "dsprites_ori"]
   assert data.FASHION_MNIST_1K["train_split"] == "train[:800]+train[54000:54200]"
   assert data.TASKS["fashion_mnist"]["tfds_name"] == "fashion_mnist_offline"
+  with pytest.raises(ValueError, match="unknown VTAB-1k task 'clevr'"):
+    data.source_options("clevr")
+
+
+@pytest.mark.parametrize("stacked", [False, True])  # without / with TensorFlow, see vtab.py
+def test_clevr_labels(stacked):
+  def record(depths):
+    coords = [np.float32([1.0, 2.0, d]) for d in depths]
+    sizes = [np.int64(1)] * len(depths)
+    if stacked:
+      coords, sizes = np.reshape(coords, (-1, 3)).astype(np.float32), np.asarray(sizes)
+    return {"objects": {"pixel_coords": coords, "size": sizes}}
+
+  assert [_label("clevr_count", record([20.0] * n)) for n in (3, 5, 10)] == [0, 2, 7]
+  up = lambda x: float(np.nextafter(np.float32(x), np.float32(1e3)))  # noqa: E731
+  # The closest (smallest) depth decides; a bin is (lower, upper], 0 for (0, 8], 5 for (10, 100].
+  cases = {0.1: 0, 8.0: 0, up(8.0): 1, 8.5: 1, up(8.5): 2, 9.0: 2, up(9.0): 3, 9.5: 3,
+           up(9.5): 4, 10.0: 4, up(10.0): 5, 100.0: 5, up(100.0): 6}  # > 100: out of the 6
+  for depth, label in cases.items():
+    assert _label("clevr_dist", record([depth + 40.0, depth, depth + 1.0])) == label, depth
+  with pytest.raises(ValueError, match="clevr closest depth 0.0 is not above"):
+    _label("clevr_dist", record([0.0, 9.0]))
+  with pytest.raises(ValueError, match="clevr record has no objects"):
+    _label("clevr_dist", record([]))
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_kitti_closest_vehicle_labels(stacked):
+  def record(*objects):  # (type, z): 0 Car, 1 Van, 2 Truck, 3 Pedestrian, 5 Cyclist, 6 Tram
+    types = [np.int64(t) for t, _ in objects]
+    locations = [np.float32([1.0, 1.5, z]) for _, z in objects]
+    if stacked:
+      types, locations = np.asarray(types), np.reshape(locations, (-1, 3)).astype(np.float32)
+    return {"objects": {"type": types, "location": locations}}
+
+  up = lambda x: float(np.nextafter(np.float32(x), np.float32(1e4)))  # noqa: E731
+  assert _label("kitti_dist", record()) == 3  # no object at all: "no vehicle"
+  assert _label("kitti_dist", record((3, 2.0), (5, 4.0), (6, 1.0), (7, 1.0))) == 3
+  cases = {1.0: 0, 8.0: 0, up(8.0): 1, 20.0: 1, up(20.0): 2, 999.0: 2, up(999.0): 3}
+  for z, label in cases.items():  # a bin is (lower, upper]; z > 999 reads as "no vehicle"
+    assert _label("kitti_dist", record((0, z))) == label, z
+  assert _label("kitti_dist", record((1, 30.0), (2, 1.0))) == 0  # the nearest vehicle decides
+  assert _label("kitti_dist", record((3, 1.0), (0, 30.0), (6, 2.0))) == 2  # others ignored
+  # The reference's own test cases (kitti_test.py, test_closest_vehicle).
+  assert [_label("kitti_dist", record(*objs)) for objs in
+          ([(0, 1.0)], [(0, 10.0)], [(0, 30.0)], [(4, 30.0)], [(0, 30.0), (1, 1.0)])] == [
+              0, 1, 2, 3, 0]
+
+
+def test_dsprites_labels_and_images():
+  loc = [_label("dsprites_loc", {"label_x_position": np.int64(x)}) for x in range(32)]
+  assert loc == [x // 2 for x in range(32)] and loc[31] == 15
+  ori = [_label("dsprites_ori", {"label_orientation": np.int64(o)}) for o in range(40)]
+  assert ori[:6] == [0, 0, 0, 1, 1, 2] and ori[36:] == [14, 14, 15, 15]  # floor(o / 2.5)
+  assert ori == [o * 16 // 40 for o in range(40)]
+  assert sorted(set(np.bincount(ori))) == [2, 3]  # 40 values in 16 bins of 2 or 3
+  image_fn = data.VTAB1K["dsprites_loc"]["image_fn"]
+  mask = np.array([[[0], [1]], [[1], [0]]], np.uint8)
+  out = image_fn(mask)
+  assert out.dtype == np.uint8
+  np.testing.assert_array_equal(out, mask * 255)
+  with pytest.raises(ValueError, match="expected a dsprites mask of 0s and 1s, got values up "
+                                       "to 255"):
+    image_fn(out)
+
+
+class VtabToyScenes(tfds.core.GeneratorBasedBuilder):
+  """Three records with clevr's, kitti's and dsprites' label features (structure as tfds')."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  # (clevr depths, kitti (type, z) per object, dsprites x position, orientation, image value)
+  SCENES = (([9.2, 8.7, 12.0, 30.0, 50.0], [(0, 30.0), (3, 5.0), (1, 15.0), (6, 1.0), (7, 2.0)],
+             31, 39),
+            ([10.5, 11.0, 12.0], [(3, 2.0), (5, 3.0), (4, 1.0)], 2, 4),
+            ([7.9] + [20.0] * 9, [(2, 5.0)] + [(3, 1.0)] * 9, 0, 0))
+  LABELS = {"clevr_count": [2, 0, 7], "clevr_dist": [2, 5, 0], "kitti_dist": [1, 3, 0],
+            "dsprites_loc": [15, 1, 0], "dsprites_ori": [15, 1, 0]}
+
+  def _info(self):
+    # DatasetInfo itself: dataset_info_from_configs looks for metadata in the module's package.
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(4, 4, 1)),
+        "objects": tfds.features.Sequence({
+            "size": tfds.features.ClassLabel(num_classes=2),
+            "pixel_coords": tfds.features.Tensor(shape=(3,), dtype=np.float32),
+            "type": tfds.features.ClassLabel(num_classes=8),
+            "location": tfds.features.Tensor(shape=(3,), dtype=np.float32),
+        }),
+        "label_x_position": tfds.features.ClassLabel(num_classes=32),
+        "label_orientation": tfds.features.ClassLabel(num_classes=40),
+    }), disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i, (depths, kitti, x, orientation) in enumerate(self.SCENES):
+      objects = [{"size": 1, "pixel_coords": [1.0, 2.0, d], "type": t, "location": [0.0, 1.0, z]}
+                 for d, (t, z) in zip(depths, kitti, strict=True)]
+      image = PIL.Image.fromarray(np.eye(4, dtype=np.uint8) * (i % 2))  # a 0/1 mask
+      yield i, {"image": image, "objects": objects, "label_x_position": x,
+                "label_orientation": orientation}
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("toy")
+  VtabToyScenes(data_dir=str(out), file_format="array_record").download_and_prepare(
+      file_format="array_record")
+  return str(out)
+
+
+def test_tfds_source_with_label_fn(toy_dir):
+  for task, labels in VtabToyScenes.LABELS.items():
+    info = data.VTAB1K[task]
+    source = data.get_source("vtab_toy_scenes", "train", data_dir=toy_dir,
+                             label_fn=info["label_fn"], num_classes=info["num_classes"])
+    assert source.num_classes == info["num_classes"] and len(source) == 3
+    assert [source[i]["label"] for i in range(3)] == labels, task
+  source = data.get_source("vtab_toy_scenes", "train[1:2]", data_dir=toy_dir,
+                           label_key="label_x_position")  # a ClassLabel still works as is
+  assert source.num_classes == 32 and source[0]["label"] == 2
+  with pytest.raises(ValueError, match="needs num_classes"):
+    data.get_source("vtab_toy_scenes", "train", data_dir=toy_dir, label_fn=_label)
+  with pytest.raises(ValueError, match=r"no ClassLabel feature 'objects'.*needs label_fn"):
+    data.get_source("vtab_toy_scenes", "train", data_dir=toy_dir, label_key="objects")
+  with pytest.raises(ValueError, match=r"'label_orientation' has 40 classes, expected "
+                                       r"num_classes=16"):
+    data.get_source("vtab_toy_scenes", "train", data_dir=toy_dir, label_key="label_orientation",
+                    num_classes=16)
+  with pytest.raises(ValueError, match="folder sources label by folder name"):
+    data.get_source(f"folder:{toy_dir}", label_fn=_label, num_classes=2)
+
+
+def test_open_source_reads_a_vtab_task(toy_dir, monkeypatch):
+  """build.open_source on configs/vtab1k.py's data config, tfds redirected to the toy records."""
+  from configs import vtab1k
+  from hydra_jax import build
+  from hydra_jax.data import sources
+
+  read = tfds.data_source
+  opened = []
+
+  def data_source(name, **kwargs):
+    opened.append((name, kwargs["split"]))
+    return read("vtab_toy_scenes", **{**kwargs, "split": "train"})
+
+  monkeypatch.setattr(sources, "_check_prepared", lambda name, data_dir: None)
+  monkeypatch.setattr(sources.tfds, "data_source", data_source)
+  for task in ("clevr_count", "dsprites_ori"):
+    cfg = vtab1k.get_config(task).data
+    cfg.data_dir = toy_dir
+    assert cfg.vtab_task == task and cfg.label_key is None
+    source = build.open_source(cfg, cfg.train_split)
+    assert [source[i]["label"] for i in range(3)] == VtabToyScenes.LABELS[task]
+    assert source.num_classes == data.VTAB1K[task]["num_classes"]
+    scale = 255 if task.startswith("dsprites") else 1  # dsprites masks become 0/255
+    np.testing.assert_array_equal(source[1]["image"][..., 0], np.eye(4, dtype=np.uint8) * scale)
+  assert opened == [("clevr", "train[:800]+train[63000:63200]"),
+                    ("dsprites", "train[:800]+train[589824:590024]")]
+  cfg = vtab1k.get_config("smallnorb_azi").data
+  assert (cfg.vtab_task, cfg.label_key) == ("smallnorb_azi", "label_azimuth")
+  cfg.name = "smallnorb_v2"
+  with pytest.raises(ValueError, match="'smallnorb_azi' reads tfds 'smallnorb', but data.name "
+                                       "is 'smallnorb_v2'"):
+    build.open_source(cfg, cfg.test_split)
 
 
 def test_folder_source(tmp_path):

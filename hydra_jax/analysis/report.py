@@ -23,7 +23,7 @@ from hydra_jax import data, export, optim
 from hydra_jax.adapters import transform
 from hydra_jax.adapters.spec import AdapterSpec
 from hydra_jax.analysis import activations, markdown, plots, weights
-from hydra_jax.build import build_model, data_dir
+from hydra_jax.build import build_model, open_source
 
 _LOG = logging.getLogger(__name__)
 _CHECK_LEAF = "embedding/kernel"  # a backbone leaf no adapter changes
@@ -77,8 +77,7 @@ def _check_backbone(merged: pathlib.Path, params) -> None:
 def eval_data(run: Run, num_examples: int) -> list[dict[str, np.ndarray]]:
   """The first ``num_examples`` test images as padded batches (held in memory, reused)."""
   cfg = run.config.data
-  source = data.get_source(cfg.name, cfg.test_split, data_dir=data_dir(cfg.get("data_dir")),
-                           label_key=cfg.get("label_key") or "label")
+  source = open_source(cfg, cfg.test_split)
   return list(data.eval_batches(source, batch_size=min(cfg.eval_batch_size, num_examples),
                                 image_size=run.config.model.image_size, mean=run.pre.mean,
                                 std=run.pre.std, num_classes=cfg.num_classes, limit=num_examples))

@@ -6,6 +6,8 @@ Every source maps an index to {"image": uint8 (H, W, C), "label": int} and knows
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -15,6 +17,8 @@ from hydra_jax.data import fashion_mnist
 
 FOLDER_PREFIX = "folder:"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+LabelFn = Callable[[Mapping[str, Any]], int]  # a tfds record (numpy values) -> its class
+ImageFn = Callable[[np.ndarray], np.ndarray]  # uint8 (H, W, C) -> uint8 (H, W, C)
 
 
 def to_hwc_uint8(image) -> np.ndarray:
@@ -32,28 +36,52 @@ def to_hwc_uint8(image) -> np.ndarray:
 
 
 class TfdsSource:
-  """A prepared tfds dataset split, read with `tfds.data_source` (array_record, numpy)."""
+  """A prepared tfds dataset split, read with `tfds.data_source` (array_record, numpy).
+
+  The label is the ClassLabel feature `label_key`, or, where `label_fn` is given, computed from
+  the whole record (the VTAB-1k structured tasks, see `vtab.VTAB1K[task]["label_fn"]`); then
+  `num_classes` must be given too. `image_fn` maps the decoded uint8 (H, W, C) image.
+  """
 
   def __init__(self, name: str, split: str, *, data_dir: str | None = None,
-               label_key: str = "label"):
+               label_key: str = "label", label_fn: LabelFn | None = None,
+               num_classes: int | None = None, image_fn: ImageFn | None = None):
+    if label_fn is not None and num_classes is None:
+      raise ValueError(f"{name!r}: a computed label (label_fn) needs num_classes, the number of "
+                       "classes label_fn maps to")
     _check_prepared(name, data_dir)
     self.name, self.split, self.label_key = name, split, label_key
+    self.label_fn, self.image_fn = label_fn, image_fn
     self._ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    features = self._ds.dataset_info.features
-    if label_key not in features or not hasattr(features[label_key], "num_classes"):
-      raise ValueError(f"{name!r} has no ClassLabel feature {label_key!r}; its features are "
-                       f"{list(features.keys())}")
-    self.num_classes = int(features[label_key].num_classes)
+    self.num_classes = num_classes if label_fn is not None else _class_label_size(
+        name, self._ds.dataset_info.features, label_key, num_classes)
 
   def __len__(self) -> int:
     return len(self._ds)
 
   def __getitem__(self, index: int) -> dict:
     record = self._ds[int(index)]
-    return {"image": to_hwc_uint8(record["image"]), "label": int(record[self.label_key])}
+    image = to_hwc_uint8(record["image"])
+    if self.image_fn is not None:
+      image = self.image_fn(image)
+    label = record[self.label_key] if self.label_fn is None else self.label_fn(record)
+    return {"image": image, "label": int(label)}
 
   def __repr__(self) -> str:
     return f"TfdsSource({self.name!r}, split={self.split!r}, n={len(self)})"
+
+
+def _class_label_size(name: str, features, label_key: str, num_classes: int | None) -> int:
+  """The number of classes of ClassLabel `label_key`, checked against `num_classes` if given."""
+  if label_key not in features or not hasattr(features[label_key], "num_classes"):
+    raise ValueError(f"{name!r} has no ClassLabel feature {label_key!r}; its features are "
+                     f"{list(features.keys())}; a label computed from other features needs "
+                     "label_fn (see hydra_jax.data.VTAB1K[task]['label_fn'])")
+  size = int(features[label_key].num_classes)
+  if num_classes is not None and num_classes != size:
+    raise ValueError(f"{name!r}: ClassLabel {label_key!r} has {size} classes, expected "
+                     f"num_classes={num_classes}")
+  return size
 
 
 class FolderSource:
@@ -88,25 +116,37 @@ class FolderSource:
 
 
 def get_source(name: str, split: str | None = None, *, data_dir: str | None = None,
-               label_key: str = "label"):
+               label_key: str = "label", label_fn: LabelFn | None = None,
+               num_classes: int | None = None, image_fn: ImageFn | None = None):
   """Opens a random-access source of {"image": uint8 (H, W, C), "label": int}.
 
   Args:
     name: a tfds dataset name (e.g. "fashion_mnist_offline", "cifar100") or "folder:/path/root".
     split: tfds split string, e.g. "train[:800]+train[54000:54200]" (ignored for folders).
     data_dir: tfds data dir (None: tfds' default).
-    label_key: the tfds ClassLabel feature to use as label (see VTAB1K[task]["label"]).
+    label_key: the tfds ClassLabel feature to use as label (see VTAB1K[task]["label"]); not
+      read when `label_fn` is given.
+    label_fn: tfds only: computes the label from the whole record (numpy values), e.g.
+      VTAB1K["clevr_count"]["label_fn"]; needs `num_classes`.
+    num_classes: the number of classes of `label_fn`; without `label_fn`, checked against the
+      ClassLabel feature's.
+    image_fn: tfds only: maps each decoded uint8 (H, W, C) image, e.g. dsprites' 0/1 masks to
+      0/255.
 
   Returns:
     A source with `len()`, indexing and `num_classes`.
   """
   if name.startswith(FOLDER_PREFIX):
+    if label_fn is not None or image_fn is not None:
+      raise ValueError(f"{name!r}: folder sources label by folder name; label_fn and image_fn "
+                       "apply to tfds datasets only")
     source = FolderSource(name[len(FOLDER_PREFIX):])
   else:
     if split is None:
       raise ValueError(f"tfds dataset {name!r} needs a split, e.g. 'train' or 'train[:800]'")
     try:
-      source = TfdsSource(name, split, data_dir=data_dir, label_key=label_key)
+      source = TfdsSource(name, split, data_dir=data_dir, label_key=label_key,
+                          label_fn=label_fn, num_classes=num_classes, image_fn=image_fn)
     except ValueError as e:
       if "0 length" not in str(e):
         raise
