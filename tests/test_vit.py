@@ -1,5 +1,7 @@
 """The ViT's padded attention path (what cuDNN runs) and its rematerialisation policies."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,7 +80,11 @@ def test_unknown_remat_is_named():
 def test_auto_attention_picks_cudnn_only_on_gpus_with_half_precision(monkeypatch):
   assert vit.resolve_attention("auto", jnp.bfloat16) == "xla"  # this CPU
   assert vit.resolve_attention("cudnn", jnp.float32) == "cudnn"  # explicit choices pass through
+  gpu = types.SimpleNamespace(compute_capability="9.0")
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda: [gpu])
   assert vit.resolve_attention("auto", jnp.bfloat16) == "cudnn"
   assert vit.resolve_attention("auto", jnp.float16) == "cudnn"
   assert vit.resolve_attention("auto", jnp.float32) == "xla"  # cuDNN's kernel takes bf16/fp16
+  gpu.compute_capability = "7.5"  # T4: no flash attention in cuDNN
+  assert vit.resolve_attention("auto", jnp.bfloat16) == "xla"

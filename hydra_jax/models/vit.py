@@ -49,12 +49,15 @@ _REMAT_POLICY = {"block": None, "dots": jax.checkpoint_policies.dots_with_no_bat
 
 
 def resolve_attention(attention: str, dtype: Any) -> str:
-  """"auto" -> "cudnn" on a GPU backend with bf16/fp16 compute (what cuDNN's flash attention
-  takes), else "xla"; other values pass through."""
+  """"auto" -> "cudnn" where cuDNN's flash attention runs (an NVIDIA GPU of compute capability
+  8.0 or later, bf16/fp16 compute), else "xla"; other values pass through."""
   if attention != "auto":
     return attention
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+  if not half or jax.default_backend() != "gpu":
+    return "xla"
+  capability = getattr(jax.devices()[0], "compute_capability", None)  # "9.0"; absent on ROCm
+  return "cudnn" if capability and float(capability) >= 8.0 else "xla"
 
 
 def variant(name: str) -> dict[str, Any]:
