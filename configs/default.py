@@ -95,7 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
 def get_testing_config() -> ml_collections.ConfigDict:
   """A tiny random ViT on a few Fashion-MNIST images: an end-to-end run in seconds."""
   c = get_config()
-  c.model.checkpoint = None
+  c.model.checkpoint = placeholder(str)  # None: a random `variant`; a path can be given
   c.model.variant = "Ti/16"
   c.model.overrides = ml_collections.ConfigDict(
       dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=4))
