@@ -66,10 +66,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   model, spec, tx, schedule, state, frozen, _ = bench._setup(args, args.adapter)  # noqa: SLF001
   rng = np.random.default_rng(0)
-  batch = jax.device_put({
-      "image": rng.normal(size=(args.batch, args.image_size, args.image_size, 3)).astype(
-          np.float32),
-      "label": rng.integers(0, args.num_classes, args.batch).astype(np.int32)})
+  batch = jax.device_put(bench.synthetic_batch(rng, args))
   step = jax.jit(functools.partial(train_lib.train_step, model=model, spec=spec, tx=tx,
                                    schedule=schedule), donate_argnums=0)
   key = jax.random.key(0)

@@ -30,7 +30,7 @@ def _args(**kw) -> argparse.Namespace:
 def max_batch(model: str, remat: str, *, probe: int = 32) -> dict:
   args = _args(model=model, remat=remat, batch=probe)
   net, spec, tx, schedule, state, frozen, _ = bench._setup(args, "hydra")  # noqa: SLF001
-  batch = {"image": jax.ShapeDtypeStruct((probe, 224, 224, 3), jnp.float32),
+  batch = {"image": jax.ShapeDtypeStruct((probe, 224, 224, 3), jnp.uint8),
            "label": jax.ShapeDtypeStruct((probe,), jnp.int32)}
   step = jax.jit(functools.partial(train_lib.train_step, model=net, spec=spec, tx=tx,
                                    schedule=schedule), donate_argnums=0)

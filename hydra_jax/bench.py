@@ -42,6 +42,13 @@ ADAPTERS = {
 }
 
 
+def synthetic_batch(rng: np.random.Generator, args) -> dict[str, np.ndarray]:
+  """Random uint8 images and labels, as the input pipeline yields them (the model normalises)."""
+  shape = (args.batch, args.image_size, args.image_size, 3)
+  return {"image": rng.integers(0, 256, shape, dtype=np.uint8),
+          "label": rng.integers(0, args.num_classes, args.batch).astype(np.int32)}
+
+
 def _timed(fn, *, steps: int, repeats: int) -> float:
   """Median seconds per call of ``fn`` (which returns something to block on)."""
   jax.block_until_ready(fn())
@@ -92,7 +99,8 @@ def _setup(args, name: str):
   grid = args.image_size // variant(args.model)["patch_size"]
   model = ViT(num_classes=args.num_classes, **variant(args.model), posemb_grid=(grid, grid),
               dtype=DTYPES[args.dtype], attention=args.attention, remat=args.remat,
-              gelu_approximate=getattr(args, "gelu_approximate", False))
+              gelu_approximate=getattr(args, "gelu_approximate", False),
+              pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.5, 0.5, 0.5))
   images = jnp.zeros((1, args.image_size, args.image_size, 3))
   params = jax.jit(model.init)(jax.random.key(0), images)["params"]
   spec = None if fields is None else adapters.AdapterSpec(**fields)
@@ -111,11 +119,7 @@ def _setup(args, name: str):
 def bench_one(args, name: str) -> dict:
   model, spec, tx, schedule, state, frozen, step_flops = _setup(args, name)
   rng = np.random.default_rng(0)
-  batches = [jax.device_put({
-      "image": rng.normal(size=(args.batch, args.image_size, args.image_size, 3)).astype(
-          np.float32),
-      "label": rng.integers(0, args.num_classes, args.batch).astype(np.int32)})
-      for _ in range(3)]
+  batches = [jax.device_put(synthetic_batch(rng, args)) for _ in range(3)]
   step = jax.jit(functools.partial(train_lib.train_step, model=model, spec=spec, tx=tx,
                                    schedule=schedule), donate_argnums=0)
   key = jax.random.key(2)

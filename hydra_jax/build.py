@@ -56,10 +56,10 @@ def build_model(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:
     kwargs["posemb_grid"] = (grid, grid)
     if cfg.get("pool"):
       kwargs["pool"] = cfg.pool
-    model = ViT(num_classes=num_classes, **kwargs, **runtime)
+    mean = std = (0.5, 0.5, 0.5)
+    model = ViT(num_classes=num_classes, **kwargs, **runtime, pixel_mean=mean, pixel_std=std)
     images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
     params = jax.jit(model.init)(rng, images)["params"]
-    mean = std = (0.5, 0.5, 0.5)
     return model, checkpoints.Pretrained(params, kwargs, mean, std, f"random {cfg.variant}")
   path = cfg.checkpoint
   if path == "default":  # the bundled backbone, prepared on first use

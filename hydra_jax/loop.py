@@ -107,12 +107,12 @@ class _Runner:
     return self._unreplicate(self.frozen)
 
 
-def _eval_batches(config, mesh, source, pre, limit):
+def _eval_batches(config, mesh, source, limit):
   """Padded, masked evaluation batches, each assembled across processes onto ``mesh``."""
   return (parallel.global_batch(b, mesh)
           for b in data.eval_batches(
               source, batch_size=config.data.eval_batch_size, image_size=config.model.image_size,
-              mean=pre.mean, std=pre.std, num_classes=config.data.num_classes, limit=limit,
+              num_classes=config.data.num_classes, limit=limit,
               shard_index=jax.process_index(), shard_count=jax.process_count()))
 
 
@@ -139,10 +139,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   batches = data.train_batches(
       train_src, batch_size=config.batch_size, image_size=config.model.image_size,
-      mean=pre.mean, std=pre.std, seed=config.seed, start_step=start,
+      seed=config.seed, start_step=start,
       shard_index=jax.process_index(), shard_count=jax.process_count(),
       num_classes=config.data.num_classes)
-  validate = lambda: _evaluate_unmerged(config, runner, val_src, pre)  # noqa: E731
+  validate = lambda: _evaluate_unmerged(config, runner, val_src)  # noqa: E731
   _train_loop(config, runner, ckpt, writer, batches, validate, start=start,
               steps_per_epoch=steps_per_epoch, rng=jax.random.fold_in(rng, 2))
   results = _final(config, runner, spec, model, pre, val_src, test_src, workdir)
@@ -200,11 +200,11 @@ def _flush(pending, progress, writer, ckpt) -> None:
   writer.write(step, {**last, "img_per_s": progress.update(step, last)})
 
 
-def _evaluate_unmerged(config, runner, source, pre) -> float:
+def _evaluate_unmerged(config, runner, source) -> float:
   state, frozen = runner.host_state(), runner.frozen_params()
   return train_lib.evaluate(
       lambda b: runner.predict(state.trainable, frozen, b["image"]),
-      _eval_batches(config, runner.mesh, source, pre, config.data.val_limit))
+      _eval_batches(config, runner.mesh, source, config.data.val_limit))
 
 
 def _check_merge(config, runner, model, spec, state, frozen, merged, images) -> float:
@@ -235,7 +235,7 @@ def _final(config, runner, spec, model, pre, val_src, test_src, workdir) -> dict
       "trainable_params": sum(int(x.size) for x in jax.tree.leaves(state.trainable))}
   if merged is not None:
     if spec is not None:
-      images = next(_eval_batches(config, runner.mesh, val_src, pre, 8))["image"]
+      images = next(_eval_batches(config, runner.mesh, val_src, 8))["image"]
       results["merge_rel_error"] = _check_merge(config, runner, model, spec, state, frozen,
                                                 merged, images)
     logits_fn = lambda b: runner.apply(merged, b["image"])  # noqa: E731
@@ -244,7 +244,7 @@ def _final(config, runner, spec, model, pre, val_src, test_src, workdir) -> dict
   t0 = time.perf_counter()
   for name, src, limit in (("val", val_src, config.data.val_limit),
                            ("test", test_src, config.data.test_limit)):
-    batches = _eval_batches(config, runner.mesh, src, pre, limit)
+    batches = _eval_batches(config, runner.mesh, src, limit)
     results[f"{name}_accuracy"] = train_lib.evaluate(logits_fn, batches)
   results["eval_seconds"] = time.perf_counter() - t0
   results["model"] = "merged" if merged is not None else "unmerged (input-dependent router)"

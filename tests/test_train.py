@@ -190,8 +190,8 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monke
 
   def poisoned(*args, start_step=0, **kwargs):
     for step, batch in enumerate(real(*args, start_step=start_step, **kwargs), start_step + 1):
-      if step == 3:
-        batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+      if step == 3:  # float images are taken as normalised: NaNs reach the loss
+        batch = {**batch, "image": np.full(batch["image"].shape, np.nan, np.float32)}
       yield batch
 
   monkeypatch.setattr(data, "train_batches", poisoned)

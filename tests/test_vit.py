@@ -88,3 +88,15 @@ def test_auto_attention_picks_cudnn_only_on_gpus_with_half_precision(monkeypatch
   assert vit.resolve_attention("auto", jnp.float32) == "xla"  # cuDNN's kernel takes bf16/fp16
   gpu.compute_capability = "7.5"  # T4: no flash attention in cuDNN
   assert vit.resolve_attention("auto", jnp.bfloat16) == "xla"
+
+
+def test_uint8_images_are_normalised_on_the_device():
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  raw = jax.random.randint(jax.random.key(5), (3, 16, 16, 3), 0, 256).astype(jnp.uint8)
+  model = ViT(**KW, pixel_mean=mean, pixel_std=std)
+  _, params = _setup()
+  host = (np.asarray(raw, np.float32) / 255.0 - np.float32(mean)) / np.float32(std)
+  np.testing.assert_allclose(model.apply({"params": params}, raw),
+                             model.apply({"params": params}, host), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"uint8 images need ViT\(pixel_mean"):
+    ViT(**KW).apply({"params": params}, raw)

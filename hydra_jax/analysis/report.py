@@ -79,8 +79,8 @@ def eval_data(run: Run, num_examples: int) -> list[dict[str, np.ndarray]]:
   cfg = run.config.data
   source = open_source(cfg, cfg.test_split)
   return list(data.eval_batches(source, batch_size=min(cfg.eval_batch_size, num_examples),
-                                image_size=run.config.model.image_size, mean=run.pre.mean,
-                                std=run.pre.std, num_classes=cfg.num_classes, limit=num_examples))
+                                image_size=run.config.model.image_size,
+                                num_classes=cfg.num_classes, limit=num_examples))
 
 
 def branch_names(run: Run) -> list[str]:

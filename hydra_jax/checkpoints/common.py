@@ -172,7 +172,7 @@ def finalize(raw: Pretrained, *, num_classes=None, reset_head=False, image_size=
 
 
 def build_model(pretrained: Pretrained, *, num_classes: int | None = None, **overrides) -> ViT:
-  """The ViT that ``pretrained.params`` fit.
+  """The ViT that ``pretrained.params`` fit; it normalises uint8 images as the checkpoint expects.
 
   Args:
     pretrained: a loaded checkpoint.
@@ -181,4 +181,5 @@ def build_model(pretrained: Pretrained, *, num_classes: int | None = None, **ove
   """
   if num_classes is None:
     num_classes = _head_classes(pretrained.params)
-  return ViT(num_classes=num_classes, **{**pretrained.model, **overrides})
+  pixels = dict(pixel_mean=tuple(pretrained.mean), pixel_std=tuple(pretrained.std))
+  return ViT(num_classes=num_classes, **{**pretrained.model, **pixels, **overrides})

@@ -1,4 +1,8 @@
-"""Input pipeline (grain): decode -> RGB -> bicubic resize -> float32 / 255 -> (x - mean) / std.
+"""Input pipeline (grain): decode -> RGB -> bicubic resize -> uint8 batches.
+
+Batches stay uint8 (4x fewer bytes to copy to the device than float32); the model normalises
+them on the device (``ViT(pixel_mean=, pixel_std=)``, where XLA fuses it into the patch
+embedding), which keeps host-side float math out of the input path.
 
 Batches are computed from an index-based `grain.MapDataset`, so batch k is a pure function of
 (seed, k): a run resumed at `start_step=k` sees exactly the batches an uninterrupted run would.
@@ -7,6 +11,7 @@ Resized uint8 images of small sources are cached in memory, so epochs after the 
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -15,7 +20,9 @@ import numpy as np
 import PIL.Image
 
 CACHE_BYTES = 1 << 30  # cache a source's resized images when they fit in this many bytes
-_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+# batches are assembled in threads (numpy copies and PIL resizes release the GIL)
+_READ_OPTIONS = grain.ReadOptions(num_threads=min(16, os.cpu_count() or 2),
+                                  prefetch_buffer_size=4)
 _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # source -> {(h, w): _Resized}
 
 
@@ -96,16 +103,8 @@ def _local_size(batch_size: int, shard_index: int, shard_count: int) -> int:
   return batch_size // shard_count
 
 
-def _batch(images: np.ndarray, labels: np.ndarray, mean, std) -> dict:
-  mean = np.asarray(mean, np.float32).reshape(3)
-  std = np.asarray(std, np.float32).reshape(3)
-  x = (images.astype(np.float32) / 255.0 - mean) / std
-  return {"image": x, "label": labels.astype(np.int32)}
-
-
-def train_batches(source, *, batch_size: int, image_size: int | Sequence[int],
-                  mean: Sequence[float], std: Sequence[float], seed: int, start_step: int = 0,
-                  shard_index: int = 0, shard_count: int = 1,
+def train_batches(source, *, batch_size: int, image_size: int | Sequence[int], seed: int,
+                  start_step: int = 0, shard_index: int = 0, shard_count: int = 1,
                   num_classes: int) -> Iterator[dict]:
   """Infinite shuffled training batches; batch k depends only on (seed, k).
 
@@ -116,14 +115,13 @@ def train_batches(source, *, batch_size: int, image_size: int | Sequence[int],
     source: random-access source of {"image": uint8 (H, W, C), "label": int}.
     batch_size: GLOBAL batch size, a multiple of shard_count.
     image_size: output size, int or (height, width).
-    mean, std: per-channel normalisation of the [0, 1] RGB image, 3 floats each.
     seed: shuffling seed.
     start_step: index of the first batch to yield (resume).
     shard_index, shard_count: this process's slice of every global batch.
     num_classes: head size; a label outside [0, num_classes) raises a ValueError.
 
   Yields:
-    {"image": float32 (b, h, w, 3), "label": int32 (b,)} with b = batch_size // shard_count.
+    {"image": uint8 RGB (b, h, w, 3), "label": int32 (b,)} with b = batch_size // shard_count.
   """
   local = _local_size(batch_size, shard_index, shard_count)
   resized = _resized(source, image_size)
@@ -135,7 +133,7 @@ def train_batches(source, *, batch_size: int, image_size: int | Sequence[int],
     indices = np.asarray(global_indices[shard_index * local:(shard_index + 1) * local])
     images, labels = resized.get(indices)
     _check_labels(labels, indices, num_classes)
-    return _batch(images, labels, mean, std)
+    return {"image": images, "label": labels.astype(np.int32)}
 
   ds = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
         .batch(batch_size).slice(slice(start_step, None)).map(load))
@@ -143,19 +141,17 @@ def train_batches(source, *, batch_size: int, image_size: int | Sequence[int],
 
 
 def eval_batches(source, *, batch_size: int, image_size: int | Sequence[int],
-                 mean: Sequence[float], std: Sequence[float], shard_index: int = 0,
-                 shard_count: int = 1, num_classes: int,
+                 shard_index: int = 0, shard_count: int = 1, num_classes: int,
                  limit: int | None = None) -> Iterator[dict]:
   """Every example (of the first `limit`) exactly once, in order; the last batch is padded.
 
   Args:
-    source, batch_size, image_size, mean, std, shard_index, shard_count, num_classes:
-      as in train_batches.
+    source, batch_size, image_size, shard_index, shard_count, num_classes: as in train_batches.
     limit: evaluate only the first `limit` examples (None: all).
 
   Yields:
-    {"image": float32 (b, h, w, 3), "label": int32 (b,), "mask": bool (b,)}; padding rows are
-    zeros with label 0 and mask False.
+    {"image": uint8 RGB (b, h, w, 3), "label": int32 (b,), "mask": bool (b,)}; padding rows
+    are zeros with label 0 and mask False.
   """
   local = _local_size(batch_size, shard_index, shard_count)
   n = len(source) if limit is None else min(int(limit), len(source))
@@ -171,9 +167,7 @@ def eval_batches(source, *, batch_size: int, image_size: int | Sequence[int],
     if mask.any():
       images[mask], labels[mask] = resized.get(indices[mask])
       _check_labels(labels[mask], indices[mask], num_classes)
-    batch = _batch(images, labels, mean, std)
-    batch["image"][~mask] = 0.0
-    return {**batch, "mask": mask}
+    return {"image": images, "label": labels.astype(np.int32), "mask": mask}
 
   num_batches = -(-n // batch_size)
   ds = grain.MapDataset.range(num_batches).map(load)

@@ -215,6 +215,9 @@ class ViT(nn.Module):
     gelu_approximate: tanh GELU (Google files) instead of the exact erf GELU.
     attention: "xla" (runs everywhere), "cudnn" (GPU flash attention, padded to 16 tokens; bf16
       or fp16 compute) or "auto" (cudnn where it runs, else xla).
+    pixel_mean, pixel_std: per-channel RGB statistics of the [0, 1] inputs the params expect;
+      uint8 images are normalised with them on the device (``(x / 255 - mean) / std``, fused
+      into the patch embedding), float images are taken as normalised already.
     remat: what the backward pass recomputes: "none"; "block" (each block from its input: least
       memory); "dots" (keep the matmul outputs, recompute the element-wise work). True / False
       mean "block" / "none".
@@ -234,6 +237,8 @@ class ViT(nn.Module):
   ln_eps: float = 1e-6
   gelu_approximate: bool = False
   attention: str = "auto"
+  pixel_mean: tuple[float, float, float] | None = None
+  pixel_std: tuple[float, float, float] | None = None
   remat: bool | str = "none"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -269,10 +274,21 @@ class ViT(nn.Module):
       self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
                            param_dtype=self.param_dtype)
 
+  def normalize(self, images: jax.Array) -> jax.Array:
+    """uint8 RGB (B, H, W, 3) -> float32 ``(x / 255 - pixel_mean) / pixel_std``."""
+    if self.pixel_mean is None or self.pixel_std is None:
+      raise ValueError("uint8 images need ViT(pixel_mean=..., pixel_std=...) (checkpoints."
+                       "build_model sets them from the checkpoint); or pass normalised floats")
+    mean = jnp.asarray(self.pixel_mean, jnp.float32)
+    std = jnp.asarray(self.pixel_std, jnp.float32)
+    return (images.astype(jnp.float32) / 255.0 - mean) / std
+
   def encode(self, images: jax.Array) -> jax.Array:
-    """(B, H, W, 3) normalised images -> (B, T, D) final normed hidden states."""
+    """(B, H, W, 3) images (normalised floats, or uint8 RGB) -> (B, T, D) final normed states."""
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be (B, H, W, 3); got shape {images.shape}")
+    if images.dtype == jnp.uint8:
+      images = self.normalize(images)
     x = self.embedding(images.astype(self.dtype))
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
