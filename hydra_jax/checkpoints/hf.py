@@ -20,9 +20,10 @@ import pathlib
 import re
 
 import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for the safetensors reader)
 import numpy as np
 from flax import traverse_util
-from safetensors import safe_open
+from safetensors.numpy import load_file
 
 from hydra_jax.checkpoints import common
 
@@ -119,11 +120,13 @@ def _normalisation(root: pathlib.Path, model_type: str) -> tuple[tuple, tuple]:
 
 
 def _read(file: pathlib.Path) -> dict[str, np.ndarray]:
-  """The tensors of one .safetensors file; floating ones as float32 (bf16 / fp16 files too)."""
-  with safe_open(str(file), framework="flax") as f:  # the numpy reader has no bfloat16
-    arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-  return {k: np.asarray(v, np.float32 if jnp.issubdtype(v.dtype, jnp.floating) else v.dtype)
-          for k, v in arrays.items()}
+  """The tensors of one .safetensors file; floating ones as float32 (bf16 / fp16 files too).
+
+  numpy knows bfloat16 once ``ml_dtypes`` (a jax dependency) is imported; the file is read on
+  the host, never through device arrays.
+  """
+  return {k: v.astype(np.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v
+          for k, v in load_file(str(file)).items()}
 
 
 def load_hf(root: pathlib.Path) -> common.Pretrained:
