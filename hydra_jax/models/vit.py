@@ -99,8 +99,9 @@ class _Attention(nn.Module):
   def __call__(self, x, kv=None):
     """Self-attention over x (B, T, D); with ``kv`` (B, S, D), x's tokens attend to kv's."""
     batch, tokens, width = x.shape  # tokens == valid_tokens (the block passes x.shape[1])
-    padded = -(-tokens // PAD_MULTIPLE[self.attention]) * PAD_MULTIPLE[self.attention]
-    if kv is None and padded != tokens:
+    multiple = PAD_MULTIPLE[self.attention] if kv is None else 1  # only self-attention pads
+    padded = -(-tokens // multiple) * multiple
+    if padded != tokens:
       x = jnp.pad(x, ((0, 0), (0, padded - tokens), (0, 0)))
     head_dim = width // self.num_heads
     dense = lambda name: nn.DenseGeneral(  # noqa: E731
