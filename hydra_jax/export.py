@@ -3,14 +3,22 @@
 Both are safetensors files written atomically. A merged export is a plain hydra_jax checkpoint
 (``checkpoints.load`` reads it; it has exactly the base architecture). An adapters export holds
 the trainable tree ``{"adapters": ..., "params": ...}`` and the adapter spec as JSON metadata.
+
+Any checkpoint ``checkpoints.load`` reads (a merged export included) converts to a Hugging Face
+transformers directory (``checkpoints.save_hf``: the ViT / DINOv2 / SigLIP class that computes
+the same function):
+
+  python -m hydra_jax.export /tmp/run/export/merged.safetensors --hf /tmp/run/export/hf
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 import pathlib
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -54,3 +62,22 @@ def load_adapters(path: str | pathlib.Path):
   trainable.setdefault("adapters", {})
   trainable.setdefault("params", {})
   return trainable, adapters_lib.AdapterSpec(**fields)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """Converts a checkpoint to a transformers directory; ``argv`` without the program name."""
+  p = argparse.ArgumentParser(prog="python -m hydra_jax.export",
+                              description="Writes a checkpoint as a Hugging Face directory.")
+  p.add_argument("checkpoint", help="any format checkpoints.load reads (e.g. merged.safetensors)")
+  p.add_argument("--hf", required=True, help="directory to write (an earlier export is replaced)")
+  p.add_argument("--dtype", default="float32", choices=checkpoints.hf_export.DTYPES)
+  p.add_argument("--labels", default=None, help="comma-separated class names (default LABEL_i)")
+  args = p.parse_args(argv)
+  labels = args.labels.split(",") if args.labels else None
+  arch = checkpoints.save_hf(args.hf, checkpoints.load(args.checkpoint), labels=labels,
+                             dtype=args.dtype)
+  print(f"wrote {args.hf} ({arch})")
+
+
+if __name__ == "__main__":
+  main()

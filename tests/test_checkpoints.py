@@ -372,6 +372,16 @@ def test_two_tower_siglip_keeps_the_vision_tower(tmp_path):
   assert _rel(_apply(pretrained, images, "features"), ref.pooler_output) < 1e-5
 
 
+def test_siglip_classifier_averages_the_tokens(tmp_path):
+  """SiglipForImageClassification ignores the tower's MAP head: its logits come from token means."""
+  config = transformers.SiglipConfig(vision_config=_siglip_vision_config().to_dict(), num_labels=3)
+  model = _randomise(transformers.SiglipForImageClassification(config), seed=8)
+  pretrained = checkpoints.load(_save_hf(model, tmp_path))
+  assert pretrained.model["pool"] == "gap" and "MAPHead_0" not in pretrained.params
+  images = _images(16)
+  assert _rel(_apply(pretrained, images), _torch(model, images).logits) < 1e-5
+
+
 def test_big_vision_two_tower_npz_with_map_head(hf_siglip, tmp_path):
   """A big_vision SigLIP file: params/img/... (MAPHead_0 included) beside params/txt/..."""
   model, path = hf_siglip

@@ -1,4 +1,5 @@
-"""Pre-trained ViT checkpoints: load (format auto-detected), convert, check strictly, save.
+"""Pre-trained ViT checkpoints: load (format auto-detected), convert, check strictly, save (also
+as a Hugging Face transformers directory: ``save_hf``).
 
     pretrained = checkpoints.load("ViT-B_16.npz", num_classes=10, image_size=224)
     model = checkpoints.build_model(pretrained)
@@ -17,6 +18,7 @@ from hydra_jax.checkpoints.common import (
     expected_shapes,
     finalize,
 )
+from hydra_jax.checkpoints.hf_export import save_hf
 from hydra_jax.checkpoints.native import save
 
 FORMATS = (
@@ -27,7 +29,7 @@ FORMATS = (
 )
 
 __all__ = ["FORMATS", "Pretrained", "build_model", "check_tree", "expected_shapes", "load",
-           "save"]
+           "save", "save_hf"]
 
 
 def _read(path: pathlib.Path) -> Pretrained:

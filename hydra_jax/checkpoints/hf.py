@@ -8,7 +8,10 @@ Torch linear weights are (out, in); q/k/v become (D, H, Dh) kernels and the atte
 over [cls, mean patch] means pool "tok+gap". DINOv2's ``mask_token`` is only used for masked
 pre-training and is dropped. SigLIP (``siglip_vision_model``, or the vision tower of a ``siglip``
 model, whose text tower is dropped) has no class token; its attention-pooling head becomes
-``MAPHead_0`` (pool "map"), the packed ``in_proj`` of that head split into query / key / value.
+``MAPHead_0`` (pool "map"), the packed ``in_proj`` of that head split into query / key / value;
+``SiglipForImageClassification`` classifies the mean of all tokens (pool "gap"), its unused MAP
+head dropped. ``FAMILY_BLOCK`` / ``FAMILY_TOP`` name each family's modules (``hf_export`` writes
+them back).
 Files saved in bfloat16 or float16 load as float32; ``qkv_bias=False`` ViTs get zero q/k/v biases
 (the same function).
 """
@@ -31,24 +34,37 @@ MODEL_TYPES = ("vit", "dinov2", "siglip", "siglip_vision_model")
 _GELUS = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}
 _BLOCK = re.compile(r"encoder\.layers?\.(\d+)\.(.+)\.(weight|bias|lambda1)")
 _ATT = "MultiHeadDotProductAttention_0/"
-_BLOCK_MODULES = {
-    "attention.attention.query": _ATT + "query", "self_attn.q_proj": _ATT + "query",
-    "attention.attention.key": _ATT + "key", "self_attn.k_proj": _ATT + "key",
-    "attention.attention.value": _ATT + "value", "self_attn.v_proj": _ATT + "value",
-    "attention.output.dense": _ATT + "out", "self_attn.out_proj": _ATT + "out",
-    "layernorm_before": "LayerNorm_0", "norm1": "LayerNorm_0", "layer_norm1": "LayerNorm_0",
-    "layernorm_after": "LayerNorm_1", "norm2": "LayerNorm_1", "layer_norm2": "LayerNorm_1",
-    "intermediate.dense": "MlpBlock_0/Dense_0", "mlp.fc1": "MlpBlock_0/Dense_0",
-    "output.dense": "MlpBlock_0/Dense_1", "mlp.fc2": "MlpBlock_0/Dense_1",
-    "layer_scale1": "LayerScale_0", "layer_scale2": "LayerScale_1",
+_MLP = "MlpBlock_0/"
+# Each family's HF module names, keyed by the ViT's module names: inside a block, then at the top.
+FAMILY_BLOCK = {
+    "vit": {"LayerNorm_0": "layernorm_before", "LayerNorm_1": "layernorm_after",
+            _ATT + "query": "attention.attention.query", _ATT + "key": "attention.attention.key",
+            _ATT + "value": "attention.attention.value", _ATT + "out": "attention.output.dense",
+            _MLP + "Dense_0": "intermediate.dense", _MLP + "Dense_1": "output.dense"},
+    "dinov2": {"LayerNorm_0": "norm1", "LayerNorm_1": "norm2",
+               _ATT + "query": "attention.attention.query", _ATT + "key": "attention.attention.key",
+               _ATT + "value": "attention.attention.value", _ATT + "out": "attention.output.dense",
+               _MLP + "Dense_0": "mlp.fc1", _MLP + "Dense_1": "mlp.fc2",
+               "LayerScale_0": "layer_scale1", "LayerScale_1": "layer_scale2"},
+    "siglip": {"LayerNorm_0": "layer_norm1", "LayerNorm_1": "layer_norm2",
+               _ATT + "query": "self_attn.q_proj", _ATT + "key": "self_attn.k_proj",
+               _ATT + "value": "self_attn.v_proj", _ATT + "out": "self_attn.out_proj",
+               _MLP + "Dense_0": "mlp.fc1", _MLP + "Dense_1": "mlp.fc2"},
 }
-_TOP = {"layernorm": "Transformer/encoder_norm", "post_layernorm": "Transformer/encoder_norm",
-        "pooler.dense": "pre_logits", "classifier": "head",
-        "embeddings.patch_embeddings.projection": "embedding",
-        "embeddings.patch_embedding": "embedding",
-        "head.attention.out_proj": "MAPHead_0/" + _ATT + "out",
-        "head.layernorm": "MAPHead_0/LayerNorm_0", "head.mlp.fc1": "MAPHead_0/MlpBlock_0/Dense_0",
-        "head.mlp.fc2": "MAPHead_0/MlpBlock_0/Dense_1"}
+_MAP = "MAPHead_0/"
+FAMILY_TOP = {
+    "vit": {"Transformer/encoder_norm": "layernorm", "pre_logits": "pooler.dense",
+            "embedding": "embeddings.patch_embeddings.projection", "head": "classifier"},
+    "dinov2": {"Transformer/encoder_norm": "layernorm", "head": "classifier",
+               "embedding": "embeddings.patch_embeddings.projection"},
+    "siglip": {"Transformer/encoder_norm": "post_layernorm", "head": "classifier",
+               "embedding": "embeddings.patch_embedding",
+               _MAP + _ATT + "out": "head.attention.out_proj",
+               _MAP + "LayerNorm_0": "head.layernorm",
+               _MAP + _MLP + "Dense_0": "head.mlp.fc1", _MAP + _MLP + "Dense_1": "head.mlp.fc2"},
+}
+_BLOCK_MODULES = {hf: vit for names in FAMILY_BLOCK.values() for vit, hf in names.items()}
+_TOP = {hf: vit for names in FAMILY_TOP.values() for vit, hf in names.items()}
 _TEXT_TOWER = ("text_model.", "logit_scale", "logit_bias")  # two-tower SigLIP: not the ViT
 _PREFIX = re.compile(r"^(vit|dinov2|vision_model)\.")
 
@@ -92,10 +108,10 @@ def rename_key(key: str, value: np.ndarray, heads: int) -> list[tuple[str, np.nd
   if key == "embeddings.position_embedding.weight":  # SigLIP: an nn.Embedding (N, D)
     return [("pos_embedding", value[None])]
   if key == "head.probe":
-    return [("MAPHead_0/probe", value)]
+    return [(_MAP + "probe", value)]
   if key.startswith("head.attention.in_proj_"):  # torch MultiheadAttention packs q, k, v
     leaf = key.rsplit("_", 1)[1]
-    return [_convert(f"MAPHead_0/{_ATT}{n}", leaf, part, heads)
+    return [_convert(f"{_MAP}{_ATT}{n}", leaf, part, heads)
             for n, part in zip(("query", "key", "value"), np.split(value, 3), strict=True)]
   m = _BLOCK.fullmatch(key)
   if m and m.group(2) in _BLOCK_MODULES:
@@ -156,6 +172,9 @@ def load_hf(root: pathlib.Path) -> common.Pretrained:
   head = flat.get("head/kernel")
   if model_type == "dinov2" and head is not None and head.shape[0] == 2 * config["hidden_size"]:
     fields["pool"] = "tok+gap"
+  if model_type == "siglip" and head is not None:  # SiglipForImageClassification: token mean
+    fields["pool"] = "gap"
+    flat = {k: v for k, v in flat.items() if not k.startswith(_MAP)}
   model = common.infer_model(flat, str(root), **fields)
   mean, std = _normalisation(root, model_type)
   return common.Pretrained(traverse_util.unflatten_dict(flat, sep="/"), model, mean, std,

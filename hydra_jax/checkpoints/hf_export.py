@@ -1,0 +1,237 @@
+"""A ViT back out as a Hugging Face ``save_pretrained`` directory that ``transformers`` loads.
+
+The target is the one ``transformers`` class that computes the same function, read off the
+pooling (a merged fine-tune has exactly the base architecture, so it always has one):
+
+  with a head   pool "tok"        ViTForImageClassification     (class token)
+                pool "tok+gap"    Dinov2ForImageClassification  ([class token, mean patch token])
+                pool "gap"        SiglipForImageClassification  (mean of all tokens; no class token)
+  no head       no class token    SiglipVisionModel             (its MAP head with pool "map")
+                LayerScale        Dinov2Model
+                otherwise         ViTModel  (``pre_logits`` is its pooler; without one, load it
+                                  with ``add_pooling_layer=False``)
+
+LayerScale is folded into the linear layer before it where the target has none (exact); DINOv2
+targets without it get scales of one; q/k/v biases are always written. The directory holds
+``config.json``, ``model.safetensors`` and a ``preprocessor_config.json`` (bicubic resize to the
+model's input size, its mean / std); it is built beside the target and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import save_file
+
+from hydra_jax.checkpoints import common
+from hydra_jax.checkpoints.hf import _ATT, _MAP, _MLP, FAMILY_BLOCK, FAMILY_TOP
+
+DTYPES = ("float32", "bfloat16", "float16")
+FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+_PREFIX = {"ViTForImageClassification": "vit.", "Dinov2ForImageClassification": "dinov2.",
+           "SiglipForImageClassification": "vision_model.", "SiglipVisionModel": "vision_model."}
+_BLOCK = "Transformer/encoderblock_"
+
+
+def target(model: dict, *, has_head: bool) -> tuple[str, str]:
+  """(family, transformers class) computing the same function as ``ViT(**model)``.
+
+  Raises:
+    ValueError: the model has no transformers counterpart (its pooling or pre-logits layer).
+  """
+  pool, cls, rep = model["pool"], model["class_token"], model.get("representation_size")
+  if rep and (has_head or pool != "tok"):
+    raise ValueError(f"pre_logits (representation_size={rep}) exists in transformers only as "
+                     f"ViTModel's pooler over the class token: export without a head, pool 'tok' "
+                     f"(got pool={pool!r}{', with a head' if has_head else ''})")
+  if has_head:
+    if pool == "tok":
+      return "vit", "ViTForImageClassification"
+    if pool == "tok+gap":
+      return "dinov2", "Dinov2ForImageClassification"
+    if pool == "gap" and not cls:
+      return "siglip", "SiglipForImageClassification"
+    raise ValueError(f"no transformers classifier pools like pool={pool!r} "
+                     f"({'with' if cls else 'without'} a class token); expected a head over pool "
+                     f"'tok' (ViT), 'tok+gap' (DINOv2) or 'gap' without a class token (SigLIP)")
+  if not cls:
+    return "siglip", "SiglipVisionModel"
+  if pool == "map":
+    raise ValueError("transformers has no MAP head over a class-token model (SigLIP has no "
+                     "class token); export with another pool")
+  return ("dinov2", "Dinov2Model") if model["layer_scale"] and not rep else ("vit", "ViTModel")
+
+
+def _layer_scale(flat: dict, depth: int, *, keep: bool) -> dict:
+  """Keeps LayerScale (ones where absent) or folds it into the out / Dense_1 layer before it."""
+  flat = dict(flat)
+  for i in range(depth):
+    for scale_name, layer in (("LayerScale_0", _ATT + "out"), ("LayerScale_1", _MLP + "Dense_1")):
+      path = f"{_BLOCK}{i}/{scale_name}/scale"
+      scale = flat.pop(path, None)
+      if keep:
+        width = flat[f"{_BLOCK}{i}/{layer}/bias"].shape[-1]
+        flat[path] = np.ones(width, np.float32) if scale is None else scale
+      elif scale is not None:  # s * (x W + b) = x (W s) + b s
+        for leaf in ("kernel", "bias"):
+          flat[f"{_BLOCK}{i}/{layer}/{leaf}"] = flat[f"{_BLOCK}{i}/{layer}/{leaf}"] * scale
+  return flat
+
+
+def _to_torch(name: str, leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+  """One ViT param (module name, leaf) -> (HF leaf, torch layout); the inverse of hf._convert."""
+  if "LayerScale" in name:
+    return "lambda1", value
+  if "LayerNorm" in name or name.endswith("encoder_norm"):
+    return ("weight" if leaf == "scale" else "bias"), value
+  if name == "embedding":  # flax (p, p, C, D) -> torch conv (D, C, p, p)
+    return ("weight", value.transpose(3, 2, 0, 1)) if leaf == "kernel" else ("bias", value)
+  if leaf == "bias":  # q/k/v (H, Dh) -> (H * Dh,)
+    return "bias", value.reshape(-1)
+  if name.endswith(("/query", "/key", "/value")):  # (D, H, Dh) -> (D, H * Dh)
+    value = value.reshape(value.shape[0], -1)
+  elif name.endswith("/out"):  # (H, Dh, D) -> (H * Dh, D)
+    value = value.reshape(-1, value.shape[-1])
+  return "weight", value.T  # flax (in, out) -> torch (out, in)
+
+
+def _tensors(flat: dict, family: str, arch: str) -> dict[str, np.ndarray]:
+  """The ViT's flat params -> HF state dict names and layouts of ``arch``."""
+  prefix = _PREFIX.get(arch, "")
+  layer = "encoder.layers" if family == "siglip" else "encoder.layer"
+  out, packed = {}, {}
+  for path, value in flat.items():
+    name, _, leaf = path.rpartition("/")
+    if path == "cls":
+      out[prefix + "embeddings.cls_token"] = value
+    elif path == "pos_embedding" and family == "siglip":  # an nn.Embedding: (N, D)
+      out[prefix + "embeddings.position_embedding.weight"] = value[0]
+    elif path == "pos_embedding":
+      out[prefix + "embeddings.position_embeddings"] = value
+    elif path == _MAP + "probe":
+      out[prefix + "head.probe"] = value
+    elif name.startswith(_MAP + _ATT) and not name.endswith("/out"):  # torch packs q, k, v
+      packed.setdefault(leaf, {})[name.rsplit("/", 1)[1]] = _to_torch(name, leaf, value)[1]
+    elif name.startswith(_BLOCK):
+      block, module = name[len(_BLOCK):].split("/", 1)
+      hf_leaf, array = _to_torch(name, leaf, value)
+      out[f"{prefix}{layer}.{block}.{FAMILY_BLOCK[family][module]}.{hf_leaf}"] = array
+    else:
+      hf_leaf, array = _to_torch(name, leaf, value)
+      module = FAMILY_TOP[family][name]
+      out[("" if module == "classifier" else prefix) + f"{module}.{hf_leaf}"] = array
+  for leaf, parts in packed.items():
+    out[f"{prefix}head.attention.in_proj_{'weight' if leaf == 'kernel' else 'bias'}"] = (
+        np.concatenate([parts["query"], parts["key"], parts["value"]]))
+  if family == "dinov2":  # only used in masked pre-training; written so nothing is missing
+    out[prefix + "embeddings.mask_token"] = np.zeros((1, flat["cls"].shape[-1]), np.float32)
+  return out
+
+
+def _config(family: str, arch: str, model: dict, num_classes: int | None,
+            labels: Sequence[str] | None, dtype: str) -> dict:
+  """config.json of ``arch`` for ``ViT(**model)``."""
+  gh, gw = model["posemb_grid"]
+  if gh != gw:
+    raise ValueError(f"transformers configs take a square image_size; the posemb grid is "
+                     f"{(gh, gw)} (load with a square image_size before exporting)")
+  width, mlp = model["width"], model["mlp_dim"]
+  config = dict(hidden_size=width, num_hidden_layers=model["depth"], num_channels=3,
+                num_attention_heads=model["num_heads"], image_size=gh * model["patch_size"],
+                patch_size=model["patch_size"], layer_norm_eps=model["ln_eps"],
+                hidden_act="gelu_pytorch_tanh" if model["gelu_approximate"] else "gelu")
+  if family == "dinov2":
+    if mlp % width:
+      raise ValueError(f"DINOv2 configs take an integer mlp_ratio; mlp_dim {mlp} is not a "
+                       f"multiple of the width {width}")
+    config.update(model_type="dinov2", mlp_ratio=mlp // width, layerscale_value=1.0,
+                  use_swiglu_ffn=False, qkv_bias=True)
+  elif family == "vit":
+    config.update(model_type="vit", intermediate_size=mlp, qkv_bias=True)
+    if model.get("representation_size"):  # the pooler: tanh(Dense(class token))
+      config.update(pooler_output_size=model["representation_size"], pooler_act="tanh")
+  else:
+    config.update(model_type="siglip_vision_model", intermediate_size=mlp,
+                  vision_use_head=model["pool"] == "map")
+    if arch == "SiglipForImageClassification":
+      config = dict(model_type="siglip", vision_config=config)
+  config.update(architectures=[arch], dtype=dtype)
+  if num_classes:
+    names = list(labels) if labels is not None else [f"LABEL_{i}" for i in range(num_classes)]
+    if len(names) != num_classes:
+      raise ValueError(f"labels has {len(names)} names; the head has {num_classes} classes")
+    config.update(id2label={str(i): n for i, n in enumerate(names)},
+                  label2id={n: i for i, n in enumerate(names)})
+  return config
+
+
+def _preprocessor(model: dict, mean, std) -> dict:
+  size = model["posemb_grid"][0] * model["patch_size"]
+  return dict(image_processor_type="ViTImageProcessor", do_resize=True, resample=3,  # bicubic
+              size={"height": size, "width": size}, do_rescale=True, rescale_factor=1 / 255,
+              do_normalize=True, image_mean=list(mean), image_std=list(std))
+
+
+def _replace_dir(tmp: pathlib.Path, out: pathlib.Path) -> None:
+  """Puts ``tmp`` at ``out``; an existing export there is replaced, anything else refused."""
+  if out.exists():
+    extra = sorted(p.name for p in out.iterdir() if p.name not in FILES) if out.is_dir() else [""]
+    if extra:
+      raise FileExistsError(f"{out} exists and is not a Hugging Face export (holds {extra}); "
+                            "refusing to replace it")
+    old = out.with_name(f".{out.name}.{os.getpid()}.old")
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old)
+  else:
+    os.replace(tmp, out)
+
+
+def save_hf(directory, pretrained: common.Pretrained, *, labels: Sequence[str] | None = None,
+            dtype: str = "float32") -> str:
+  """Writes ``pretrained`` (e.g. a merged fine-tune) as a transformers model directory.
+
+  Args:
+    directory: the directory to write; an earlier export there is replaced.
+    pretrained: params in the ViT layout and the model fields describing them.
+    labels: class names for ``id2label`` (default ``LABEL_i``); one per head output.
+    dtype: tensor dtype in the file, one of ``DTYPES``.
+
+  Returns:
+    The transformers class name written to ``config.json`` ``architectures``.
+
+  Raises:
+    ValueError: the model has no transformers counterpart, or a bad ``labels`` / ``dtype``.
+  """
+  if dtype not in DTYPES:
+    raise ValueError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
+  flat = {k: np.asarray(v, np.float32)
+          for k, v in traverse_util.flatten_dict(pretrained.params, sep="/").items()}
+  model = pretrained.model
+  num_classes = flat["head/kernel"].shape[-1] if "head/kernel" in flat else None
+  family, arch = target(model, has_head=num_classes is not None)
+  config = _config(family, arch, model, num_classes, labels, dtype)
+  flat = _layer_scale(flat, model["depth"], keep=family == "dinov2")
+  tensors = {k: np.ascontiguousarray(v.astype(jnp.dtype(dtype)))
+             for k, v in _tensors(flat, family, arch).items()}
+  out = pathlib.Path(directory).expanduser()
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir()
+  try:
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (tmp / "preprocessor_config.json").write_text(
+        json.dumps(_preprocessor(model, pretrained.mean, pretrained.std), indent=2) + "\n")
+    _replace_dir(tmp, out)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return arch
