@@ -30,7 +30,8 @@ class Checkpointer:
                        keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, enable_async_checkpointing=use_async, create=True)
+        preservation_policy=policy, enable_async_checkpointing=use_async, create=True,
+        best_fn=lambda m: m[_METRIC], best_mode="max")  # what best_step() ranks by
     self.directory = pathlib.Path(directory).absolute()
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -45,6 +46,7 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def best_step(self) -> int | None:
+    """The kept step with the highest validation accuracy (None before any was measured)."""
     return self._manager.best_step()
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:

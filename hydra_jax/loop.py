@@ -85,8 +85,8 @@ class _Runner:
     return jax.device_put(state, parallel.replicated(self.mesh))
 
   def run_step(self, local_batch, rng):
-    if self.pmap:
-      n = self.mesh.size
+    if self.pmap:  # pmap takes this process's devices' shares
+      n = len(self.mesh.local_devices)
       batch = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in local_batch.items()}
       self.state, m = self.step(self.state, self.frozen, batch, rng)
       return jax.tree.map(lambda x: x[0], m)
@@ -97,7 +97,9 @@ class _Runner:
   def _unreplicate(self, tree):
     if not self.pmap:
       return tree
-    return jax.device_put(jax.tree.map(lambda x: x[0], tree), parallel.replicated(self.mesh))
+    # every device holds the same copy; a local one through the host (no cross-host transfer)
+    local = jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
+    return jax.device_put(local, parallel.replicated(self.mesh))
 
   def host_state(self):
     """The state as one copy, replicated over the mesh (pmap keeps one per device)."""
@@ -116,8 +118,23 @@ def _eval_batches(config, mesh, source, limit):
               shard_index=jax.process_index(), shard_count=jax.process_count()))
 
 
+_MODES = ("jit", "pmap")
+
+
+def _check_schedule(config) -> None:
+  """The loop's counters: whole numbers, the step intervals at least 1 (errors name the field)."""
+  if config.parallel.mode not in _MODES:
+    raise ValueError(f"unknown parallel.mode {config.parallel.mode!r}; expected one of {_MODES}")
+  for name, least in (("num_epochs", 1), ("eval_every_epochs", 1), ("log_every", 1),
+                      ("checkpoint_every", 0)):
+    value = config[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise ValueError(f"{name} must be an integer >= {least}; got {value!r}")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Fine-tunes, checkpoints, evaluates the merged model; returns the final results."""
+  _check_schedule(config)
   parallel.initialize_distributed(**config.parallel.distributed)
   workdir = pathlib.Path(workdir)
   rng = jax.random.key(config.seed)
@@ -172,7 +189,8 @@ def _train_loop(config, runner, ckpt, writer, batches, validate, *, start: int,
   for step in range(start + 1, total + 1):
     pending.append((step, runner.run_step(next(batches), rng)))
     evaluate = step % eval_every == 0 or step == total
-    if evaluate or step % config.log_every == 0:
+    save = evaluate or bool(config.checkpoint_every and step % config.checkpoint_every == 0)
+    if save or step % config.log_every == 0:  # a non-finite loss never reaches a checkpoint
       _flush(pending, progress, writer, ckpt)
       pending = []
     meta = {"seed": config.seed, "data_step": step}
@@ -180,7 +198,7 @@ def _train_loop(config, runner, ckpt, writer, batches, validate, *, start: int,
       val = validate()
       writer.write(step, {"val_accuracy": val})
       ckpt.save(step, runner.host_state(), meta=meta, val_accuracy=val)
-    elif config.checkpoint_every and step % config.checkpoint_every == 0:
+    elif save:
       ckpt.save(step, runner.host_state(), meta=meta)
   progress.close()
   ckpt.close()
@@ -193,9 +211,10 @@ def _flush(pending, progress, writer, ckpt) -> None:
   if bad is not None:
     ckpt.close()
     loss = dict(history)[bad]["loss"]
-    raise FloatingPointError(
-        f"loss is {loss} at step {bad}; the last good checkpoint (step {ckpt.latest_step()}) "
-        f"is kept in {ckpt.directory}")
+    last = ckpt.latest_step()
+    kept = (f"the last good checkpoint (step {last}) is kept in {ckpt.directory}" if last
+            else "no checkpoint was written before it")
+    raise FloatingPointError(f"loss is {loss} at step {bad}; {kept}")
   step, last = history[-1]
   writer.write(step, {**last, "img_per_s": progress.update(step, last)})
 

@@ -49,6 +49,9 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
   if num_devices is not None:
     if not 0 < num_devices <= len(devices):
       raise ValueError(f"num_devices={num_devices}; expected 1..{len(devices)}")
+    if jax.process_count() > 1 and num_devices != len(devices):  # every process feeds its own
+      raise ValueError(f"num_devices={num_devices}: a run of {jax.process_count()} processes uses "
+                       f"all {len(devices)} devices (leave num_devices unset)")
     devices = devices[:num_devices]
   return Mesh(np.asarray(devices), (DATA,), axis_types=(AxisType.Auto,))
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from hydra_jax import adapters, data, export, optim, parallel, train_lib
+from hydra_jax import adapters, checkpointing, data, export, optim, parallel, train_lib
 from hydra_jax.build import build_model
 from hydra_jax.loop import train_and_evaluate
 
@@ -167,7 +167,8 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_process_run_equals_one_process(reference_run, tmp_path):
+@pytest.mark.parametrize("mode", ["jit", "pmap"])
+def test_two_process_run_equals_one_process(reference_run, tmp_path, mode):
   port = _free_port()
   env = {**os.environ, "PYTHONPATH": str(ROOT),
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -175,7 +176,7 @@ def test_two_process_run_equals_one_process(reference_run, tmp_path):
       [sys.executable, "train.py", *_train_cmd(
           tmp_path, f"--config.parallel.distributed.coordinator=127.0.0.1:{port}",
           "--config.parallel.distributed.num_processes=2",
-          f"--config.parallel.distributed.process_id={i}")],
+          f"--config.parallel.distributed.process_id={i}", f"--config.parallel.mode={mode}")],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
@@ -190,16 +191,17 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monke
 
   def poisoned(*args, start_step=0, **kwargs):
     for step, batch in enumerate(real(*args, start_step=start_step, **kwargs), start_step + 1):
-      if step == 3:  # float images are taken as normalised: NaNs reach the loss
+      if step == 2:  # float images are taken as normalised: NaNs reach the loss
         batch = {**batch, "image": np.full(batch["image"].shape, np.nan, np.float32)}
       yield batch
 
   monkeypatch.setattr(data, "train_batches", poisoned)
-  config = _testing_config(**{"checkpoint_every": 2, "log_every": 4})
-  with pytest.raises(FloatingPointError, match="at step 3"):
+  # checkpoints every step, metrics fetched every 5: the NaN of step 2 must stop step 2's save
+  config = _testing_config(**{"checkpoint_every": 1, "log_every": 5})
+  with pytest.raises(FloatingPointError, match="at step 2; the last good checkpoint \\(step 1\\)"):
     train_and_evaluate(config, str(tmp_path))
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-  assert steps == [2]
+  assert steps == [1]
 
 
 def test_final_merge_check_catches_a_wrong_merge(tmp_path, monkeypatch):
@@ -212,3 +214,33 @@ def test_final_merge_check_catches_a_wrong_merge(tmp_path, monkeypatch):
   monkeypatch.setattr(train_lib, "merged_params", off_by_one)
   with pytest.raises(RuntimeError, match="differs from the factored one"):
     train_and_evaluate(_testing_config(), str(tmp_path))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("eval_every_epochs", 0, "eval_every_epochs must be an integer >= 1; got 0"),
+    ("log_every", 0, "log_every must be an integer >= 1"),
+    ("checkpoint_every", -1, "checkpoint_every must be an integer >= 0"),
+    ("parallel.mode", "pmapp", "unknown parallel.mode 'pmapp'"),
+])
+def test_bad_schedule_fields_are_named(tmp_path, field, value, match):
+  config = _testing_config(**{field: value})
+  with pytest.raises(ValueError, match=match):
+    train_and_evaluate(config, str(tmp_path))
+
+
+def test_checkpointer_keeps_and_names_the_best(tmp_path):
+  ckpt = checkpointing.Checkpointer(tmp_path, keep=1, use_async=False)
+  for step, acc in ((1, 0.9), (2, 0.5), (3, 0.4), (4, None)):
+    ckpt.save(step, {"x": np.full(3, step, np.float32)}, meta={"step": step}, val_accuracy=acc)
+  ckpt.wait()
+  assert (ckpt.latest_step(), ckpt.best_step()) == (4, 1)
+  state, meta = ckpt.restore(ckpt.best_step(), {"x": np.zeros(3, np.float32)})
+  assert meta == {"step": 1} and float(state["x"][0]) == 1.0
+  ckpt.close()
+
+
+def test_multi_process_mesh_takes_every_device(monkeypatch):
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match="a run of 2 processes uses all 8 devices"):
+    parallel.make_mesh(4)
+  assert parallel.make_mesh(8).size == 8
