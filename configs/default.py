@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train_patterns = ("head/.*",)  # params that train besides the adapters (fullmatch regexes)
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "fashion_mnist_offline"  # tfds name, or "folder:/path" for class-per-folder images
+  c.data.name = "fashion_mnist_offline"  # tfds name, or "folder:/root" (root/<split>/<class>/*)
   c.data.data_dir = placeholder(str)  # tfds data dir; None: ~/.cache/hydra_jax/tensorflow_datasets
   c.data.train_split = "train[:800]"  # VTAB-1k: 800 train ...
   c.data.val_split = "train[54000:54200]"  # ... + 200 validation, carved at 90% of train

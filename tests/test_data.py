@@ -10,6 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from hydra_jax import data
+from hydra_jax.data import sources
 
 DEBIAN_IDX = pathlib.Path("/usr/share/datasets/fashion-mnist")
 N_TRAIN, N_TEST = 300, 40
@@ -358,6 +359,54 @@ def test_folder_source(tmp_path):
   np.testing.assert_array_equal(source[1]["image"][..., 0], written[("ant", 1)])
   np.testing.assert_array_equal(source[2]["image"], written[("moth", 0)][..., :3])
   np.testing.assert_array_equal(source[5]["image"], written[("zebra", 1)])
+
+
+def _write_split(root, split, counts, rng):
+  """root/<split>/<class>/<k>.png with counts[class] images; returns {(class, k): array}."""
+  written = {}
+  for name, count in counts.items():
+    (root / split / name).mkdir(parents=True)
+    for k in range(count):
+      written[(name, k)] = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+      PIL.Image.fromarray(written[(name, k)]).save(root / split / name / f"{k}.png")
+  return written
+
+
+def test_folder_splits_are_separate_folders_sliced_in_a_fixed_mixed_order(tmp_path):
+  rng = np.random.default_rng(2)
+  _write_split(tmp_path, "train", {"ant": 10, "bee": 10, "cat": 10}, rng)
+  _write_split(tmp_path, "test", {"bee": 3, "cat": 2}, rng)  # no ant: labels must still agree
+  (tmp_path / "train" / ".ipynb_checkpoints").mkdir()  # hidden: not a class
+  train = data.get_source(f"folder:{tmp_path}", "train")
+  head = data.get_source(f"folder:{tmp_path}", "train[:20]")
+  tail = data.get_source(f"folder:{tmp_path}", "train[20:]")
+  pct = data.get_source(f"folder:{tmp_path}", "train[:50%]")
+  test = data.get_source(f"folder:{tmp_path}", "test")
+  assert train.class_names == test.class_names == ["ant", "bee", "cat"]
+  assert (len(train), len(head), len(tail), len(pct), len(test)) == (30, 20, 10, 15, 5)
+  assert sorted(test.labels.tolist()) == [1, 1, 1, 2, 2]
+  files = lambda src: [str(f) for f in src._files]  # noqa: E731
+  assert files(head) + files(tail) == files(train)  # one fixed order, sliced
+  assert set(files(train)).isdisjoint(files(test))
+  assert len(set(head.labels[:10].tolist())) > 1  # shuffled: a slice mixes the classes
+  assert files(data.get_source(f"folder:{tmp_path}", "train")) == files(train)  # deterministic
+  with pytest.raises(FileNotFoundError, match="no split folder 'val'"):
+    data.get_source(f"folder:{tmp_path}", "val[:10]")
+  with pytest.raises(ValueError, match=r"split 'train\[40:\]' .* is empty"):
+    data.get_source(f"folder:{tmp_path}", "train[40:]")
+  with pytest.raises(ValueError, match="expected a split folder name"):
+    data.get_source(f"folder:{tmp_path}", "train+test")
+
+
+def test_sixteen_bit_grayscale_keeps_its_levels(tmp_path):
+  levels = np.array([[0, 257 * 10, 257 * 128, 65535]], np.uint16)
+  PIL.Image.fromarray(levels).save(tmp_path / "g16.png")
+  with PIL.Image.open(tmp_path / "g16.png") as image:
+    assert image.mode in ("I;16", "I")
+    out = sources.to_hwc_uint8(image)
+  np.testing.assert_array_equal(out[..., 0], [[0, 10, 128, 255]])
+  with pytest.raises(ValueError, match="mode 'F'"):
+    sources.to_hwc_uint8(PIL.Image.fromarray(np.zeros((2, 2), np.float32)))
 
 
 # --- errors ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Every source maps an index to {"image": uint8 (H, W, C), "label": int} and knows
 from __future__ import annotations
 
 import pathlib
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,10 +22,22 @@ LabelFn = Callable[[Mapping[str, Any]], int]  # a tfds record (numpy values) -> 
 ImageFn = Callable[[np.ndarray], np.ndarray]  # uint8 (H, W, C) -> uint8 (H, W, C)
 
 
+_GRAY16 = ("I;16", "I;16L", "I;16B", "I")  # how PIL opens 16-bit grayscale PNG / TIFF files
+
+
 def to_hwc_uint8(image) -> np.ndarray:
-  """Returns an image as uint8 (H, W, C): grayscale keeps C=1, anything else becomes RGB."""
+  """Returns an image as uint8 (H, W, C): grayscale keeps C=1, anything else becomes RGB.
+
+  16-bit grayscale is scaled to 8 bits (v / 257, rounded); PIL's own conversion would clip it
+  to black and white. Float images (PIL mode "F") have no range to scale by and are refused.
+  """
   if isinstance(image, PIL.Image.Image):
-    if image.mode not in ("L", "RGB"):
+    if image.mode in _GRAY16:
+      image = np.rint(np.asarray(image, np.float64).clip(0, 65535) / 257).astype(np.uint8)
+    elif image.mode == "F":
+      raise ValueError("a float (PIL mode 'F') image has no known value range; expected 8- or "
+                       "16-bit images")
+    elif image.mode not in ("L", "RGB"):
       image = image.convert("RGB")
     image = np.asarray(image)
   image = np.asarray(image)
@@ -84,24 +97,64 @@ def _class_label_size(name: str, features, label_key: str, num_classes: int | No
   return size
 
 
-class FolderSource:
-  """Images under root/<class_name>/*; labels follow the sorted class folder names."""
+_SPLIT = re.compile(r"(?P<name>[\w.-]+)(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?")
 
-  def __init__(self, root: str | pathlib.Path):
+
+def _bound(text: str | None, n: int) -> int | None:
+  """A tfds-style slice bound: an index, or a percentage of ``n`` (rounded)."""
+  if not text:
+    return None
+  return round(n * int(text[:-1]) / 100) if text.endswith("%") else int(text)
+
+
+def _class_dirs(root: pathlib.Path) -> list[str]:
+  return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+class FolderSource:
+  """Class-per-folder images, the whole tree or one split of it.
+
+  Without a split: ``root/<class>/<image>``, in sorted order. With a split (tfds syntax, e.g.
+  "train", "train[:800]", "val[:50%]"): ``root/<split name>/<class>/<image>``, in a fixed
+  pseudo-random order (seed 0) so that slices mix the classes, then sliced. Labels follow the
+  sorted class folder names -- of every split folder together, so the splits agree on them.
+  Hidden folders (".name") are skipped.
+  """
+
+  def __init__(self, root: str | pathlib.Path, split: str | None = None):
     self.root = pathlib.Path(root).expanduser()
     if not self.root.is_dir():
       raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist")
-    self.class_names = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-    self._files, labels = [], []
+    where, match = self.root, None
+    if split is not None:
+      match = _SPLIT.fullmatch(split)
+      if match is None:
+        raise ValueError(f"folder split {split!r}: expected a split folder name with an optional "
+                         "slice, e.g. 'train', 'train[:800]' or 'val[10%:]'")
+      where = self.root / match["name"]
+      if not where.is_dir():
+        raise FileNotFoundError(
+            f"image folder {str(self.root)!r} has no split folder {match['name']!r} (split "
+            f"{split!r}); expected root/<split>/<class>/<image>, e.g. root/train/cat/1.jpg")
+      self.class_names = sorted({c for d in _class_dirs(self.root)
+                                 for c in _class_dirs(self.root / d)})
+    else:
+      self.class_names = _class_dirs(self.root)
+    files, labels = [], []
     for label, name in enumerate(self.class_names):
-      files = sorted(p for p in (self.root / name).rglob("*")
+      found = sorted(p for p in (where / name).rglob("*")
                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-      self._files += files
-      labels += [label] * len(files)
-    if not self._files:
-      raise ValueError(f"image folder {str(self.root)!r} holds no images: expected "
-                       f"root/<class_name>/<image> files with a suffix in {IMAGE_SUFFIXES}")
-    self.labels = np.asarray(labels, np.int64)
+      files += found
+      labels += [label] * len(found)
+    if not files:
+      raise ValueError(f"image folder {str(where)!r} holds no images: expected "
+                       f"<class_name>/<image> files with a suffix in {IMAGE_SUFFIXES}")
+    order = np.arange(len(files))
+    if match is not None:
+      order = np.random.default_rng(0).permutation(len(files))
+      order = order[_bound(match["start"], len(files)):_bound(match["stop"], len(files))]
+    self._files = [files[i] for i in order]
+    self.labels = np.asarray(labels, np.int64)[order]
     self.num_classes = len(self.class_names)
 
   def __len__(self) -> int:
@@ -122,7 +175,9 @@ def get_source(name: str, split: str | None = None, *, data_dir: str | None = No
 
   Args:
     name: a tfds dataset name (e.g. "fashion_mnist_offline", "cifar100") or "folder:/path/root".
-    split: tfds split string, e.g. "train[:800]+train[54000:54200]" (ignored for folders).
+    split: tfds split string, e.g. "train[:800]+train[54000:54200]"; for folders one split
+      folder, optionally sliced ("train[:800]": root/train/<class>/...), or None for the whole
+      root/<class>/... tree (see ``FolderSource``).
     data_dir: tfds data dir (None: tfds' default).
     label_key: the tfds ClassLabel feature to use as label (see VTAB1K[task]["label"]); not
       read when `label_fn` is given.
@@ -140,7 +195,7 @@ def get_source(name: str, split: str | None = None, *, data_dir: str | None = No
     if label_fn is not None or image_fn is not None:
       raise ValueError(f"{name!r}: folder sources label by folder name; label_fn and image_fn "
                        "apply to tfds datasets only")
-    source = FolderSource(name[len(FOLDER_PREFIX):])
+    source = FolderSource(name[len(FOLDER_PREFIX):], split)
   else:
     if split is None:
       raise ValueError(f"tfds dataset {name!r} needs a split, e.g. 'train' or 'train[:800]'")
@@ -151,8 +206,8 @@ def get_source(name: str, split: str | None = None, *, data_dir: str | None = No
       if "0 length" not in str(e):
         raise
       source = None
-    if source is None or len(source) == 0:
-      raise ValueError(f"split {split!r} of {name!r} is empty")
+  if source is None or len(source) == 0:
+    raise ValueError(f"split {split!r} of {name!r} is empty")
   return source
 
 
