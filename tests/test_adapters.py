@@ -79,6 +79,11 @@ def test_hydralora_merge_with_fixed_routing(tiny):
   assert rel_err(model.apply({"params": uniform}, images), routed) < 1e-5
   with pytest.raises(ValueError, match="routing"):
     ad.merge(params, adapters, spec)
+  for wrong in ([0.25] * 4, [0.5, 0.5], 1.0):  # one weight per head (3), or a clear error
+    with pytest.raises(ValueError, match=r"have shape \(\d*,?\); expected \(\.\.\., 3\)"):
+      ad.merge(params, adapters, spec, routing=jnp.asarray(wrong))
+    with pytest.raises(ValueError, match="one weight per head"):
+      ad.apply_intercepted(model, params, adapters, spec, images, routing=jnp.asarray(wrong))
 
 
 def _closed_form(w, b, f, s):
@@ -183,6 +188,9 @@ def test_record_and_disable(tiny):
   off, _ = ad.apply_intercepted(model, params, adapters, spec, images, disable=("parallel",))
   ref = model.apply({"params": ad.merge(params, seq_only, spec)}, images)
   assert rel_err(off, ref) < 1e-5
+  with pytest.raises(ValueError, match=r"no branch of this hydra adapter: \['paralel'\]; its "
+                                       r"branches: \['parallel', 'sequential'\]"):
+    ad.apply_intercepted(model, params, adapters, spec, images, disable=("paralel",))
 
 
 def test_dropout_path(tiny):

@@ -77,6 +77,10 @@ def apply_intercepted(model: nn.Module, params: Mapping, adapters: Mapping, spec
   dropout = train and spec.dropout > 0
   if dropout and rng is None:
     raise ValueError(f"train=True with dropout {spec.dropout} needs an rng")
+  known = {name for f in factors.values() for name in kinds.branch_names(spec, f)}
+  if unknown := sorted(set(disable) - known):
+    raise ValueError(f"disable names no branch of this {spec.kind} adapter: {unknown}; "
+                     f"its branches: {sorted(known)}")
   seen = set()
 
   def interceptor(next_fun, args, kwargs, context):
@@ -88,7 +92,8 @@ def apply_intercepted(model: nn.Module, params: Mapping, adapters: Mapping, spec
     x = _flatten(args[0], layer.in_shape, layer.d_in)
     y = _flatten(y0, layer.out_shape, layer.d_out)
     drop = _dropout_hook(rng, index[path], spec.dropout) if dropout else kinds.no_drop
-    kw = dict(drop=drop, disable=tuple(disable), routing=transform.routing_for(routing, layer))
+    kw = dict(drop=drop, disable=tuple(disable),
+              routing=transform.routing_for(routing, layer, factors[path]))
     if record:
       out, probs = kinds.outputs(factors[path], x, y, spec, **kw)
       delta = sum(out.values(), jnp.zeros_like(y))

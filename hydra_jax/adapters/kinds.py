@@ -134,6 +134,15 @@ def _product(h: jax.Array, up: jax.Array, biases) -> jax.Array:
   return y
 
 
+def branch_names(spec: AdapterSpec, f) -> tuple[str, ...]:
+  """The names ``outputs`` gives one layer's branches (what ``disable`` switches off)."""
+  if spec.kind == "hydralora":
+    return tuple(f"head_{i}" for i in range(f["B"].shape[0]))
+  if spec.kind == "lora":
+    return ("lora",)
+  return tuple(name for name, tag in (("parallel", "_p"), ("sequential", "_s")) if "A" + tag in f)
+
+
 def outputs(f, x, y0, spec: AdapterSpec, *, affine: bool = True, drop: Drop = no_drop,
             routing=None, disable=()):
   """Branch contributions of one layer's adapter, one by one.

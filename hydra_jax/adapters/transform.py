@@ -80,13 +80,23 @@ def _flat(layer: Layer, module: Mapping) -> tuple[jax.Array, jax.Array]:
   return w, b
 
 
-def routing_for(routing: Any, layer: Layer) -> Any:
-  """The fixed routing weights of one layer from None, an (N,) array or a {path: (N,)} dict."""
+def routing_for(routing: Any, layer: Layer, factors: Mapping) -> Any:
+  """The fixed routing weights of one layer from None, an (N,) array or a {path: (N,)} dict.
+
+  Checked against a HydraLoRA layer's N heads (``factors["B"]``: (N, r, d_out)).
+  """
+  if routing is None:
+    return None
   if isinstance(routing, Mapping):
     if layer.name not in routing:
       raise ValueError(f"routing has no weights for layer {layer.name}; keys: {sorted(routing)}")
-    return jnp.asarray(routing[layer.name])
-  return None if routing is None else jnp.asarray(routing)
+    routing = routing[layer.name]
+  routing = jnp.asarray(routing)
+  heads = factors["B"].shape[0] if "router" in factors else None
+  if heads is not None and (routing.ndim == 0 or routing.shape[-1] != heads):
+    raise ValueError(f"routing weights for layer {layer.name} have shape {routing.shape}; "
+                     f"expected (..., {heads}), one weight per head")
+  return routing
 
 
 def _adapted(params: Mapping, adapters: Mapping):
@@ -103,7 +113,7 @@ def _layer_delta(layer, module, f, spec, routing, *, at_zero=False):
   w, b = _flat(layer, module)
   if at_zero:
     w, b = jnp.zeros(w.shape, jnp.float32), jnp.zeros(b.shape, jnp.float32)
-  return kinds.layer_delta(f, w, b, spec, routing=routing_for(routing, layer))
+  return kinds.layer_delta(f, w, b, spec, routing=routing_for(routing, layer, f))
 
 
 def delta(params: Mapping, adapters: Mapping, spec: AdapterSpec, *, routing=None) -> dict:

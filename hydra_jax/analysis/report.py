@@ -20,7 +20,7 @@ import numpy as np
 from safetensors import safe_open
 
 from hydra_jax import data, export, optim
-from hydra_jax.adapters import transform
+from hydra_jax.adapters import kinds, transform
 from hydra_jax.adapters.spec import AdapterSpec
 from hydra_jax.analysis import activations, markdown, plots, weights
 from hydra_jax.build import build_model, open_source
@@ -85,12 +85,8 @@ def eval_data(run: Run, num_examples: int) -> list[dict[str, np.ndarray]]:
 
 def branch_names(run: Run) -> list[str]:
   """The adapter's branches, as ``kinds.outputs`` names them."""
-  if run.spec.kind == "hydra":
-    return list(activations.PAIR)
-  if run.spec.kind == "hydralora":
-    _, f = next(transform.factor_dicts(run.adapters))
-    return [f"head_{i}" for i in range(np.shape(f["B"])[0])]
-  return [run.spec.kind]
+  _, f = next(transform.factor_dicts(run.adapters))
+  return list(kinds.branch_names(run.spec, f))
 
 
 def _router(run: Run, layers: list[dict], stats: dict) -> dict[str, Any]:
