@@ -213,6 +213,18 @@ def test_big_vision_npz(google_fn, tmp_path, scan):
   assert _rel(_apply(pretrained, images, "encode"), _torch(model, images).last_hidden_state) < 1e-5
 
 
+def test_big_vision_train_checkpoint_keeps_only_params(google_fn, tmp_path):
+  """A big_vision training .npz also holds the optimizer state: not part of the model."""
+  arrays = {f"params/{k}": v for k, v in _google_arrays(google_fn[1], big_vision=True).items()}
+  arrays.update({"opt/1/0/mu/embedding/kernel": np.zeros(3, np.float32),
+                 "chrono/accum_train_time": np.zeros((), np.float32)})
+  pretrained = checkpoints.load(_npz(tmp_path / "train.npz", arrays))
+  assert set(pretrained.params) == {"embedding", "pos_embedding", "cls", "Transformer"}
+  sincos = {k: v for k, v in arrays.items() if k != "params/pos_embedding"}
+  with pytest.raises(ValueError, match="without a stored pos_embedding .*sincos2d"):
+    checkpoints.load(_npz(tmp_path / "sincos.npz", sincos))
+
+
 def test_big_vision_gap_npz(google_fn, tmp_path):
   model, sd = google_fn
   pretrained = checkpoints.load(_npz(tmp_path / "gap.npz", _google_arrays(sd, big_vision=True,
@@ -300,6 +312,14 @@ def test_pool_override_gives_a_head_of_the_new_width(google_fn, tmp_path):
   assert pooled.params["head"]["kernel"].shape == (2 * 64, 3)
   logits = _apply(pooled, _images(16))
   assert logits.shape == (2, 3)
+  head = {"head/kernel": np.ones((64, 3), np.float32), "head/bias": np.ones(3, np.float32)}
+  path = _npz(tmp_path / "head.npz", {**{k: v for k, v in arrays.items()
+                                         if not k.startswith("pre_logits")}, **head})
+  kept = checkpoints.load(path, pool="gap")  # the same width: the file's head stays
+  np.testing.assert_array_equal(kept.params["head"]["kernel"], head["head/kernel"])
+  wider = checkpoints.load(path, pool="tok+gap")  # the same classes, a zero head of the new width
+  assert wider.params["head"]["kernel"].shape == (128, 3)
+  assert not wider.params["head"]["kernel"].any()
 
 
 # ---------------------------------------------------------------- parameter counts
@@ -380,6 +400,33 @@ def test_siglip_classifier_averages_the_tokens(tmp_path):
   assert pretrained.model["pool"] == "gap" and "MAPHead_0" not in pretrained.params
   images = _images(16)
   assert _rel(_apply(pretrained, images), _torch(model, images).logits) < 1e-5
+
+
+def test_siglip_config_relying_on_transformers_defaults(hf_siglip, tmp_path):
+  """transformers 4 wrote nested configs as a diff from the defaults: SigLIP's tanh GELU and
+  eps 1e-6 may be left out (not ViT's exact GELU and 1e-12)."""
+  model, path = hf_siglip
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  (bare / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+  config = {k: v for k, v in json.loads((path / "config.json").read_text()).items()
+            if k not in ("hidden_act", "layer_norm_eps")}  # (TINY's 4 heads are not the default)
+  (bare / "config.json").write_text(json.dumps({"model_type": "siglip", "vision_config": config}))
+  pretrained = checkpoints.load(bare)
+  assert pretrained.model["gelu_approximate"] and pretrained.model["ln_eps"] == 1e-6
+  images = _images(16)
+  assert _rel(_apply(pretrained, images, "features"), _torch(model, images).pooler_output) < 1e-5
+
+
+def test_unsupported_hf_models_are_named(tmp_path):
+  config = transformers.ViTConfig(intermediate_size=128, pooler_act="relu", **TINY)
+  path = _save_hf(transformers.ViTModel(config), tmp_path / "relu")
+  with pytest.raises(ValueError, match="pooler_act 'relu' is not supported"):
+    checkpoints.load(path)
+  config = json.loads((path / "config.json").read_text())
+  (path / "config.json").write_text(json.dumps({**config, "model_type": "dinov2_with_registers"}))
+  with pytest.raises(ValueError, match="model_type 'dinov2_with_registers' is not supported"):
+    checkpoints.load(path)
 
 
 def test_big_vision_two_tower_npz_with_map_head(hf_siglip, tmp_path):

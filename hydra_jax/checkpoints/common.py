@@ -162,6 +162,8 @@ def finalize(raw: Pretrained, *, num_classes=None, reset_head=False, image_size=
     if pool != "map":
       params.pop("MAPHead_0", None)
   kept = None if reset_head else _head_classes(params)
+  if num_classes is None and pool is not None:  # same classes; a head of the old width -> zeros
+    num_classes = kept
   expected = expected_shapes(model, kept if num_classes is None else num_classes)
   params = _set_head(params, expected, num_classes, reset_head)
   check_tree(expected, params)

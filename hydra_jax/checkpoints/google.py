@@ -30,10 +30,14 @@ _GOOGLE_FIELDS = dict(ln_eps=1e-6, gelu_approximate=True)
 
 
 def read_npz(path) -> dict[str, np.ndarray]:
-  """All arrays of an npz file; a leading ``params/`` (big_vision train checkpoints) is dropped,
-  and of a two-tower file (SigLIP, LiT: ``img/`` and ``txt/``) only the image tower is kept."""
+  """All arrays of an npz file; of a big_vision train checkpoint only ``params/`` (the prefix
+  dropped; optimizer state and the rest are not the model), and of a two-tower file (SigLIP,
+  LiT: ``img/`` and ``txt/``) only the image tower."""
   with np.load(path, allow_pickle=False) as f:
-    arrays = {k.removeprefix("params/"): f[k] for k in f.files}
+    names = f.files
+    if any(k.startswith("params/") for k in names):  # a train checkpoint: also opt/, chrono/...
+      names = [k for k in names if k.startswith("params/")]
+    arrays = {k.removeprefix("params/"): f[k] for k in names}
   if any(k.startswith("img/") for k in arrays):
     arrays = {k.removeprefix("img/"): v for k, v in arrays.items() if k.startswith("img/")}
   return arrays
@@ -44,7 +48,7 @@ def is_vision_transformer(arrays: Mapping) -> bool:
 
 
 def is_big_vision(arrays: Mapping) -> bool:
-  return "pos_embedding" in arrays and "embedding/kernel" in arrays
+  return "embedding/kernel" in arrays
 
 
 def _rename_vision_transformer(key: str) -> str:
@@ -81,6 +85,9 @@ def _unscan(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 def load_big_vision(arrays: Mapping[str, np.ndarray], source: str) -> common.Pretrained:
   """big_vision arrays (scanned or not, with or without ``cls``) -> ``Pretrained``."""
   flat = _unscan(arrays)
+  if "pos_embedding" not in flat:
+    raise ValueError(f"{source}: a big_vision ViT without a stored pos_embedding (posemb "
+                     "'sincos2d' computes it); only learned position embeddings are supported")
   pos = flat["pos_embedding"]
   if "cls" in flat:
     # big_vision adds posemb to the patch tokens only; a zero cls row is the same function.

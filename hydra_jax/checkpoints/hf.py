@@ -69,13 +69,35 @@ _TEXT_TOWER = ("text_model.", "logit_scale", "logit_bias")  # two-tower SigLIP: 
 _PREFIX = re.compile(r"^(vit|dinov2|vision_model)\.")
 
 
+# transformers' config defaults per family (a saved config may leave them out)
+_DEFAULTS = {
+    "vit": dict(hidden_size=768, num_attention_heads=12, hidden_act="gelu", layer_norm_eps=1e-12),
+    "dinov2": dict(hidden_size=768, num_attention_heads=12, hidden_act="gelu",
+                   layer_norm_eps=1e-6),
+    "siglip": dict(hidden_size=768, num_attention_heads=12, hidden_act="gelu_pytorch_tanh",
+                   layer_norm_eps=1e-6),
+}
+
+
 def hf_dir(path: pathlib.Path) -> pathlib.Path | None:
-  """The checkpoint directory if ``path`` is a HF ViT/DINOv2 directory or one of its files."""
+  """The checkpoint directory if ``path`` is a HF directory (or one of its files).
+
+  Raises:
+    ValueError: a HF model directory of a model_type hydra_jax does not read.
+  """
+  if path.is_file() and path.suffix != ".safetensors":
+    return None
   root = path if path.is_dir() else path.parent
   config = root / "config.json"
   if not config.is_file() or not list(root.glob("*.safetensors")):
     return None
-  return root if json.loads(config.read_text()).get("model_type") in MODEL_TYPES else None
+  model_type = json.loads(config.read_text()).get("model_type")
+  if model_type is None:
+    return None
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f"{root}: Hugging Face model_type {model_type!r} is not supported; "
+                     f"expected one of {MODEL_TYPES}")
+  return root
 
 
 def _convert(name: str, leaf: str, value: np.ndarray, heads: int) -> tuple[str, np.ndarray]:
@@ -151,7 +173,8 @@ def load_hf(root: pathlib.Path) -> common.Pretrained:
   model_type = config["model_type"]
   if model_type == "siglip":  # two towers: keep the vision one
     config = dict(config.get("vision_config") or {}, model_type="siglip")
-  act = config.get("hidden_act", "gelu")
+  config = {**_DEFAULTS[model_type.removesuffix("_vision_model")], **config}
+  act = config["hidden_act"]
   if act not in _GELUS or config.get("use_swiglu_ffn", False):
     raise ValueError(f"{root}: unsupported MLP (hidden_act={act!r}, use_swiglu_ffn="
                      f"{config.get('use_swiglu_ffn', False)}); expected one of {tuple(_GELUS)}")
@@ -168,7 +191,10 @@ def load_hf(root: pathlib.Path) -> common.Pretrained:
       for qkv in ("query", "key", "value"):
         flat[name.replace("query/kernel", f"{qkv}/bias")] = np.zeros(
             (heads, width // heads), np.float32)
-  fields = dict(ln_eps=float(config.get("layer_norm_eps", 1e-12)), gelu_approximate=_GELUS[act])
+  if "pre_logits/kernel" in flat and config.get("pooler_act", "tanh") != "tanh":
+    raise ValueError(f"{root}: pooler_act {config['pooler_act']!r} is not supported; the "
+                     "ViT's pre_logits layer is tanh")
+  fields = dict(ln_eps=float(config["layer_norm_eps"]), gelu_approximate=_GELUS[act])
   head = flat.get("head/kernel")
   if model_type == "dinov2" and head is not None and head.shape[0] == 2 * config["hidden_size"]:
     fields["pool"] = "tok+gap"
