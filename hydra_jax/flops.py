@@ -45,17 +45,18 @@ def _matmuls(model: ViT, image_size: int) -> list[tuple[str, float]]:
   return out
 
 
-_ORDER = {"query": 0, "key": 0, "value": 0, "attention": 1, "out": 2, "Dense_0": 3, "Dense_1": 4}
+_ORDER = {"query": 0, "key": 0, "value": 0, "attention": 1, "out": 2, "Dense_0": 3, "Dense_1": 4,
+          "pre_logits": 5, "head": 6}
 
 
 def _level(path: str, depth: int) -> int:
-  """Position in the forward pass: embedding first, then each block's matmuls, then the head."""
+  """Position in the forward pass: embedding, each block's matmuls, the MAP head's, pre_logits,
+  the head."""
   if path == "embedding":
     return -1
   hit = _BLOCK.match(path)
-  if not hit:
-    return 10 * depth
-  return 10 * int(hit.group(1)) + _ORDER[path.rsplit("/", 1)[1]]
+  block = int(hit.group(1)) if hit else depth  # after the blocks: MAPHead_0, pre_logits, head
+  return 10 * block + _ORDER[path.rsplit("/", 1)[-1]]
 
 
 def train_step_flops(model: ViT, image_size: int, weight_grads: Iterable[str],
@@ -76,7 +77,7 @@ def train_step_flops(model: ViT, image_size: int, weight_grads: Iterable[str],
   unknown = (grads | adapted) - {p for p, _ in mods}
   if unknown:
     raise ValueError(f"weight_grads / adapted name no matmul of the model: {sorted(unknown)}")
-  lowest = min((_level(p, model.depth) for p in grads | adapted), default=10 * model.depth + 1)
+  lowest = min((_level(p, model.depth) for p in grads | adapted), default=10 * model.depth + 10)
   total = 0.0
   for path, fwd in mods:
     total += fwd

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from hydra_jax import adapters, bench, flops, train_lib
 from hydra_jax.models import ViT
@@ -69,3 +70,32 @@ def test_forward_count_matches_xla_for_each_pooling(pool):
   counted = flops.train_step_flops(model, 32, weight_grads=[])
   # XLA also counts LayerNorm / GELU / softmax work: a few percent at this width
   assert 0.85 * cost["flops"] < counted <= cost["flops"], (counted, cost["flops"])
+
+
+@pytest.mark.parametrize("pool,trained", [
+    ("map", "MAPHead_0/MultiHeadDotProductAttention_0/query"), ("tok", "pre_logits")])
+def test_training_above_the_blocks_counts_the_gradient_through_what_follows(pool, trained):
+  """Training a module after the blocks adds its weight gradient and the data gradients of the
+  modules after it (MAP attention, MLP, head); XLA's extra count agrees (element-wise work
+  cancels in the difference)."""
+  model = ViT(num_classes=100, width=64, depth=1, mlp_dim=128, num_heads=4, patch_size=8,
+              posemb_grid=(4, 4), pool=pool, class_token=pool == "tok",
+              representation_size=256 if pool == "tok" else None)
+  images = jnp.zeros((4, 32, 32, 3))  # batch > 1: XLA rewrites a dot over one row as a product
+  flat = traverse_util.flatten_dict(model.init(jax.random.key(0), images)["params"], sep="/")
+
+  def xla(modules):  # XLA's FLOPs of the loss gradient w.r.t. these modules' kernels
+    names = [f"{m}/kernel" for m in modules]
+
+    def loss(train, frozen, x):  # everything an argument: nothing for XLA to constant-fold
+      params = traverse_util.unflatten_dict({**frozen, **train}, sep="/")
+      return model.apply({"params": params}, x).sum()
+
+    train = {k: flat[k] for k in names}
+    frozen = {k: v for k, v in flat.items() if k not in train}
+    cost = jax.jit(jax.grad(loss)).lower(train, frozen, images).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"] / len(images)
+
+  counted = (flops.train_step_flops(model, 32, ["head", trained])
+             - flops.train_step_flops(model, 32, ["head"]))
+  assert counted == pytest.approx(xla(["head", trained]) - xla(["head"]), rel=0.12)
