@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.overrides = ml_collections.ConfigDict()  # extra ViT fields for random models
   c.model.image_size = 112  # input resolution; position embeddings are resampled once at load
   c.model.pool = "tok+gap"  # class token and mean patch token, concatenated (DINOv2 probe style)
+  c.model.pre_logits = True  # keep a checkpoint's tanh pre_logits layer (original i21k files)
+  c.model.pixel_mean = placeholder(tuple)  # input normalisation; None: what the checkpoint says
+  c.model.pixel_std = placeholder(tuple)
   c.model.dtype = "float32"  # compute dtype ("bfloat16" on GPU/TPU); params stay float32
   c.model.attention = "auto"  # cuDNN flash attention on GPUs with bf16 compute, else "xla"
   c.model.remat = "none"  # "block": recompute blocks (least memory); "dots": keep matmul outputs
@@ -78,7 +81,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 1e-4
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
-  c.optim.warmup_epochs = 1  # linear warm-up, then cosine decay to 0
+  c.optim.warmup_epochs = 1  # linear warm-up from warmup_init_lr, then cosine decay to min_lr
+  c.optim.schedule = "cosine"  # or "timm_cosine": timm's epoch-stepped CosineLRScheduler
+  c.optim.cosine_epochs = placeholder(int)  # timm_cosine: the cosine period (t_initial)
+  c.optim.min_lr = 0.0
+  c.optim.warmup_init_lr = 0.0
   c.optim.grad_clip = 0.0  # global-norm clipping (0: off)
 
   c.parallel = ml_collections.ConfigDict()

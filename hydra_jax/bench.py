@@ -108,7 +108,8 @@ def _setup(args, name: str):
   ad = {} if spec is None else adapters.init(spec, params, jax.random.key(1))
   trainable = {"adapters": ad, "params": trainable_params}
   cfg = argparse.Namespace(lr=1e-3, weight_decay=1e-4, b1=0.9, b2=0.999, warmup_steps=10,
-                           total_steps=1000, grad_clip=0.0)
+                           total_steps=1000, grad_clip=0.0, schedule="cosine", min_lr=0.0,
+                           warmup_init_lr=0.0)
   tx, schedule = train_lib.make_optimizer(cfg)
   state = train_lib.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
   step_flops = args.batch * flops.train_step_flops(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -56,7 +58,7 @@ def build_model(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:
     kwargs["posemb_grid"] = (grid, grid)
     if cfg.get("pool"):
       kwargs["pool"] = cfg.pool
-    mean = std = (0.5, 0.5, 0.5)
+    mean, std = _pixel_stats(cfg, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     model = ViT(num_classes=num_classes, **kwargs, **runtime, pixel_mean=mean, pixel_std=std)
     images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
     params = jax.jit(model.init)(rng, images)["params"]
@@ -65,5 +67,19 @@ def build_model(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:
   if path == "default":  # the bundled backbone, prepared on first use
     path = assets.default_backbone()
   pre = checkpoints.load(path, num_classes=num_classes, image_size=cfg.image_size,
-                         pool=cfg.get("pool") or None)
+                         pool=cfg.get("pool") or None,
+                         drop_pre_logits=not cfg.get("pre_logits", True))
+  mean, std = _pixel_stats(cfg, pre.mean, pre.std)
+  pre = dataclasses.replace(pre, mean=mean, std=std)
   return checkpoints.build_model(pre, num_classes=num_classes, **runtime), pre
+
+
+def _pixel_stats(cfg, mean, std) -> tuple[tuple, tuple]:
+  """The checkpoint's input normalisation, or ``model.pixel_mean`` / ``pixel_std`` instead."""
+  want_mean, want_std = cfg.get("pixel_mean"), cfg.get("pixel_std")
+  if want_mean is None and want_std is None:
+    return tuple(mean), tuple(std)
+  if want_mean is None or want_std is None or len(want_mean) != 3 or len(want_std) != 3:
+    raise ValueError(f"model.pixel_mean and model.pixel_std must both be RGB triples; got "
+                     f"{want_mean!r} and {want_std!r}")
+  return tuple(map(float, want_mean)), tuple(map(float, want_std))

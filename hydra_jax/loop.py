@@ -42,6 +42,7 @@ def _init_state(config, model, params, spec, rng, steps_per_epoch: int):
   opt = ml_collections.ConfigDict(config.optim.to_dict())
   opt.total_steps = config.num_epochs * steps_per_epoch
   opt.warmup_steps = int(config.optim.warmup_epochs * steps_per_epoch)
+  opt.steps_per_epoch, opt.num_epochs = steps_per_epoch, config.num_epochs
   tx, schedule = train_lib.make_optimizer(opt)
   state = train_lib.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
   return state, frozen, tx, schedule, report

@@ -93,11 +93,43 @@ def merged_params(trainable, frozen, spec: adapters_lib.AdapterSpec | None):
   return adapters_lib.merge(params, trainable["adapters"], spec)
 
 
+SCHEDULES = ("cosine", "timm_cosine")
+
+
+def _timm_cosine(config) -> optax.Schedule:
+  """timm's CosineLRScheduler (t in epochs, warm-up not a prefix) stepped after each epoch as
+  the official Hydra VTAB-1k loop steps it, so epoch e trains at t = max(e - 1, 0): a linear
+  warm-up from ``warmup_init_lr`` over ``warmup_epochs``, then
+  ``min_lr + (lr - min_lr) (1 + cos(pi t / cosine_epochs)) / 2``."""
+  period, warmup = config.cosine_epochs, max(config.warmup_epochs, 1e-9)
+  if not period or period < config.num_epochs:
+    raise ValueError(f"optim.cosine_epochs must be >= num_epochs ({config.num_epochs}) for the "
+                     f"timm_cosine schedule (one cycle); got {period!r}")
+
+  def schedule(step):
+    t = jnp.maximum(step // config.steps_per_epoch - 1, 0).astype(jnp.float32)
+    warm = config.warmup_init_lr + t * (config.lr - config.warmup_init_lr) / warmup
+    cosine = config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + jnp.cos(jnp.pi * t / period))
+    return jnp.where(t < config.warmup_epochs, warm, cosine)
+
+  return schedule
+
+
+def make_schedule(config) -> optax.Schedule:
+  """``config.schedule``: "cosine" (per step: linear warm-up from ``warmup_init_lr``, cosine to
+  ``min_lr`` at the last step) or "timm_cosine" (see ``_timm_cosine``)."""
+  if config.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=config.warmup_init_lr, peak_value=config.lr, warmup_steps=config.warmup_steps,
+        decay_steps=max(config.total_steps, config.warmup_steps + 1), end_value=config.min_lr)
+  if config.schedule == "timm_cosine":
+    return _timm_cosine(config)
+  raise ValueError(f"unknown optim.schedule {config.schedule!r}; expected one of {SCHEDULES}")
+
+
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with linear warm-up and cosine decay to zero, optional global-norm clipping."""
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.lr, warmup_steps=config.warmup_steps,
-      decay_steps=max(config.total_steps, config.warmup_steps + 1), end_value=0.0)
+  """AdamW on ``make_schedule(config)``, optional global-norm clipping."""
+  schedule = make_schedule(config)
   tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
   if config.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)

@@ -202,6 +202,21 @@ def test_vision_transformer_npz(google_fn, tmp_path):
   assert _rel(_apply(pretrained, images), logits) < 1e-5
 
 
+def test_dropping_pre_logits_reads_the_class_token(google_fn, tmp_path):
+  """timm loads the original i21k files without their tanh representation layer."""
+  model, sd = google_fn
+  arrays = _google_arrays(sd)
+  arrays.update({"head/kernel": np.ones((64, 10), np.float32),
+                 "head/bias": np.ones(10, np.float32)})
+  path = _npz(tmp_path / "vit.npz", arrays)
+  plain = checkpoints.load(path, drop_pre_logits=True)
+  assert plain.model["representation_size"] is None and "pre_logits" not in plain.params
+  assert plain.params["head"]["kernel"].shape == (64, 10)  # the same width: the head stays
+  images = _images(16)
+  cls = _torch(model, images).last_hidden_state[:, 0]
+  assert _rel(_apply(plain, images, "features"), cls) < 1e-5
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_big_vision_npz(google_fn, tmp_path, scan):
   model, sd = google_fn

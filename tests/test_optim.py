@@ -1,5 +1,7 @@
 """optim: labels / split / join / report, and training adapters + head through optax.partition."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,3 +91,38 @@ def test_gradients_reach_both_hydra_branches(trained):
   for _, f in ad.transform.factor_dicts(grads[-1]["adapters"]):
     for k in ("A_p", "B_p", "A_s", "B_s"):
       assert float(jnp.abs(f[k]).max()) > 0, k
+
+
+def _official_vtab_lrs(lr, epochs, *, warmup=10, period=500, lr_min=1e-5, warmup_init=1e-6):
+  """The lr of each epoch in the official Hydra VTAB-1k loop, written out independently: timm's
+  CosineLRScheduler starts at warmup_lr_init and is stepped with the epoch index after each
+  epoch (t in epochs, warm-up not a prefix of the cosine)."""
+  def timm(t):
+    if t < warmup:
+      return warmup_init + t * (lr - warmup_init) / warmup
+    return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * t / period))
+  current, out = warmup_init, []
+  for epoch in range(epochs):
+    out.append(current)  # this epoch trains at the lr set after the previous one
+    current = timm(epoch)
+  return out
+
+
+def test_timm_cosine_follows_the_official_vtab_loop():
+  from configs import vtab1k
+  from hydra_jax import train_lib
+
+  config = vtab1k.get_config("cifar100").optim
+  config.steps_per_epoch, config.num_epochs, config.warmup_steps, config.total_steps = (
+      3, 100, 30, 300)
+  schedule = train_lib.make_schedule(config)
+  want = _official_vtab_lrs(config.lr, 100)
+  got = [[float(schedule(e * 3 + i)) for i in range(3)] for e in range(100)]
+  np.testing.assert_allclose(got, np.repeat(np.asarray(want)[:, None], 3, 1), rtol=1e-5)
+  assert 0.9 < got[-1][0] / config.lr < 0.92  # barely decayed after 100 of 500 epochs
+  config.cosine_epochs = 50
+  with pytest.raises(ValueError, match="cosine_epochs must be >= num_epochs"):
+    train_lib.make_schedule(config)
+  config.schedule = "step"
+  with pytest.raises(ValueError, match="unknown optim.schedule 'step'"):
+    train_lib.make_schedule(config)

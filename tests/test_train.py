@@ -15,7 +15,16 @@ import numpy as np
 import pytest
 
 from configs import default
-from hydra_jax import adapters, checkpointing, data, export, optim, parallel, train_lib
+from hydra_jax import (
+    adapters,
+    checkpointing,
+    checkpoints,
+    data,
+    export,
+    optim,
+    parallel,
+    train_lib,
+)
 from hydra_jax.build import build_model
 from hydra_jax.loop import train_and_evaluate
 
@@ -244,3 +253,27 @@ def test_multi_process_mesh_takes_every_device(monkeypatch):
   with pytest.raises(ValueError, match="a run of 2 processes uses all 8 devices"):
     parallel.make_mesh(4)
   assert parallel.make_mesh(8).size == 8
+
+
+def test_vtab1k_model_is_the_official_codes(tmp_path):
+  """configs/vtab1k.py: ImageNet mean / std inputs and no pre_logits layer, as timm runs the
+  original i21k file in the official code; the head reads the class token directly."""
+  from configs import vtab1k
+
+  fields = dict(patch_size=8, width=32, depth=1, mlp_dim=64, num_heads=2, posemb_grid=(2, 2),
+                representation_size=32)
+  vit = checkpoints.build_model(checkpoints.Pretrained({}, fields, (0.5,) * 3, (0.5,) * 3, ""),
+                                num_classes=None)
+  params = vit.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))["params"]
+  model = dict(fields, class_token=True, pool="tok", layer_scale=False, gelu_approximate=True)
+  checkpoints.save(tmp_path / "i21k.safetensors",
+                   checkpoints.Pretrained(params, model, (0.5,) * 3, (0.5,) * 3, "test"))
+  config = vtab1k.get_config("cifar100")
+  config.model.checkpoint, config.model.image_size = str(tmp_path / "i21k.safetensors"), 16
+  model, pre = build_model(config, jax.random.key(0))
+  assert model.representation_size is None and "pre_logits" not in pre.params
+  assert model.pixel_mean == (0.485, 0.456, 0.406) and pre.std == (0.229, 0.224, 0.225)
+  assert pre.params["head"]["kernel"].shape == (32, 100)
+  images = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  cls = model.apply({"params": pre.params}, images, method="encode")[:, 0]
+  np.testing.assert_allclose(model.apply({"params": pre.params}, images, method="features"), cls)

@@ -50,7 +50,8 @@ def _read(path: pathlib.Path) -> Pretrained:
 
 
 def load(path, *, num_classes: int | None = None, reset_head: bool = False,
-         image_size: int | tuple[int, int] | None = None, pool: str | None = None) -> Pretrained:
+         image_size: int | tuple[int, int] | None = None, pool: str | None = None,
+         drop_pre_logits: bool = False) -> Pretrained:
   """Loads a pre-trained ViT from any supported format into the ViT's param layout.
 
   Args:
@@ -63,6 +64,7 @@ def load(path, *, num_classes: int | None = None, reset_head: bool = False,
       record the new ``model["posemb_grid"]``.
     pool: override the checkpoint's pooling ("tok", "gap", "tok+gap", "map"); the head then
       follows the new feature width.
+    drop_pre_logits: remove the tanh ``pre_logits`` layer of the original i21k files.
 
   Returns:
     ``Pretrained`` with float32 numpy params that exactly fit ``build_model(pretrained)``.
@@ -73,4 +75,4 @@ def load(path, *, num_classes: int | None = None, reset_head: bool = False,
   """
   raw = _read(pathlib.Path(path).expanduser())
   return finalize(raw, num_classes=num_classes, reset_head=reset_head, image_size=image_size,
-                  pool=pool)
+                  pool=pool, drop_pre_logits=drop_pre_logits)

@@ -138,7 +138,7 @@ def _resample(params: dict, model: dict, image_size) -> tuple[dict, dict]:
 
 
 def finalize(raw: Pretrained, *, num_classes=None, reset_head=False, image_size=None,
-             pool=None) -> Pretrained:
+             pool=None, drop_pre_logits=False) -> Pretrained:
   """Applies the head / image-size options to a converted checkpoint and checks it strictly.
 
   Args:
@@ -150,6 +150,8 @@ def finalize(raw: Pretrained, *, num_classes=None, reset_head=False, image_size=
     pool: pool the features another way than the checkpoint does ("tok", "gap", "tok+gap",
       "map"); a head whose input width no longer fits is replaced by a zero head, and a MAP
       head the new pooling does not use is dropped.
+    drop_pre_logits: remove the tanh ``pre_logits`` layer (the original i21k files'), so the
+      head reads the pooled features directly (as timm loads those files); the head follows.
 
   Returns:
     A ``Pretrained`` with float32 numpy params that match ``build_model`` of it exactly.
@@ -161,9 +163,12 @@ def finalize(raw: Pretrained, *, num_classes=None, reset_head=False, image_size=
     model["pool"] = pool
     if pool != "map":
       params.pop("MAPHead_0", None)
+  if drop_pre_logits:
+    params.pop("pre_logits", None)
+    model["representation_size"] = None
   kept = None if reset_head else _head_classes(params)
-  if num_classes is None and pool is not None:  # same classes; a head of the old width -> zeros
-    num_classes = kept
+  if num_classes is None and (pool is not None or drop_pre_logits):  # a head of the old width
+    num_classes = kept  # becomes a zero head of the same classes
   expected = expected_shapes(model, kept if num_classes is None else num_classes)
   params = _set_head(params, expected, num_classes, reset_head)
   check_tree(expected, params)
