@@ -86,9 +86,11 @@ def write_outputs(rows: list[dict], args, out: pathlib.Path) -> None:
   lines = [
       "# Adapter study", "",
       f"Command: `{args.command}`", "",
-      f"Data: {args.dataset or 'fashion_mnist_offline'} (VTAB-1k protocol: 800 train, 200 val), "
-      f"test accuracy of the merged model on the first {args.test_limit} test images; "
-      f"bundled pre-trained ViT-S/14 at {args.image_size} px, {args.epochs} epochs, batch 32, "
+      f"Data: {args.dataset or 'fashion_mnist_offline'} (splits: train "
+      f"{args.train_split or 'train[:800]'}, val {args.val_split or 'train[54000:54200]'}), "
+      f"test accuracy on the first {args.test_limit} test images (of the merged model; "
+      f"HydraLoRA's is unmerged: its router depends on the input); bundled pre-trained "
+      f"ViT-S/14 at {args.image_size} px, {args.epochs} epochs, batch 32, "
       f"seeds {', '.join(map(str, args.seeds))}; measured on 2 CPU cores.", "",
       "| method | test accuracy (%) | trainable params | train + eval time (s) |",
       "|---|---|---|---|",

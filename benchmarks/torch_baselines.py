@@ -239,7 +239,8 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=5)
   p.add_argument("--rank", type=int, default=2, help="Hydra rank of each branch")
   p.add_argument("--scale", type=float, default=1.0, help="Hydra scale s")
-  p.add_argument("--dropout", type=float, default=0.1, help="Hydra dropout between down and up")
+  p.add_argument("--dropout", type=float, default=0.0,
+                 help="Hydra dropout between down and up (0: like hydra_jax.bench's hydra row)")
   p.add_argument("--no-infer", dest="infer", action="store_false", help="skip inference timing")
   p.add_argument("--no-check", dest="check", action="store_false", help="skip the Hydra check")
   return p.parse_args(argv)
@@ -266,6 +267,8 @@ def main(argv=None):
   for config in configs:
     adapter, _, mode = config.partition(":")
     row = dict(meta, adapter=adapter, compile=mode == "compile")
+    if adapter == "hydra":
+      row["dropout"] = args.dropout  # recorded: the like-for-like JAX row depends on it
     print(f"[torch_baselines] {config} ...", file=sys.stderr, flush=True)
     try:
       row.update(run_config(args, adapter, mode or "eager", device, cache))
