@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype ("bfloat16" on GPU/TPU); params stay float32
   c.model.attention = "auto"  # cuDNN flash attention on GPUs with bf16 compute, else "xla"
   c.model.remat = "none"  # "block": recompute blocks (least memory); "dots": keep matmul outputs
+  c.model.drop_path = 0.0  # stochastic depth of the last block (rising from 0), training only
 
   # Hydra on every block's attention out projection and MLP Dense_1, rank 2 + 2 (the paper's).
   c.adapter = adapter_config("hydra", scale=1.0)

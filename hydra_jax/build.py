@@ -51,7 +51,8 @@ def build_model(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:
   (plus ``overrides``), as the tests use. ``config.model.pool`` overrides the checkpoint's pooling.
   """
   cfg, num_classes = config.model, config.data.num_classes
-  runtime = dict(dtype=_dtype(cfg.dtype), attention=cfg.attention, remat=cfg.remat)
+  runtime = dict(dtype=_dtype(cfg.dtype), attention=cfg.attention, remat=cfg.remat,
+                 drop_path=cfg.get("drop_path", 0.0))
   if cfg.checkpoint is None:
     kwargs = {**variant(cfg.variant), **cfg.get("overrides", {})}
     grid = cfg.image_size // kwargs["patch_size"]

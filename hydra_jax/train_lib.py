@@ -20,6 +20,7 @@ import optax
 
 from hydra_jax import adapters as adapters_lib
 from hydra_jax import optim
+from hydra_jax.models import vit
 
 Batch = dict[str, jax.Array]
 
@@ -36,7 +37,8 @@ def forward(model: nn.Module, spec: adapters_lib.AdapterSpec | None, trainable, 
   """Logits (B, C) of the adapted model and aux losses; ``spec=None`` is the plain model."""
   params = optim.join(trainable["params"], frozen)
   if spec is None:
-    return model.apply({"params": params}, images), {"balance_loss": jnp.zeros(())}
+    logits = model.apply({"params": params}, images, rngs=vit.train_rngs(rng, train=train))
+    return logits, {"balance_loss": jnp.zeros(())}
   return adapters_lib.forward(model, params, trainable["adapters"], spec, images, rng=rng,
                               train=train)
 

@@ -272,8 +272,19 @@ def test_vtab1k_model_is_the_official_codes(tmp_path):
   config.model.checkpoint, config.model.image_size = str(tmp_path / "i21k.safetensors"), 16
   model, pre = build_model(config, jax.random.key(0))
   assert model.representation_size is None and "pre_logits" not in pre.params
+  assert model.drop_path == 0.1
   assert model.pixel_mean == (0.485, 0.456, 0.406) and pre.std == (0.229, 0.224, 0.225)
   assert pre.params["head"]["kernel"].shape == (32, 100)
   images = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
   cls = model.apply({"params": pre.params}, images, method="encode")[:, 0]
   np.testing.assert_allclose(model.apply({"params": pre.params}, images, method="features"), cls)
+
+
+def test_stochastic_depth_trains_and_evaluates_the_plain_model(reference_run, tmp_path):
+  """drop_path acts in the train step only: the run differs from the reference, and the final
+  merged model (evaluated without it) still matches the factored one."""
+  results = train_and_evaluate(_testing_config(**{"model.drop_path": 0.3}), str(tmp_path))
+  assert results["merge_rel_error"] < 1e-5
+  ours, ref = _adapters_of(tmp_path), _adapters_of(reference_run[0])
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref),
+                                                   strict=True))

@@ -100,3 +100,33 @@ def test_uint8_images_are_normalised_on_the_device():
                              model.apply({"params": params}, host), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match=r"uint8 images need ViT\(pixel_mean"):
     ViT(**KW).apply({"params": params}, raw)
+
+
+def test_drop_path_drops_whole_samples_and_keeps_the_expectation():
+  x = jnp.ones((4000, 3, 2))
+  y = vit.drop_path(x, 0.25, jax.random.key(0))
+  per_sample = np.asarray(y).reshape(4000, -1)
+  np.testing.assert_allclose(np.unique(per_sample), [0.0, 1 / 0.75], rtol=1e-6)  # all or none
+  assert (per_sample.min(1) == per_sample.max(1)).all()
+  assert abs(float((per_sample[:, 0] == 0).mean()) - 0.25) < 0.03
+  assert abs(float(y.mean()) - 1.0) < 0.05
+
+
+@pytest.mark.parametrize("remat", ["none", "block"])
+def test_drop_path_only_with_its_rng(remat):
+  """Evaluation (no rng) is the plain model; training samples the last block's branches (rate
+  0 in the first block, as timm's linear schedule), so identical images part ways."""
+  kw = dict(num_classes=3, width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=4,
+            posemb_grid=(2, 2), remat=remat)
+  images = jnp.tile(jax.random.normal(jax.random.key(1), (1, 8, 8, 3)), (64, 1, 1, 1))
+  params = ViT(**kw).init(jax.random.key(0), images[:1])["params"]
+  plain = ViT(**kw).apply({"params": params}, images, method="encode")
+  model = ViT(**kw, drop_path=0.5)
+  np.testing.assert_array_equal(model.apply({"params": params}, images, method="encode"), plain)
+  trained = model.apply({"params": params}, images, method="encode",
+                        rngs=vit.train_rngs(jax.random.key(2), train=True))
+  outcomes = np.unique(np.round(np.asarray(trained).reshape(64, -1), 4), axis=0)
+  assert 2 <= len(outcomes) <= 4  # attention and MLP branch of block 1, each kept or dropped
+  assert vit.train_rngs(jax.random.key(2), train=False) == {}
+  with pytest.raises(ValueError, match="drop_path 1.0 must be in"):
+    ViT(**kw, drop_path=1.0).init(jax.random.key(0), images[:1])

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from hydra_jax.adapters import hydralora, kinds, transform
 from hydra_jax.adapters.spec import AdapterSpec
+from hydra_jax.models import vit
 
 _AUX = "adapter_aux"  # flax collection the interceptor sows router probabilities / branches into
 
@@ -110,7 +111,8 @@ def apply_intercepted(model: nn.Module, params: Mapping, adapters: Mapping, spec
     return (y + delta).astype(y0.dtype).reshape(y0.shape)
 
   with nn.intercept_methods(interceptor):
-    out, state = model.apply({"params": params}, images, method=method, mutable=[_AUX])
+    out, state = model.apply({"params": params}, images, method=method, mutable=[_AUX],
+                             rngs=vit.train_rngs(rng, train=train))
   missing = [transform.layer_of(p, transform.get_path(params, p)).name
              for p in factors if p not in seen]
   if missing:
@@ -152,7 +154,8 @@ def forward(model: nn.Module, params: Mapping, adapters: Mapping, spec: AdapterS
     (logits (B, C), {"balance_loss": scalar float32}).
   """
   if merge_path(spec, train=train):
-    logits = model.apply({"params": transform.merge(params, adapters, spec)}, images)
+    logits = model.apply({"params": transform.merge(params, adapters, spec)}, images,
+                         rngs=vit.train_rngs(rng, train=train))
     return logits, {"balance_loss": jnp.zeros((), jnp.float32)}
   logits, aux = apply_intercepted(model, params, adapters, spec, images, rng=rng, train=train)
   return logits, {"balance_loss": aux["balance_loss"]}

@@ -45,6 +45,7 @@ ATTENTIONS = ("auto", "xla", "cudnn")
 IMPLEMENTATION = {"xla": "xla", "cudnn": "cudnn"}
 PAD_MULTIPLE = {"xla": 1, "cudnn": 16}
 REMATS = ("none", "block", "dots")
+DROP_PATH = "drop_path"  # the rng collection that switches stochastic depth on (training)
 _REMAT_POLICY = {"block": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
@@ -68,6 +69,21 @@ def variant(name: str) -> dict[str, Any]:
         f"unknown ViT variant {name!r}; expected SIZE/PATCH with SIZE in {tuple(SIZES)} "
         f"and PATCH in {PATCHES}")
   return dict(SIZES[m.group(1)], patch_size=int(m.group(2)))
+
+
+def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+  """Stochastic depth on a residual branch x (B, ...): each sample's branch is zeroed with
+  probability ``rate``, the kept ones scaled by 1 / (1 - rate) (the expectation is unchanged)."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
+def train_rngs(rng: jax.Array | None, *, train: bool) -> dict[str, jax.Array]:
+  """``apply``'s rngs for a training forward: stochastic depth's key (a no-op for models
+  without ``drop_path``); none for evaluation."""
+  # far from the small integers the adapters' dropout folds in (layer indices)
+  return {DROP_PATH: jax.random.fold_in(rng, 0x7FFFFFFF)} if train and rng is not None else {}
 
 
 class _LayerScale(nn.Module):
@@ -160,8 +176,14 @@ class _EncoderBlock(nn.Module):
   ln_eps: float = 1e-6
   gelu_approximate: bool = False
   attention: str = "xla"
+  drop_path: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+
+  def _residual(self, y):
+    if self.drop_path and self.has_rng(DROP_PATH):
+      return drop_path(y, self.drop_path, self.make_rng(DROP_PATH))
+    return y
 
   @nn.compact
   def __call__(self, x):
@@ -171,12 +193,12 @@ class _EncoderBlock(nn.Module):
                    name="MultiHeadDotProductAttention_0", **kw)(y)
     if self.layer_scale:
       y = _LayerScale(self.param_dtype, name="LayerScale_0")(y)
-    x = x + y
+    x = x + self._residual(y)
     y = nn.LayerNorm(epsilon=self.ln_eps, name="LayerNorm_1", **kw)(x)
     y = _MlpBlock(self.mlp_dim, self.gelu_approximate, name="MlpBlock_0", **kw)(y)
     if self.layer_scale:
       y = _LayerScale(self.param_dtype, name="LayerScale_1")(y)
-    return x + y
+    return x + self._residual(y)
 
 
 class _Encoder(nn.Module):
@@ -184,6 +206,7 @@ class _Encoder(nn.Module):
   block: dict[str, Any]
   ln_eps: float = 1e-6
   remat: str = "none"
+  drop_path: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -192,8 +215,9 @@ class _Encoder(nn.Module):
     block_cls = _EncoderBlock
     if self.remat != "none":
       block_cls = nn.remat(_EncoderBlock, policy=_REMAT_POLICY[self.remat])
-    for i in range(self.depth):
-      x = block_cls(**self.block, ln_eps=self.ln_eps, dtype=self.dtype,
+    for i in range(self.depth):  # stochastic depth rises linearly from 0 to drop_path (timm's)
+      rate = self.drop_path * i / max(self.depth - 1, 1)
+      x = block_cls(**self.block, ln_eps=self.ln_eps, drop_path=rate, dtype=self.dtype,
                     param_dtype=self.param_dtype, name=f"encoderblock_{i}")(x)
     return nn.LayerNorm(epsilon=self.ln_eps, name="encoder_norm", dtype=self.dtype,
                         param_dtype=self.param_dtype)(x)
@@ -222,6 +246,8 @@ class ViT(nn.Module):
     remat: what the backward pass recomputes: "none"; "block" (each block from its input: least
       memory); "dots" (keep the matmul outputs, recompute the element-wise work). True / False
       mean "block" / "none".
+    drop_path: stochastic depth of the last block; the rates rise linearly from 0 in the first
+      (timm's schedule). Only active when ``apply`` gets a "drop_path" rng (``train_rngs``).
     dtype: compute dtype; param_dtype: parameter dtype.
   """
   num_classes: int | None = None
@@ -241,6 +267,7 @@ class ViT(nn.Module):
   pixel_mean: tuple[float, float, float] | None = None
   pixel_std: tuple[float, float, float] | None = None
   remat: bool | str = "none"
+  drop_path: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -252,6 +279,8 @@ class ViT(nn.Module):
     remat = {True: "block", False: "none"}.get(self.remat, self.remat)
     if remat not in REMATS:
       raise ValueError(f"unknown remat {self.remat!r}; expected one of {REMATS} or a bool")
+    if not 0.0 <= self.drop_path < 1.0:
+      raise ValueError(f"drop_path {self.drop_path} must be in [0, 1)")
     if "tok" in self.pool and not self.class_token:
       raise ValueError(f"pool={self.pool!r} needs class_token=True")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -265,7 +294,7 @@ class ViT(nn.Module):
     block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, layer_scale=self.layer_scale,
                  gelu_approximate=self.gelu_approximate,
                  attention=resolve_attention(self.attention, self.dtype))
-    self.Transformer = _Encoder(self.depth, block, self.ln_eps, remat, **kw)
+    self.Transformer = _Encoder(self.depth, block, self.ln_eps, remat, self.drop_path, **kw)
     if self.pool == "map":
       self.MAPHead_0 = _MAPHead(self.num_heads, self.mlp_dim, self.ln_eps, self.gelu_approximate,
                                 **kw)
