@@ -206,16 +206,17 @@ def _train_loop(config, runner, ckpt, writer, batches, validate, *, start: int,
 
 
 def _flush(pending, progress, writer, ckpt) -> None:
-  """Fetches the pending steps' metrics; a NaN or inf loss stops the run naming its step."""
+  """Fetches the pending steps' metrics; a NaN or inf loss, gradient or update stops the run
+  naming its step."""
   history = [(s, jax.device_get(m)) for s, m in pending]
   bad = train_lib.first_nonfinite(history)
   if bad is not None:
     ckpt.close()
-    loss = dict(history)[bad]["loss"]
+    step, what, value = bad
     last = ckpt.latest_step()
     kept = (f"the last good checkpoint (step {last}) is kept in {ckpt.directory}" if last
             else "no checkpoint was written before it")
-    raise FloatingPointError(f"loss is {loss} at step {bad}; {kept}")
+    raise FloatingPointError(f"{what} is {value} at step {step}; {kept}")
   step, last = history[-1]
   writer.write(step, {**last, "img_per_s": progress.update(step, last)})
 

@@ -64,7 +64,7 @@ def train_step(state: TrainState, frozen, batch: Batch, rng: jax.Array, *, model
     rng: the run's base key; each step folds in its step number (and device under pmap), so a
       resumed run draws the same dropout masks as an uninterrupted one.
   Returns:
-    The new state and {"loss", "accuracy", "lr"} scalars.
+    The new state and {"loss", "accuracy", "lr", "grad_norm", "update_norm"} scalars.
   """
   rng = jax.random.fold_in(rng, state.step)
   if axis_name is not None:
@@ -78,6 +78,9 @@ def train_step(state: TrainState, frozen, batch: Batch, rng: jax.Array, *, model
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
   metrics["lr"] = schedule(state.step)
+  # a non-finite update (an overflowing gradient) spoils the new params even at a finite loss
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  metrics["update_norm"] = optax.tree.norm(updates)
   return TrainState(state.step + 1, trainable, opt_state), metrics
 
 
@@ -150,9 +153,11 @@ def evaluate(logits_fn: Callable[[Batch], jax.Array], batches: Iterator[Batch]) 
   return correct / total
 
 
-def first_nonfinite(history: list[tuple[int, dict[str, Any]]]) -> int | None:
-  """The first step whose loss is NaN or inf, from fetched (step, metrics) pairs."""
+def first_nonfinite(history: list[tuple[int, dict[str, Any]]]) -> tuple[int, str, float] | None:
+  """(step, metric, value) of the first NaN or inf loss, gradient norm or update norm among
+  fetched (step, metrics) pairs; None when all are finite (the state after them is too)."""
   for step, metrics in history:
-    if not np.isfinite(metrics["loss"]):
-      return step
+    for key in ("loss", "grad_norm", "update_norm"):
+      if key in metrics and not np.isfinite(metrics[key]):
+        return step, key, float(metrics[key])
   return None

@@ -12,6 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import default
@@ -288,3 +289,28 @@ def test_stochastic_depth_trains_and_evaluates_the_plain_model(reference_run, tm
   ours, ref = _adapters_of(tmp_path), _adapters_of(reference_run[0])
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref),
                                                    strict=True))
+
+
+def test_a_non_finite_update_at_a_finite_loss_is_never_checkpointed(tmp_path, monkeypatch):
+  """An overflowing gradient spoils the params after step 2 while step 2's loss is finite."""
+  real = train_lib.make_optimizer
+
+  def poisoned(config):
+    tx, schedule = real(config)
+
+    def update(grads, state, params=None):
+      inner, count = state
+      updates, inner = tx.update(grads, inner, params)
+      updates = jax.tree.map(lambda u: jnp.where(count == 1, jnp.inf, u), updates)
+      return updates, (inner, count + 1)
+
+    return optax.GradientTransformation(
+        lambda p: (tx.init(p), jnp.zeros((), jnp.int32)), update), schedule
+
+  monkeypatch.setattr(train_lib, "make_optimizer", poisoned)
+  config = _testing_config(**{"checkpoint_every": 1, "log_every": 5})
+  with pytest.raises(FloatingPointError, match=r"update_norm is inf at step 2; the last good "
+                                               r"checkpoint \(step 1\)"):
+    train_and_evaluate(config, str(tmp_path))
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [1]
