@@ -377,6 +377,9 @@ def test_folder_splits_are_separate_folders_sliced_in_a_fixed_mixed_order(tmp_pa
   _write_split(tmp_path, "train", {"ant": 10, "bee": 10, "cat": 10}, rng)
   _write_split(tmp_path, "test", {"bee": 3, "cat": 2}, rng)  # no ant: labels must still agree
   (tmp_path / "train" / ".ipynb_checkpoints").mkdir()  # hidden: not a class
+  (tmp_path / "train" / "ant" / ".ipynb_checkpoints").mkdir()  # nor images of one
+  PIL.Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(
+      tmp_path / "train" / "ant" / ".ipynb_checkpoints" / "0-checkpoint.png")
   train = data.get_source(f"folder:{tmp_path}", "train")
   head = data.get_source(f"folder:{tmp_path}", "train[:20]")
   tail = data.get_source(f"folder:{tmp_path}", "train[20:]")

@@ -27,9 +27,8 @@ def _pretrained(seed: int, num_classes: int | None = 3, **fields) -> checkpoints
   rng = np.random.default_rng(seed)
   params = jax.tree.unflatten(
       tree, [rng.normal(size=x.shape).astype(np.float32) * 0.2 for x in leaves])
-  defaults = dict(class_token=True, pool="tok", representation_size=None, layer_scale=False,
-                  gelu_approximate=False)
-  return checkpoints.Pretrained(params, dict(defaults, **model), MEAN, STD, "test")
+  # only the given fields, as a random-init run records them: the rest are the ViT's defaults
+  return checkpoints.Pretrained(params, model, MEAN, STD, "test")
 
 
 def _images(batch: int = 2) -> np.ndarray:
@@ -173,6 +172,9 @@ def test_bad_arguments_name_the_problem(tmp_path):
   with pytest.raises(FileExistsError, match="not a Hugging Face export"):
     checkpoints.save_hf(tmp_path / "mine", pre)
   assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(FileExistsError, match="is a file; expected a directory"):
+    checkpoints.save_hf(tmp_path / "file", pre)
 
 
 def test_export_cli_converts_a_checkpoint(tmp_path):

@@ -118,7 +118,7 @@ class FolderSource:
   "train", "train[:800]", "val[:50%]"): ``root/<split name>/<class>/<image>``, in a fixed
   pseudo-random order (seed 0) so that slices mix the classes, then sliced. Labels follow the
   sorted class folder names -- of every split folder together, so the splits agree on them.
-  Hidden folders (".name") are skipped.
+  Hidden files and folders (".name") are skipped at every level.
   """
 
   def __init__(self, root: str | pathlib.Path, split: str | None = None):
@@ -143,7 +143,8 @@ class FolderSource:
     files, labels = [], []
     for label, name in enumerate(self.class_names):
       found = sorted(p for p in (where / name).rglob("*")
-                     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                     and not any(part.startswith(".") for part in p.relative_to(where).parts))
       files += found
       labels += [label] * len(found)
     if not files:
