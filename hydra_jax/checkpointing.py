@@ -20,18 +20,22 @@ from orbax.checkpoint import checkpoint_managers as policies
 _METRIC = "val_accuracy"
 
 
+def _val_accuracy(metrics: dict[str, float]) -> float:
+  return metrics[_METRIC]
+
+
 class Checkpointer:
   """Keeps the last ``keep`` checkpoints and the one with the best validation accuracy."""
 
   def __init__(self, directory: str | pathlib.Path, *, keep: int = 2, use_async: bool = True):
     policy = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
-        policies.BestN(get_metric_fn=lambda m: m[_METRIC], reverse=False, n=1,
+        policies.BestN(get_metric_fn=_val_accuracy, reverse=False, n=1,
                        keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=use_async, create=True,
-        best_fn=lambda m: m[_METRIC], best_mode="max")  # what best_step() ranks by
+        best_fn=_val_accuracy, best_mode="max")  # what best_step() ranks by
     self.directory = pathlib.Path(directory).absolute()
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 

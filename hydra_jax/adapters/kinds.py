@@ -70,11 +70,14 @@ def _bias(f, name: str, scale: float, affine: bool) -> jax.Array | None:
   return scale * f[name] if affine and name in f else None
 
 
+_HYDRA_BRANCHES = (("parallel", "_p"), ("sequential", "_s"))  # branch name, factor suffix
+
+
 def _hydra(f, x, y0, spec, *, affine, drop, routing, disable):
   """Hydra and sequential: s drop(x A_p + a_p) B_p + s b_p and the same on y0 with ``_s``."""
   del routing
   s, terms = spec.scaling, {}
-  for name, tag, z in (("parallel", "_p", x), ("sequential", "_s", y0)):
+  for (name, tag), z in zip(_HYDRA_BRANCHES, (x, y0), strict=True):
     if "A" + tag in f and name not in disable:
       h = s * drop(name, _down(z, f, tag, affine=affine))
       terms[name] = Term(h, f["B" + tag], _bias(f, "b" + tag, s, affine))
@@ -140,7 +143,7 @@ def branch_names(spec: AdapterSpec, f) -> tuple[str, ...]:
     return tuple(f"head_{i}" for i in range(f["B"].shape[0]))
   if spec.kind == "lora":
     return ("lora",)
-  return tuple(name for name, tag in (("parallel", "_p"), ("sequential", "_s")) if "A" + tag in f)
+  return tuple(name for name, tag in _HYDRA_BRANCHES if "A" + tag in f)
 
 
 def outputs(f, x, y0, spec: AdapterSpec, *, affine: bool = True, drop: Drop = no_drop,
