@@ -12,5 +12,5 @@ from configs import default
 
 def get_config() -> ml_collections.ConfigDict:
   c = default.get_config()
-  c.adapter = default.adapter_config("hydralora", rank=8, alpha=8.0, num_heads=3)
+  c.adapter = default.adapter_config("hydralora", num_heads=3)  # rank 8, alpha 8
   return c

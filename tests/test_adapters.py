@@ -143,7 +143,8 @@ def test_tree_layout_and_defaults(tiny):
   hl = ad.init(ad.AdapterSpec("hydralora"), params, jax.random.key(0))
   v = hl["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"]["value"]
   assert v["B"].shape == (3, 8, 32) and v["router"].shape == (32, 3)
-  assert ad.AdapterSpec("lora").scaling == 1.0 and ad.AdapterSpec("hydralora").scaling == 2.0
+  assert ad.AdapterSpec("lora").scaling == 1.0 and ad.AdapterSpec("hydralora").scaling == 1.0
+  assert ad.AdapterSpec("hydralora", alpha=16.0).scaling == 2.0
   seq = ad.AdapterSpec("sequential", rank=4)
   assert seq.rank_sequential == 4 and seq.rank_parallel is None
   assert ad.AdapterSpec("hydra", rank=4, rank_parallel=1).rank_sequential == 4

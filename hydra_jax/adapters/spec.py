@@ -9,10 +9,11 @@ hydra       every block's attention ``out`` + MLP     2+2  s = 1.0 -     yes
             ``Dense_1`` (the paper's VTAB-1k setup)
 sequential  same as hydra                             2    s = 1.0 -     yes
 lora        every block's ``query`` and ``value``     8    alpha/r 8     no
-hydralora   same as lora, ``num_heads`` = 3 B's       8    alpha/r 16    no
+hydralora   same as lora, ``num_heads`` = 3 B's       8    alpha/r 8     no
 =========== ======================================== ==== ======= ===== ====
 
-HydraLoRA's alpha = 2r follows common LoRA practice for LLMs (the paper's code takes it as a flag).
+HydraLoRA's alpha equals LoRA's (alpha / r = 1), so switching between the two keeps the update's
+scale (the paper's code takes alpha as a flag).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ _DEFAULTS = {
     "hydra": dict(targets=HYDRA_TARGETS, rank=2, scale=1.0, bias=True),
     "sequential": dict(targets=HYDRA_TARGETS, rank=2, scale=1.0, bias=True),
     "lora": dict(targets=LORA_TARGETS, rank=8, alpha=8.0, bias=False),
-    "hydralora": dict(targets=LORA_TARGETS, rank=8, alpha=16.0, bias=False),
+    "hydralora": dict(targets=LORA_TARGETS, rank=8, alpha=8.0, bias=False),
 }
 
 

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-_PAIR = ("parallel", "sequential")
+from hydra_jax.analysis.activations import PAIR  # noqa: E402
 
 
 def _save(fig, out_dir: pathlib.Path, name: str) -> str:
@@ -53,7 +53,7 @@ def _ratios(layers: Sequence[Mapping]) -> dict[str, tuple[list, list]]:
   out: dict[str, tuple[list, list]] = {}
   for row in layers:
     br, on = row["branches"], row.get("output_norm", {})
-    if row["block"] is None or not all(b in br for b in _PAIR):
+    if row["block"] is None or not all(b in br for b in PAIR):
       continue
     for what, num, den in (("||dW||", br["parallel"]["norm"], br["sequential"]["norm"]),
                            ("output", on.get("parallel"), on.get("sequential"))):

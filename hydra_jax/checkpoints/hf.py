@@ -33,25 +33,26 @@ from hydra_jax.checkpoints import common
 MODEL_TYPES = ("vit", "dinov2", "siglip", "siglip_vision_model")
 _GELUS = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}
 _BLOCK = re.compile(r"encoder\.layers?\.(\d+)\.(.+)\.(weight|bias|lambda1)")
-_ATT = "MultiHeadDotProductAttention_0/"
-_MLP = "MlpBlock_0/"
+# ViT module-path prefixes (public: the exporter writes the same names back).
+ATT = "MultiHeadDotProductAttention_0/"
+MLP = "MlpBlock_0/"
 # Each family's HF module names, keyed by the ViT's module names: inside a block, then at the top.
 FAMILY_BLOCK = {
     "vit": {"LayerNorm_0": "layernorm_before", "LayerNorm_1": "layernorm_after",
-            _ATT + "query": "attention.attention.query", _ATT + "key": "attention.attention.key",
-            _ATT + "value": "attention.attention.value", _ATT + "out": "attention.output.dense",
-            _MLP + "Dense_0": "intermediate.dense", _MLP + "Dense_1": "output.dense"},
+            ATT + "query": "attention.attention.query", ATT + "key": "attention.attention.key",
+            ATT + "value": "attention.attention.value", ATT + "out": "attention.output.dense",
+            MLP + "Dense_0": "intermediate.dense", MLP + "Dense_1": "output.dense"},
     "dinov2": {"LayerNorm_0": "norm1", "LayerNorm_1": "norm2",
-               _ATT + "query": "attention.attention.query", _ATT + "key": "attention.attention.key",
-               _ATT + "value": "attention.attention.value", _ATT + "out": "attention.output.dense",
-               _MLP + "Dense_0": "mlp.fc1", _MLP + "Dense_1": "mlp.fc2",
+               ATT + "query": "attention.attention.query", ATT + "key": "attention.attention.key",
+               ATT + "value": "attention.attention.value", ATT + "out": "attention.output.dense",
+               MLP + "Dense_0": "mlp.fc1", MLP + "Dense_1": "mlp.fc2",
                "LayerScale_0": "layer_scale1", "LayerScale_1": "layer_scale2"},
     "siglip": {"LayerNorm_0": "layer_norm1", "LayerNorm_1": "layer_norm2",
-               _ATT + "query": "self_attn.q_proj", _ATT + "key": "self_attn.k_proj",
-               _ATT + "value": "self_attn.v_proj", _ATT + "out": "self_attn.out_proj",
-               _MLP + "Dense_0": "mlp.fc1", _MLP + "Dense_1": "mlp.fc2"},
+               ATT + "query": "self_attn.q_proj", ATT + "key": "self_attn.k_proj",
+               ATT + "value": "self_attn.v_proj", ATT + "out": "self_attn.out_proj",
+               MLP + "Dense_0": "mlp.fc1", MLP + "Dense_1": "mlp.fc2"},
 }
-_MAP = "MAPHead_0/"
+MAP = "MAPHead_0/"
 FAMILY_TOP = {
     "vit": {"Transformer/encoder_norm": "layernorm", "pre_logits": "pooler.dense",
             "embedding": "embeddings.patch_embeddings.projection", "head": "classifier"},
@@ -59,9 +60,9 @@ FAMILY_TOP = {
                "embedding": "embeddings.patch_embeddings.projection"},
     "siglip": {"Transformer/encoder_norm": "post_layernorm", "head": "classifier",
                "embedding": "embeddings.patch_embedding",
-               _MAP + _ATT + "out": "head.attention.out_proj",
-               _MAP + "LayerNorm_0": "head.layernorm",
-               _MAP + _MLP + "Dense_0": "head.mlp.fc1", _MAP + _MLP + "Dense_1": "head.mlp.fc2"},
+               MAP + ATT + "out": "head.attention.out_proj",
+               MAP + "LayerNorm_0": "head.layernorm",
+               MAP + MLP + "Dense_0": "head.mlp.fc1", MAP + MLP + "Dense_1": "head.mlp.fc2"},
 }
 _BLOCK_MODULES = {hf: vit for names in FAMILY_BLOCK.values() for vit, hf in names.items()}
 _TOP = {hf: vit for names in FAMILY_TOP.values() for vit, hf in names.items()}
@@ -130,10 +131,10 @@ def rename_key(key: str, value: np.ndarray, heads: int) -> list[tuple[str, np.nd
   if key == "embeddings.position_embedding.weight":  # SigLIP: an nn.Embedding (N, D)
     return [("pos_embedding", value[None])]
   if key == "head.probe":
-    return [(_MAP + "probe", value)]
+    return [(MAP + "probe", value)]
   if key.startswith("head.attention.in_proj_"):  # torch MultiheadAttention packs q, k, v
     leaf = key.rsplit("_", 1)[1]
-    return [_convert(f"{_MAP}{_ATT}{n}", leaf, part, heads)
+    return [_convert(f"{MAP}{ATT}{n}", leaf, part, heads)
             for n, part in zip(("query", "key", "value"), np.split(value, 3), strict=True)]
   m = _BLOCK.fullmatch(key)
   if m and m.group(2) in _BLOCK_MODULES:
@@ -187,7 +188,7 @@ def load_hf(root: pathlib.Path) -> common.Pretrained:
       flat.update(rename_key(key, value, heads))
   if not config.get("qkv_bias", True):  # no q/k/v biases: zeros are the same function
     width = flat["embedding/kernel"].shape[-1]
-    for name in [k for k in flat if k.endswith(f"/{_ATT}query/kernel")]:
+    for name in [k for k in flat if k.endswith(f"/{ATT}query/kernel")]:
       for qkv in ("query", "key", "value"):
         flat[name.replace("query/kernel", f"{qkv}/bias")] = np.zeros(
             (heads, width // heads), np.float32)
@@ -200,7 +201,7 @@ def load_hf(root: pathlib.Path) -> common.Pretrained:
     fields["pool"] = "tok+gap"
   if model_type == "siglip" and head is not None:  # SiglipForImageClassification: token mean
     fields["pool"] = "gap"
-    flat = {k: v for k, v in flat.items() if not k.startswith(_MAP)}
+    flat = {k: v for k, v in flat.items() if not k.startswith(MAP)}
   model = common.infer_model(flat, str(root), **fields)
   mean, std = _normalisation(root, model_type)
   return common.Pretrained(traverse_util.unflatten_dict(flat, sep="/"), model, mean, std,

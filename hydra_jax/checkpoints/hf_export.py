@@ -32,7 +32,7 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from hydra_jax.checkpoints import common
-from hydra_jax.checkpoints.hf import _ATT, _MAP, _MLP, FAMILY_BLOCK, FAMILY_TOP
+from hydra_jax.checkpoints.hf import ATT, FAMILY_BLOCK, FAMILY_TOP, MAP, MLP
 from hydra_jax.models import ViT
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -77,7 +77,7 @@ def _layer_scale(flat: dict, depth: int, *, keep: bool) -> dict:
   """Keeps LayerScale (ones where absent) or folds it into the out / Dense_1 layer before it."""
   flat = dict(flat)
   for i in range(depth):
-    for scale_name, layer in (("LayerScale_0", _ATT + "out"), ("LayerScale_1", _MLP + "Dense_1")):
+    for scale_name, layer in (("LayerScale_0", ATT + "out"), ("LayerScale_1", MLP + "Dense_1")):
       path = f"{_BLOCK}{i}/{scale_name}/scale"
       scale = flat.pop(path, None)
       if keep:
@@ -119,9 +119,9 @@ def _tensors(flat: dict, family: str, arch: str) -> dict[str, np.ndarray]:
       out[prefix + "embeddings.position_embedding.weight"] = value[0]
     elif path == "pos_embedding":
       out[prefix + "embeddings.position_embeddings"] = value
-    elif path == _MAP + "probe":
+    elif path == MAP + "probe":
       out[prefix + "head.probe"] = value
-    elif name.startswith(_MAP + _ATT) and not name.endswith("/out"):  # torch packs q, k, v
+    elif name.startswith(MAP + ATT) and not name.endswith("/out"):  # torch packs q, k, v
       packed.setdefault(leaf, {})[name.rsplit("/", 1)[1]] = _to_torch(name, leaf, value)[1]
     elif name.startswith(_BLOCK):
       block, module = name[len(_BLOCK):].split("/", 1)
