@@ -96,11 +96,7 @@ class _Runner:
     return m
 
   def _unreplicate(self, tree):
-    if not self.pmap:
-      return tree
-    # every device holds the same copy; a local one through the host (no cross-host transfer)
-    local = jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
-    return jax.device_put(local, parallel.replicated(self.mesh))
+    return parallel.unreplicate_from_pmap(tree, self.mesh) if self.pmap else tree
 
   def host_state(self):
     """The state as one copy, replicated over the mesh (pmap keeps one per device)."""

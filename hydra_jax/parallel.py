@@ -95,6 +95,18 @@ def replicate_for_pmap(tree, mesh: Mesh):
       lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n, *np.shape(x))), sharding), tree)
 
 
+def unreplicate_from_pmap(tree, mesh: Mesh):
+  """The inverse of ``replicate_for_pmap``: one copy replicated over ``mesh``, kept on device.
+
+  Each device keeps its own row of the stacked leaf (a slice on that device), so nothing moves
+  through the host or between hosts.
+  """
+  rep = replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_single_device_arrays(
+          x.shape[1:], rep, [s.data[0] for s in x.addressable_shards]), tree)
+
+
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles each process's share of the batch into one globally sharded batch."""
   sharding = batch_sharding(mesh)

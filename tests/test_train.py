@@ -162,6 +162,11 @@ def test_pmap_step_equals_jit_step():
     state, _ = fn(state, frozen, sharded, jax.random.key(2))
   pmapped = jax.tree.map(lambda x: np.asarray(x[0]), state.trainable)
   _assert_trees_equal(pmapped, _run_jit(1), rtol=2e-5, atol=1e-6)
+  one = parallel.unreplicate_from_pmap(state.trainable, mesh)  # on device, one copy per device
+  for leaf, ref in zip(jax.tree.leaves(one), jax.tree.leaves(pmapped), strict=True):
+    assert leaf.sharding.is_equivalent_to(parallel.replicated(mesh), leaf.ndim)
+    assert {s.device for s in leaf.addressable_shards} == set(mesh.devices.flat)
+    np.testing.assert_array_equal(np.asarray(leaf), ref)
 
 
 def test_pmap_mode_end_to_end(reference_run, tmp_path):
