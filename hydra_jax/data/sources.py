@@ -100,62 +100,84 @@ def _class_label_size(name: str, features, label_key: str, num_classes: int | No
 _SPLIT = re.compile(r"(?P<name>[\w.-]+)(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?")
 
 
-def _bound(text: str | None, n: int) -> int | None:
-  """A tfds-style slice bound: an index, or a percentage of ``n`` (rounded)."""
+def _bound(text: str | None, n: int, split: str) -> int | None:
+  """A tfds-style slice bound: an index, or a percentage of ``n`` (rounded) in [-100, 100]."""
   if not text:
     return None
-  return round(n * int(text[:-1]) / 100) if text.endswith("%") else int(text)
+  if not text.endswith("%"):
+    return int(text)
+  percent = int(text[:-1])
+  if abs(percent) > 100:
+    raise ValueError(f"folder split {split!r}: {text} is not a percentage in [-100%, 100%]")
+  return round(n * percent / 100)
 
 
 def _class_dirs(root: pathlib.Path) -> list[str]:
   return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _images(where: pathlib.Path, class_names: list[str]) -> tuple[list[pathlib.Path], np.ndarray]:
+  """The image files under ``where/<class>/`` (sorted, hidden ones skipped) and their labels."""
+  files, labels = [], []
+  for label, name in enumerate(class_names):
+    found = sorted(p for p in (where / name).rglob("*")
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(where).parts))
+    files += found
+    labels += [label] * len(found)
+  if not files:
+    raise ValueError(f"image folder {str(where)!r} holds no images: expected "
+                     f"<class_name>/<image> files with a suffix in {IMAGE_SUFFIXES}")
+  return files, np.asarray(labels, np.int64)
+
+
 class FolderSource:
   """Class-per-folder images, the whole tree or one split of it.
 
   Without a split: ``root/<class>/<image>``, in sorted order. With a split (tfds syntax, e.g.
-  "train", "train[:800]", "val[:50%]"): ``root/<split name>/<class>/<image>``, in a fixed
-  pseudo-random order (seed 0) so that slices mix the classes, then sliced. Labels follow the
-  sorted class folder names -- of every split folder together, so the splits agree on them.
-  Hidden files and folders (".name") are skipped at every level.
+  "train", "train[:800]", "val[:50%]", "train[:800]+val[:200]"): each part reads
+  ``root/<split name>/<class>/<image>`` in a fixed pseudo-random order (seed 0, the same for every
+  part naming that folder, so slices of one folder are disjoint) that mixes the classes, then
+  slices it; the parts are concatenated. Labels follow the sorted class folder names -- of every
+  split folder together, so the splits agree on them. Hidden files and folders (".name") are
+  skipped at every level.
   """
 
   def __init__(self, root: str | pathlib.Path, split: str | None = None):
     self.root = pathlib.Path(root).expanduser()
     if not self.root.is_dir():
       raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist")
-    where, match = self.root, None
-    if split is not None:
-      match = _SPLIT.fullmatch(split)
-      if match is None:
-        raise ValueError(f"folder split {split!r}: expected a split folder name with an optional "
-                         "slice, e.g. 'train', 'train[:800]' or 'val[10%:]'")
-      where = self.root / match["name"]
-      if not where.is_dir():
-        raise FileNotFoundError(
-            f"image folder {str(self.root)!r} has no split folder {match['name']!r} (split "
-            f"{split!r}); expected root/<split>/<class>/<image>, e.g. root/train/cat/1.jpg")
-      self.class_names = sorted({c for d in _class_dirs(self.root)
-                                 for c in _class_dirs(self.root / d)})
-    else:
+    if split is None:
       self.class_names = _class_dirs(self.root)
-    files, labels = [], []
-    for label, name in enumerate(self.class_names):
-      found = sorted(p for p in (where / name).rglob("*")
-                     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                     and not any(part.startswith(".") for part in p.relative_to(where).parts))
-      files += found
-      labels += [label] * len(found)
-    if not files:
-      raise ValueError(f"image folder {str(where)!r} holds no images: expected "
-                       f"<class_name>/<image> files with a suffix in {IMAGE_SUFFIXES}")
-    order = np.arange(len(files))
-    if match is not None:
-      order = np.random.default_rng(0).permutation(len(files))
-      order = order[_bound(match["start"], len(files)):_bound(match["stop"], len(files))]
-    self._files = [files[i] for i in order]
-    self.labels = np.asarray(labels, np.int64)[order]
+      self._files, self.labels = _images(self.root, self.class_names)
+      self.num_classes = len(self.class_names)
+      return
+    parts = [_SPLIT.fullmatch(part) for part in split.split("+")]
+    if not all(parts):
+      raise ValueError(f"folder split {split!r}: expected split folder names with optional "
+                       "slices joined by '+', e.g. 'train', 'train[:800]', 'val[10%:]' or "
+                       "'train[:800]+val[:200]'")
+    self.class_names = sorted({c for d in _class_dirs(self.root)
+                               for c in _class_dirs(self.root / d)})
+    shuffled = {}  # split folder -> (files, labels) in the seed-0 order
+    self._files, labels = [], []
+    for match in parts:
+      name = match["name"]
+      if name not in shuffled:
+        where = self.root / name
+        if not where.is_dir():
+          raise FileNotFoundError(
+              f"image folder {str(self.root)!r} has no split folder {name!r} (split {split!r}); "
+              "expected root/<split>/<class>/<image>, e.g. root/train/cat/1.jpg")
+        files, folder_labels = _images(where, self.class_names)
+        order = np.random.default_rng(0).permutation(len(files))
+        shuffled[name] = ([files[i] for i in order], folder_labels[order])
+      files, folder_labels = shuffled[name]
+      n = len(files)
+      cut = slice(_bound(match["start"], n, split), _bound(match["stop"], n, split))
+      self._files += files[cut]
+      labels.append(folder_labels[cut])
+    self.labels = np.concatenate(labels)
     self.num_classes = len(self.class_names)
 
   def __len__(self) -> int:
@@ -176,9 +198,9 @@ def get_source(name: str, split: str | None = None, *, data_dir: str | None = No
 
   Args:
     name: a tfds dataset name (e.g. "fashion_mnist_offline", "cifar100") or "folder:/path/root".
-    split: tfds split string, e.g. "train[:800]+train[54000:54200]"; for folders one split
-      folder, optionally sliced ("train[:800]": root/train/<class>/...), or None for the whole
-      root/<class>/... tree (see ``FolderSource``).
+    split: tfds split string, e.g. "train[:800]+train[54000:54200]"; for folders the same
+      syntax over split folders ("train[:800]+val[:200]": root/train/<class>/... and
+      root/val/<class>/...), or None for the whole root/<class>/... tree (see ``FolderSource``).
     data_dir: tfds data dir (None: tfds' default).
     label_key: the tfds ClassLabel feature to use as label (see VTAB1K[task]["label"]); not
       read when `label_fn` is given.
