@@ -165,6 +165,10 @@ def test_bad_arguments_name_the_problem(tmp_path):
   pre = _pretrained(seed=7)
   with pytest.raises(ValueError, match="labels has 2 names; the head has 3 classes"):
     checkpoints.save_hf(tmp_path / "a", pre, labels=["x", "y"])
+  with pytest.raises(ValueError, match="labels has repeated names"):
+    checkpoints.save_hf(tmp_path / "a", pre, labels=["x", "y", "x"])
+  with pytest.raises(ValueError, match="the model has no classification head"):
+    checkpoints.save_hf(tmp_path / "a", _pretrained(seed=7, num_classes=None), labels=["x"])
   with pytest.raises(ValueError, match="unknown dtype 'int8'"):
     checkpoints.save_hf(tmp_path / "a", pre, dtype="int8")
   (tmp_path / "mine").mkdir()

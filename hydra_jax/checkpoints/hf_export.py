@@ -171,8 +171,13 @@ def _config(family: str, arch: str, model: dict, num_classes: int | None,
     names = list(labels) if labels is not None else [f"LABEL_{i}" for i in range(num_classes)]
     if len(names) != num_classes:
       raise ValueError(f"labels has {len(names)} names; the head has {num_classes} classes")
+    if len(set(names)) != len(names):
+      raise ValueError(f"labels has repeated names: {names}; label2id needs each once")
     config.update(id2label={str(i): n for i, n in enumerate(names)},
                   label2id={n: i for i, n in enumerate(names)})
+  elif labels is not None:
+    raise ValueError(f"labels given ({len(labels)} names) but the model has no classification "
+                     "head to name the classes of")
   return config
 
 
