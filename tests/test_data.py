@@ -414,6 +414,8 @@ def test_sixteen_bit_grayscale_keeps_its_levels(tmp_path):
     assert image.mode in ("I;16", "I")
     out = sources.to_hwc_uint8(image)
   np.testing.assert_array_equal(out[..., 0], [[0, 10, 128, 255]])
+  rgb16 = np.stack([levels, levels[:, ::-1], levels], -1)  # a tfds uint16 Image feature
+  np.testing.assert_array_equal(sources.to_hwc_uint8(rgb16)[0, :, 1], [255, 128, 10, 0])
   with pytest.raises(ValueError, match="mode 'F'"):
     sources.to_hwc_uint8(PIL.Image.fromarray(np.zeros((2, 2), np.float32)))
 

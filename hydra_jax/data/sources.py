@@ -25,15 +25,20 @@ ImageFn = Callable[[np.ndarray], np.ndarray]  # uint8 (H, W, C) -> uint8 (H, W, 
 _GRAY16 = ("I;16", "I;16L", "I;16B", "I")  # how PIL opens 16-bit grayscale PNG / TIFF files
 
 
+def _to_8_bit(values: np.ndarray) -> np.ndarray:
+  return np.rint(values / 257).astype(np.uint8)
+
+
 def to_hwc_uint8(image) -> np.ndarray:
   """Returns an image as uint8 (H, W, C): grayscale keeps C=1, anything else becomes RGB.
 
-  16-bit grayscale is scaled to 8 bits (v / 257, rounded); PIL's own conversion would clip it
-  to black and white. Float images (PIL mode "F") have no range to scale by and are refused.
+  16-bit images (PIL's 16-bit grayscale modes, uint16 arrays such as tfds' uint16 Image
+  features) are scaled to 8 bits (v / 257, rounded); PIL's own conversion would clip them to
+  black and white. Float images (PIL mode "F") have no range to scale by and are refused.
   """
   if isinstance(image, PIL.Image.Image):
     if image.mode in _GRAY16:
-      image = np.rint(np.asarray(image, np.float64).clip(0, 65535) / 257).astype(np.uint8)
+      image = _to_8_bit(np.asarray(image, np.float64).clip(0, 65535))
     elif image.mode == "F":
       raise ValueError("a float (PIL mode 'F') image has no known value range; expected 8- or "
                        "16-bit images")
@@ -41,6 +46,8 @@ def to_hwc_uint8(image) -> np.ndarray:
       image = image.convert("RGB")
     image = np.asarray(image)
   image = np.asarray(image)
+  if image.dtype == np.uint16:
+    image = _to_8_bit(image)
   if image.ndim == 2:
     image = image[..., None]
   if image.ndim != 3 or image.dtype != np.uint8:
