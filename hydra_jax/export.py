@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 from collections.abc import Sequence
 
 import jax
-import numpy as np
-import safetensors.numpy
+import safetensors
 from flax import traverse_util
 
 from hydra_jax import adapters as adapters_lib
@@ -39,14 +37,9 @@ def save_merged(path: str | pathlib.Path, params, pre: checkpoints.Pretrained) -
 
 def save_adapters(path: str | pathlib.Path, trainable, spec: adapters_lib.AdapterSpec) -> None:
   """Saves the trainable tree and the spec that reads it."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   flat = traverse_util.flatten_dict(jax.device_get(trainable), sep="/")
-  tensors = {k: np.ascontiguousarray(v) for k, v in flat.items()}
-  meta = {"hydra_jax_adapter_spec": json.dumps(dataclasses.asdict(spec))}
-  tmp = path.with_name(path.name + ".tmp")
-  safetensors.numpy.save_file(tensors, str(tmp), metadata=meta)
-  os.replace(tmp, path)
+  checkpoints.native.write_safetensors(
+      path, flat, {"hydra_jax_adapter_spec": json.dumps(dataclasses.asdict(spec))})
 
 
 def load_adapters(path: str | pathlib.Path):

@@ -110,3 +110,72 @@ def test_unmerge_matches_explicit_solve(params):
   b = (b_m - c) @ inv
   np.testing.assert_allclose(got["kernel"], w, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got["bias"], b, rtol=1e-5, atol=1e-5)
+
+
+# --- mismatched adapters are refused, by name ------------------------------------------------
+
+def test_adapters_of_another_kind_are_refused(params):
+  lora, hydra = random_adapters(spec_of("lora"), params, 1), random_adapters(spec_of("hydra"),
+                                                                             params, 2)
+  with pytest.raises(ValueError, match=r"layer blk/attn_out: factors \['A', 'B'\] are not hydra"):
+    ad.merge(params, lora, spec_of("hydra"))  # used to return params unchanged
+  with pytest.raises(ValueError, match="are not hydra factors"):
+    ad.combine(params, [(1.0, spec_of("hydra"), lora)])
+  with pytest.raises(ValueError, match="are not lora factors; expected A, B"):
+    ad.merge(params, hydra, spec_of("lora"))
+  with pytest.raises(ValueError, match="are not sequential factors"):
+    ad.merge(params, hydra, spec_of("sequential"))  # its parallel branch would be dropped
+  with pytest.raises(ValueError, match="are not hydralora factors"):
+    ad.merge(params, lora, spec_of("hydralora"), routing=jnp.ones(3) / 3)
+
+
+def test_factors_of_the_wrong_shape_are_refused(params):
+  spec = spec_of("lora")
+  wide = ad.init(spec, {"blk": {"dense": {"kernel": np.zeros((16, 10), np.float32),
+                                          "bias": np.zeros(10, np.float32)}}}, jax.random.key(0))
+  with pytest.raises(ValueError, match=r"blk/dense: lora factor A has shape \(16, 2\); "
+                                       r"expected \(12, 2\)"):
+    ad.merge(params, wide, spec)
+  biased = spec_of("lora", bias=True)
+  bad = random_adapters(biased, params, 3)
+  bad["blk"]["dense"]["b"] = jnp.ones(1)  # used to broadcast into every bias entry
+  with pytest.raises(ValueError, match=r"factor b has shape \(1,\); expected \(10,\)"):
+    ad.delta(params, bad, biased)
+  with pytest.raises(ValueError, match=r"factor A has shapes \(12, 2\) and \(16, 2\)"):
+    ad.add(random_adapters(spec, params, 4), wide, spec)
+
+
+def test_empty_adapters_change_nothing(params):
+  for empty in ({}, {"blk": {}}):
+    merged = ad.merge(params, empty, spec_of("hydra"))
+    for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(params), strict=True):
+      np.testing.assert_array_equal(x, y)
+    assert ad.scale(empty, 2.0, spec_of("hydra")) == {}
+  with pytest.raises(ValueError, match="mix arrays and dicts"):
+    ad.merge(params, {"blk": {"dense": {"A": jnp.ones((12, 2))}, "x": jnp.ones(2)}},
+             spec_of("lora"))
+
+
+def test_one_routing_dict_serves_a_mixed_combine(params):
+  hl = ad.AdapterSpec("hydralora", targets=("blk/dense",), rank=2)
+  lora = spec_of("lora")  # on blk/attn_out too, which the routing does not name
+  a, b = random_adapters(hl, params, 5), random_adapters(lora, params, 6)
+  routing = {"blk/dense": jnp.array([0.2, 0.3, 0.5])}
+  mixed = ad.combine(params, [(0.5, hl, a), (0.5, lora, b)], routing=routing)  # lora ignores it
+  each = ad.combine(params, [(0.5, hl, a, routing), (0.5, lora, b)])
+  for x, y in zip(jax.tree.leaves(mixed), jax.tree.leaves(each), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("kind", ["lora", "hydralora", "hydra"])
+def test_bf16_factors_give_float32_deltas(params, kind):
+  spec = spec_of(kind, bias=True)
+  f32 = random_adapters(spec, params, 7)
+  bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), f32)
+  exact = jax.tree.map(lambda x: x.astype(jnp.float32), bf16)  # the same values, in float32
+  routing = jnp.array([0.2, 0.3, 0.5]) if kind == "hydralora" else None
+  got = ad.delta(params, bf16, spec, routing=routing)
+  want = ad.delta(params, exact, spec, routing=routing)
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert x.dtype == jnp.float32
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)

@@ -474,3 +474,25 @@ def test_hf_vit_without_qkv_bias(tmp_path):
   pretrained = checkpoints.load(_save_hf(model, tmp_path))
   images = _images(16)
   assert _rel(_apply(pretrained, images, "encode"), _torch(model, images).last_hidden_state) < 1e-5
+
+
+def test_adapter_exports_round_trip_and_are_written_atomically(tmp_path):
+  from hydra_jax import adapters, export
+  spec = adapters.AdapterSpec("hydralora", rank=2, num_heads=2, top_k=1, dropout=0.1)
+  trainable = {"adapters": {"blk": {"dense": {"A": np.ones((4, 2), np.float32),
+                                              "B": np.zeros((2, 2, 3), np.float32),
+                                              "router": np.ones((4, 2), np.float32)}}},
+               "params": {"head": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}}
+  path = tmp_path / "export" / "adapters.safetensors"
+  export.save_adapters(path, trainable, spec)
+  back, back_spec = export.load_adapters(path)
+  assert back_spec == spec
+  for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(trainable), strict=True):
+    np.testing.assert_array_equal(x, y)
+  assert path.stat().st_mode & 0o777 == 0o644  # like merged exports, not owner-only
+  before = path.read_bytes()
+  bad = {"adapters": {"x": np.array([object()])}}  # safetensors cannot store it
+  with pytest.raises(Exception):  # noqa: B017, PT011 - whatever safetensors raises
+    export.save_adapters(path, bad, spec)
+  assert path.read_bytes() == before  # the earlier export is intact
+  assert sorted(p.name for p in path.parent.iterdir()) == ["adapters.safetensors"]  # no tmp left

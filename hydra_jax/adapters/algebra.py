@@ -52,6 +52,12 @@ def _add_factors(path, fx: Mapping, fy: Mapping) -> dict:
                      f"{sorted(fx)} vs {sorted(fy)}")
   out = {}
   for k in fx:
+    sx, sy = jnp.shape(fx[k]), jnp.shape(fy[k])
+    rank_axis = {"A": -1, "a": -1, "B": -2}.get(k[0])
+    if len(sx) != len(sy) or any(a != b for i, (a, b) in enumerate(zip(sx, sy, strict=True))
+                                 if rank_axis is None or i != len(sx) + rank_axis):
+      raise ValueError(f"cannot add adapters of layer {'/'.join(path)}: factor {k} has shapes "
+                       f"{sx} and {sy}, which differ beyond the rank axis")
     if k[0] in "Aa":
       out[k] = jnp.concatenate([fx[k], fy[k]], axis=-1)
     elif k[0] == "B":

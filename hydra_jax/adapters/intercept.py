@@ -72,8 +72,9 @@ def apply_intercepted(model: nn.Module, params: Mapping, adapters: Mapping, spec
     aux["branches"][layer '/'-path][branch] (shaped like the layer's output) and
     aux["routing"][layer '/'-path] (..., N).
   """
-  factors = dict(transform.factor_dicts(adapters))
-  layers = {p: transform.layer_of(p, transform.get_path(params, p)) for p in factors}
+  adapted = list(transform.adapted_layers(params, adapters, spec))
+  factors = {layer.path: f for layer, _, f in adapted}
+  layers = {layer.path: layer for layer, _, _ in adapted}
   index = {p: i for i, p in enumerate(factors)}
   dropout = train and spec.dropout > 0
   if dropout and rng is None:
@@ -113,8 +114,7 @@ def apply_intercepted(model: nn.Module, params: Mapping, adapters: Mapping, spec
   with nn.intercept_methods(interceptor):
     out, state = model.apply({"params": params}, images, method=method, mutable=[_AUX],
                              rngs=vit.train_rngs(rng, train=train))
-  missing = [transform.layer_of(p, transform.get_path(params, p)).name
-             for p in factors if p not in seen]
+  missing = [layers[p].name for p in factors if p not in seen]
   if missing:
     raise ValueError(f"adapted layers {missing} were never called as nn.Dense/nn.DenseGeneral "
                      "modules; the activation path cannot adapt them")

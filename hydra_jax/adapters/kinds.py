@@ -187,8 +187,9 @@ def total(f, x, y0, spec: AdapterSpec, *, affine: bool = True, drop: Drop = no_d
 
 
 def layer_delta(f, w: jax.Array, b: jax.Array, spec: AdapterSpec, *, routing=None):
-  """(dW (d_in, d_out), db (d_out,)) of one layer, float32, from the same ``total``."""
+  """(dW (d_in, d_out), db (d_out,)) of one layer, float32 (whatever the factors' dtype)."""
   w, b = w.astype(jnp.float32), b.astype(jnp.float32)
+  f = {k: jnp.asarray(v, jnp.float32) for k, v in f.items()}
   dw, _ = total(f, None, w, spec, affine=False, routing=routing)
   db, _ = total(f, jnp.zeros((w.shape[0],), jnp.float32), b, spec, routing=routing)
   return dw, db
@@ -199,6 +200,40 @@ def output_lowrank(f, spec: AdapterSpec):
   if spec.kind in ("hydra", "sequential") and "A_s" in f:
     return spec.scaling * f["A_s"].astype(jnp.float32), f["B_s"].astype(jnp.float32)
   return None
+
+
+_EXPECTED = {"hydra": "A_p, B_p [a_p, b_p] and/or A_s, B_s [a_s, b_s]",
+             "sequential": "A_s, B_s [a_s, b_s]", "lora": "A, B [a, b]",
+             "hydralora": "A, B, router [a, b]"}
+
+
+def check_factors(f, layer: Layer, spec: AdapterSpec) -> None:
+  """Raises ValueError naming the layer unless ``f`` are ``spec.kind`` factors that fit ``layer``.
+
+  The ranks (and HydraLoRA's number of heads) are read from the factors themselves.
+  """
+  d_in, d_out = layer.d_in, layer.d_out
+  # factor suffix -> width of the branch's input (x: d_in; y0: d_out)
+  tags = {"hydra": {"_p": d_in, "_s": d_out}, "sequential": {"_s": d_out}}.get(spec.kind,
+                                                                              {"": d_in})
+  heads = spec.kind == "hydralora"
+  present = [t for t in tags if "A" + t in f]
+  allowed = {c + t for t in present for c in "ABab"} | ({"router"} if heads else set())
+  if (not present or set(f) - allowed or any("B" + t not in f for t in present)
+      or (heads and "router" not in f)):
+    raise ValueError(f"layer {layer.name}: factors {sorted(f)} are not {spec.kind} factors; "
+                     f"expected {_EXPECTED[spec.kind]} (adapters and spec of different kinds?)")
+  n = (jnp.shape(f["router"])[-1],) if heads else ()
+  expected = {"router": (d_in, *n)} if heads else {}
+  for t in present:
+    r = jnp.shape(f["A" + t])[-1]
+    expected.update({"A" + t: (tags[t], r), "a" + t: (r,), "B" + t: (*n, r, d_out),
+                     "b" + t: (*n, d_out)})
+  for name, value in f.items():
+    if tuple(jnp.shape(value)) != expected[name]:
+      raise ValueError(f"layer {layer.name}: {spec.kind} factor {name} has shape "
+                       f"{tuple(jnp.shape(value))}; expected {expected[name]} (d_in={d_in}, "
+                       f"d_out={d_out})")
 
 
 def _check_rank(layer: Layer, rank: int, limit: int, what: str):

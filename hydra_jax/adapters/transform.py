@@ -37,10 +37,17 @@ def init(spec: AdapterSpec, params: Any, rng: jax.Array) -> dict[str, Any]:
 
 
 def factor_dicts(adapters: Mapping, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple, dict]]:
-  """Yields (module path, factor dict) for every adapted layer, in tree order."""
-  if all(not isinstance(v, Mapping) for v in adapters.values()):
+  """Yields (module path, factor dict) for every adapted layer, in tree order.
+
+  A factor dict is a non-empty dict of arrays; empty dicts adapt nothing.
+  """
+  nested = [isinstance(v, Mapping) for v in adapters.values()]
+  if nested and not any(nested):
     yield prefix, adapters
     return
+  if not all(nested):
+    raise ValueError(f"adapters at {'/'.join(prefix) or 'the root'} mix arrays and dicts "
+                     f"({sorted(adapters)}); expected dicts down to each layer's factors")
   for key, value in adapters.items():
     yield from factor_dicts(value, prefix + (key,))
 
@@ -85,24 +92,27 @@ def routing_for(routing: Any, layer: Layer, factors: Mapping) -> Any:
 
   Checked against a HydraLoRA layer's N heads (``factors["B"]``: (N, r, d_out)).
   """
-  if routing is None:
+  if routing is None or "router" not in factors:  # only HydraLoRA layers take routing
     return None
   if isinstance(routing, Mapping):
     if layer.name not in routing:
       raise ValueError(f"routing has no weights for layer {layer.name}; keys: {sorted(routing)}")
     routing = routing[layer.name]
   routing = jnp.asarray(routing)
-  heads = factors["B"].shape[0] if "router" in factors else None
-  if heads is not None and (routing.ndim == 0 or routing.shape[-1] != heads):
+  heads = factors["B"].shape[0]
+  if routing.ndim == 0 or routing.shape[-1] != heads:
     raise ValueError(f"routing weights for layer {layer.name} have shape {routing.shape}; "
                      f"expected (..., {heads}), one weight per head")
   return routing
 
 
-def _adapted(params: Mapping, adapters: Mapping):
+def adapted_layers(params: Mapping, adapters: Mapping, spec: AdapterSpec):
+  """Yields (Layer, param module, factors) per adapted layer, the factors checked against both."""
   for path, f in factor_dicts(adapters):
     module = get_path(params, path)
-    yield layer_of(path, module), module, f
+    layer = layer_of(path, module)
+    kinds.check_factors(f, layer, spec)
+    yield layer, module, f
 
 
 def _layer_delta(layer, module, f, spec, routing, *, at_zero=False):
@@ -129,7 +139,7 @@ def delta(params: Mapping, adapters: Mapping, spec: AdapterSpec, *, routing=None
     {module path (nested): {"kernel": dW (kernel shape), "bias": db (bias shape)}}, float32.
   """
   out: dict[str, Any] = {}
-  for layer, module, f in _adapted(params, adapters):
+  for layer, module, f in adapted_layers(params, adapters, spec):
     dw, db = _layer_delta(layer, module, f, spec, routing)
     d = {"kernel": dw.reshape(module["kernel"].shape)}
     if "bias" in module:
@@ -177,7 +187,7 @@ def unmerge(merged: Mapping, adapters: Mapping, spec: AdapterSpec, *, routing=No
   Fails (singular solve: inf/nan) exactly when ``I + s A_s B_s`` is singular.
   """
   out = merged
-  for layer, module, f in _adapted(merged, adapters):
+  for layer, module, f in adapted_layers(merged, adapters, spec):
     w_m, b_m = _flat(layer, module)
     p, c = _layer_delta(layer, module, f, spec, routing, at_zero=True)
     z = jnp.concatenate([w_m.astype(jnp.float32) - p, (b_m.astype(jnp.float32) - c)[None]])

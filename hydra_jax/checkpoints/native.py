@@ -37,15 +37,24 @@ def save(path, pretrained: common.Pretrained) -> None:
     path: destination file, conventionally ``*.safetensors``.
     pretrained: params (any float arrays, stored float32) and their metadata.
   """
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  flat = {k: np.ascontiguousarray(np.asarray(v, np.float32))
+  flat = {k: np.asarray(v, np.float32)
           for k, v in traverse_util.flatten_dict(pretrained.params, sep="/").items()}
   meta = dict(model=pretrained.model, mean=list(pretrained.mean), std=list(pretrained.std),
               source=pretrained.source)
+  write_safetensors(path, flat, {METADATA_KEY: json.dumps(meta)})
+
+
+def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+  """Writes a safetensors file atomically: a hidden tmp file beside it, then ``os.replace``.
+
+  A failed write leaves any earlier file at ``path`` as it was and no tmp file behind.
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   try:
-    save_file(flat, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+              metadata=metadata)
     os.chmod(tmp, 0o644)  # safetensors creates it owner-only; a cache is shared like any file
     os.replace(tmp, path)
   finally:
