@@ -11,15 +11,17 @@ B="-m hydra_jax.bench --model B/16 --batch 128 --attention cudnn --no_infer"
 t0=$SECONDS
 PYTHONPATH=$PWD timeout 240 python3 $B --adapters hydra,lora,hydralora,hydra_dropout \
   > "$OUT/new.jsonl" 2> "$OUT/new.err"; echo "new: $((SECONDS - t0)) s"
-# the old bench has no --no_infer: call its bench_one directly
-(cd "$OLD" && PYTHONPATH=$PWD timeout 110 python3 -c "
+# the old bench has no --no_infer: call its bench_one directly, a process per adapter (the
+# device's peak memory counter is per process)
+for a in hydra hydralora; do
+  (cd "$OLD" && PYTHONPATH=$PWD timeout 55 python3 -c "
 import argparse, json
 from hydra_jax import bench
-for a in ('hydra', 'hydralora'):
-  args = argparse.Namespace(model='B/16', batch=128, image_size=224, num_classes=100,
-      dtype='bfloat16', attention='cudnn', remat=False, steps=10, repeats=5, infer=False)
-  print(json.dumps(bench.bench_one(args, a)), flush=True)
-") > "$OUT/old.jsonl" 2> "$OUT/old.err"; echo "old: $((SECONDS - t0)) s"
+args = argparse.Namespace(model='B/16', batch=128, image_size=224, num_classes=100,
+    dtype='bfloat16', attention='cudnn', remat=False, steps=10, repeats=5, infer=False)
+print(json.dumps(bench.bench_one(args, '$a')), flush=True)
+") >> "$OUT/old.jsonl" 2>> "$OUT/old.err"
+done; echo "old: $((SECONDS - t0)) s"
 # the optimised HLO of the profiled step comes back too: it names what each fusion computes
 PYTHONPATH=$PWD XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text" timeout 110 \
   python3 benchmarks/profile_step.py > "$OUT/profile.json" 2> "$OUT/profile.err"

@@ -6,9 +6,11 @@
 
 One JSON line per configuration: img/s, step ms (median of repeats, warm-up excluded, device
 synchronised), achieved TFLOP/s (the step's matmul FLOPs counted from the shapes by
-``hydra_jax.flops``: XLA's cost analysis misses cuBLAS/cuDNN calls on GPU), peak device memory,
-XLA's temporary buffers of the compiled step (``xla_temp_gib``, on CPU too), and the same for
-inference of the merged model against the plain ViT.
+``hydra_jax.flops``: XLA's cost analysis misses cuBLAS/cuDNN calls on GPU), peak device memory
+of the training step, XLA's buffers of the compiled step (``xla_step_gib``: arguments, outputs
+and temporaries; ``xla_temp_gib``: temporaries; on CPU too), and the same for inference of the
+merged model against the plain ViT. The device's peak counter cannot be reset, so each of
+several configurations runs in a process of its own.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import functools
 import json
 import re
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -68,11 +72,18 @@ def _peak_memory_gib() -> float | None:
   return None if peak is None else peak / 2**30
 
 
-def _temp_gib(compiled) -> float | None:
-  """XLA's temporaries of the compiled step (activations kept for the backward pass and scratch);
-  available on every backend, unlike the device's peak, so remat policies compare on CPU too."""
+def _xla_memory_gib(compiled) -> dict[str, float | None]:
+  """XLA's buffers of the compiled step: temporaries (activations kept for the backward pass
+  and scratch) and the whole step (arguments + outputs - donated aliases + temporaries).
+
+  Available on every backend, unlike the device's peak, so remat policies compare on CPU too.
+  """
   mem = compiled.memory_analysis()
-  return None if mem is None else mem.temp_size_in_bytes / 2**30
+  if mem is None:
+    return dict(xla_step_gib=None, xla_temp_gib=None)
+  step = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+          + mem.temp_size_in_bytes)
+  return dict(xla_step_gib=step / 2**30, xla_temp_gib=mem.temp_size_in_bytes / 2**30)
 
 
 def _weight_grads(params, spec, patterns) -> list[str]:
@@ -139,7 +150,7 @@ def bench_one(args, name: str) -> dict:
                 remat=args.remat, gelu_approximate=getattr(args, "gelu_approximate", False),
                 img_per_s=args.batch / step_s, step_ms=step_s * 1e3,
                 tflops=step_flops / step_s / 1e12, gflop_per_img=step_flops / args.batch / 1e9,
-                peak_mem_gib=_peak_memory_gib(), xla_temp_gib=_temp_gib(compiled),
+                peak_mem_gib=_peak_memory_gib(), **_xla_memory_gib(compiled),
                 trainable_params=int(sum(x.size for x in jax.tree.leaves(state.trainable))))
   if args.infer:
     result.update(_bench_inference(args, model, spec, holder["state"], frozen, batches))
@@ -181,15 +192,23 @@ def main(argv=None):
                  help="skip the merged-vs-plain inference timing")
   p.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
   p.add_argument("--repeats", type=int, default=5)
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = p.parse_args(argv)
-  for name in args.adapters.split(","):
-    if name not in ADAPTERS:
-      raise SystemExit(f"unknown adapter {name!r}; expected one of {sorted(ADAPTERS)}")
-    try:
-      print(json.dumps(bench_one(args, name)), flush=True)
-    except Exception as e:  # one failing configuration (e.g. out of memory) must not stop the rest
-      print(json.dumps(dict(framework="jax", model=args.model, adapter=name, batch=args.batch,
-                            error=f"{type(e).__name__}: {str(e)[:300]}")), flush=True)
+  names = args.adapters.split(",")
+  if unknown := [n for n in names if n not in ADAPTERS]:
+    raise SystemExit(f"unknown adapter(s) {unknown}; expected some of {sorted(ADAPTERS)}")
+  error_row = lambda name, error: json.dumps(dict(  # noqa: E731
+      framework="jax", model=args.model, adapter=name, batch=args.batch, error=error))
+  if len(names) > 1:  # a process per configuration: each row's peak memory is its own
+    for name in names:
+      child = subprocess.run([sys.executable, "-m", "hydra_jax.bench", *argv, "--adapters", name],
+                             stdout=subprocess.PIPE, text=True, check=False)
+      print(child.stdout.strip() or error_row(name, f"exit status {child.returncode}"), flush=True)
+    return
+  try:
+    print(json.dumps(bench_one(args, names[0])), flush=True)
+  except Exception as e:  # a failing configuration (e.g. out of memory) is a row, not a crash
+    print(error_row(names[0], f"{type(e).__name__}: {str(e)[:300]}"), flush=True)
 
 
 if __name__ == "__main__":
