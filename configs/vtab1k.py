@@ -16,6 +16,7 @@ or their own copy); the checkpoint is the original i21k ``ViT-B_16.npz``.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from configs import default
 
@@ -65,8 +66,9 @@ def get_config(task: str = "cifar100") -> ml_collections.ConfigDict:
   c.data.test_split = info["test_split"]
   c.data.num_classes = info["num_classes"]
   c.data.vtab_task = task  # labels (computed for clevr/kitti/dsprites) as task_adaptation's
-  c.data.label_key = info["label"]  # the ClassLabel feature; None where the task computes it
-  c.data.test_limit = None
+  # the ClassLabel feature; None where the task computes it (typed: it stays overridable)
+  c.data.label_key = placeholder(str) if info["label"] is None else info["label"]
+  c.data.test_limit = placeholder(int)  # the whole test split
   c.data.eval_batch_size = 256
   c.batch_size = batch
   c.num_epochs = 100

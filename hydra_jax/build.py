@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from hydra_jax import assets, checkpoints, data
-from hydra_jax.models import ViT, variant
+from hydra_jax.models import ARCHITECTURE_DEFAULTS, ViT, variant
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -54,7 +54,10 @@ def build_model(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:
   runtime = dict(dtype=_dtype(cfg.dtype), attention=cfg.attention, remat=cfg.remat,
                  drop_path=cfg.get("drop_path", 0.0))
   if cfg.checkpoint is None:
-    kwargs = {**variant(cfg.variant), **cfg.get("overrides", {})}
+    kwargs = {**ARCHITECTURE_DEFAULTS, **variant(cfg.variant), **cfg.get("overrides", {})}
+    if cfg.image_size % kwargs["patch_size"]:
+      raise ValueError(f"model.image_size {cfg.image_size} is not a multiple of the patch size "
+                       f"{kwargs['patch_size']}")
     grid = cfg.image_size // kwargs["patch_size"]
     kwargs["posemb_grid"] = (grid, grid)
     if cfg.get("pool"):

@@ -63,6 +63,12 @@ class _Runner:
 
   def __init__(self, config, model, spec, tx, schedule, frozen, state):
     self.mesh = parallel.make_mesh(config.parallel.num_devices)
+    n = self.mesh.size
+    for name, size in (("batch_size", config.batch_size),
+                       ("data.eval_batch_size", config.data.eval_batch_size)):
+      if size % n:
+        raise ValueError(f"{name} {size} does not split evenly over the {n} devices of the "
+                         f"mesh; expected a multiple of {n} (or set parallel.num_devices)")
     self.pmap = config.parallel.mode == "pmap"
     step = functools.partial(train_lib.train_step, model=model, spec=spec, tx=tx,
                              schedule=schedule, axis_name="batch" if self.pmap else None)
@@ -122,9 +128,10 @@ def _check_schedule(config) -> None:
   """The loop's counters: whole numbers, the step intervals at least 1 (errors name the field)."""
   if config.parallel.mode not in _MODES:
     raise ValueError(f"unknown parallel.mode {config.parallel.mode!r}; expected one of {_MODES}")
-  for name, least in (("num_epochs", 1), ("eval_every_epochs", 1), ("log_every", 1),
-                      ("checkpoint_every", 0)):
-    value = config[name]
+  for name, least in (("batch_size", 1), ("data.eval_batch_size", 1), ("num_epochs", 1),
+                      ("eval_every_epochs", 1), ("log_every", 1), ("checkpoint_every", 0),
+                      ("keep_checkpoints", 1)):
+    value = functools.reduce(lambda c, key: c[key], name.split("."), config)
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
       raise ValueError(f"{name} must be an integer >= {least}; got {value!r}")
 

@@ -14,7 +14,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 from hydra_jax import checkpoints
-from hydra_jax.models import PATCHES, SIZES, param_count, variant
+from hydra_jax.models import PATCHES, SIZES, ViT, param_count, variant
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=4, image_size=16)
 PUBLISHED = {"Ti/16": 5_717_416, "S/16": 22_050_664, "B/16": 86_567_656, "L/16": 304_326_632,
@@ -496,3 +496,17 @@ def test_adapter_exports_round_trip_and_are_written_atomically(tmp_path):
     export.save_adapters(path, bad, spec)
   assert path.read_bytes() == before  # the earlier export is intact
   assert sorted(p.name for p in path.parent.iterdir()) == ["adapters.safetensors"]  # no tmp left
+
+
+def test_a_file_recording_only_some_model_fields_takes_the_vit_defaults(tmp_path):
+  """Exports of random-init runs made before 2026-11-23 record only the variant's fields."""
+  model = dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=4, pool="tok",
+               posemb_grid=(4, 4))
+  full = ViT(num_classes=3, **model)
+  params = full.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))["params"]
+  checkpoints.save(tmp_path / "old.safetensors",
+                   checkpoints.Pretrained(params, model, (0.5,) * 3, (0.5,) * 3, "random"))
+  pre = checkpoints.load(tmp_path / "old.safetensors", num_classes=3, image_size=24)
+  assert pre.model["class_token"] is True and pre.model["posemb_grid"] == (6, 6)
+  images = np.random.default_rng(0).integers(0, 256, (2, 24, 24, 3), np.uint8)
+  assert checkpoints.build_model(pre).apply({"params": pre.params}, images).shape == (2, 3)

@@ -236,11 +236,49 @@ def test_final_merge_check_catches_a_wrong_merge(tmp_path, monkeypatch):
     ("log_every", 0, "log_every must be an integer >= 1"),
     ("checkpoint_every", -1, "checkpoint_every must be an integer >= 0"),
     ("parallel.mode", "pmapp", "unknown parallel.mode 'pmapp'"),
+    ("batch_size", 0, "batch_size must be an integer >= 1; got 0"),
+    ("data.eval_batch_size", 0, "data.eval_batch_size must be an integer >= 1"),
+    ("keep_checkpoints", -1, "keep_checkpoints must be an integer >= 1; got -1"),
+    ("model.image_size", 15, "model.image_size 15 is not a multiple of the patch size 4"),
 ])
 def test_bad_schedule_fields_are_named(tmp_path, field, value, match):
   config = _testing_config(**{field: value})
   with pytest.raises(ValueError, match=match):
     train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("mode", ["jit", "pmap"])
+@pytest.mark.parametrize("field,value", [("batch_size", 18), ("data.eval_batch_size", 30)])
+def test_batches_that_do_not_split_over_the_devices_are_refused_before_training(
+    tmp_path, mode, field, value):
+  config = _testing_config(**{field: value, "parallel.num_devices": 4, "parallel.mode": mode})
+  with pytest.raises(ValueError, match=rf"{field} {value} does not split evenly over the 4 "
+                                       "devices of the mesh; expected a multiple of 4"):
+    train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "metrics.jsonl").exists()  # it used to train a whole epoch first
+
+
+def test_every_config_field_can_be_overridden():
+  """A field set to a bare None has type NoneType, which ml_collections refuses to override."""
+  import importlib
+
+  import ml_collections
+
+  from hydra_jax import data
+
+  def untyped(c, prefix=""):
+    for key in c.keys():
+      if isinstance(c[key], ml_collections.ConfigDict):
+        yield from untyped(c[key], f"{prefix}{key}.")
+      elif c.get_type(key) is type(None):
+        yield prefix + key
+
+  configs = {name: importlib.import_module(f"configs.{name}").get_config() for name in (
+      "default", "lora", "sequential", "hydralora", "linear_probe", "full_finetune")}
+  configs["testing"] = default.get_testing_config()
+  vtab1k = importlib.import_module("configs.vtab1k")
+  configs.update({f"vtab1k:{task}": vtab1k.get_config(task) for task in data.VTAB1K})
+  assert {name: list(untyped(c)) for name, c in configs.items()} == {n: [] for n in configs}
 
 
 def test_checkpointer_keeps_and_names_the_best(tmp_path):

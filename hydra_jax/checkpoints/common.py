@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from hydra_jax.models import ViT
+from hydra_jax.models import ARCHITECTURE_DEFAULTS, ViT
 from hydra_jax.models import posemb as posemb_lib
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -157,7 +157,7 @@ def finalize(raw: Pretrained, *, num_classes=None, reset_head=False, image_size=
     A ``Pretrained`` with float32 numpy params that match ``build_model`` of it exactly.
   """
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), raw.params)
-  model = dict(raw.model)
+  model = {**ARCHITECTURE_DEFAULTS, **raw.model}  # a random-init run's export records fewer
   model["posemb_grid"] = tuple(model["posemb_grid"])
   if pool is not None:
     model["pool"] = pool

@@ -19,7 +19,6 @@ model's input size, its mean / std); it is built beside the target and renamed i
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -33,15 +32,13 @@ from safetensors.numpy import save_file
 
 from hydra_jax.checkpoints import common
 from hydra_jax.checkpoints.hf import ATT, FAMILY_BLOCK, FAMILY_TOP, MAP, MLP
-from hydra_jax.models import ViT
+from hydra_jax.models import ARCHITECTURE_DEFAULTS
 
 DTYPES = ("float32", "bfloat16", "float16")
 FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 _PREFIX = {"ViTForImageClassification": "vit.", "Dinov2ForImageClassification": "dinov2.",
            "SiglipForImageClassification": "vision_model.", "SiglipVisionModel": "vision_model."}
 _BLOCK = "Transformer/encoderblock_"
-_VIT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ViT)
-                 if f.default is not dataclasses.MISSING}
 
 
 def target(model: dict, *, has_head: bool) -> tuple[str, str]:
@@ -225,7 +222,7 @@ def save_hf(directory, pretrained: common.Pretrained, *, labels: Sequence[str] |
     raise ValueError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
   flat = {k: np.asarray(v, np.float32)
           for k, v in traverse_util.flatten_dict(pretrained.params, sep="/").items()}
-  model = {**_VIT_DEFAULTS, **pretrained.model}  # e.g. a random-init run records few fields
+  model = {**ARCHITECTURE_DEFAULTS, **pretrained.model}  # e.g. a random-init run records few fields
   num_classes = flat["head/kernel"].shape[-1] if "head/kernel" in flat else None
   family, arch = target(model, has_head=num_classes is not None)
   config = _config(family, arch, model, num_classes, labels, dtype)

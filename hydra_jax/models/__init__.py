@@ -1,5 +1,5 @@
 """Models: the ViT family."""
 
-from hydra_jax.models.vit import PATCHES, SIZES, ViT, param_count, variant
+from hydra_jax.models.vit import ARCHITECTURE_DEFAULTS, PATCHES, SIZES, ViT, param_count, variant
 
-__all__ = ["PATCHES", "SIZES", "ViT", "param_count", "variant"]
+__all__ = ["ARCHITECTURE_DEFAULTS", "PATCHES", "SIZES", "ViT", "param_count", "variant"]

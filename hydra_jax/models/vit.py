@@ -22,6 +22,7 @@ token; the loaders store it here with a zero row for the class token, which is t
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -348,6 +349,13 @@ class ViT(nn.Module):
     if not self.num_classes:
       return x
     return self.head(x.astype(jnp.float32))
+
+
+# What a checkpoint records of its model (the fields its params and function depend on; the rest
+# are run-time choices), with the ViT's defaults for files and runs that recorded fewer.
+ARCHITECTURE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ViT) if f.name in (
+    "patch_size", "width", "depth", "mlp_dim", "num_heads", "posemb_grid", "class_token", "pool",
+    "representation_size", "layer_scale", "ln_eps", "gelu_approximate")}
 
 
 def param_count(tree) -> int:
