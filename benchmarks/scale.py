@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -58,9 +56,9 @@ def main():
     return
   for kw in runs[part]:  # the bench CLI: a process per row (its own peak memory, OOM as a row)
     a = _args(**kw)
-    subprocess.run([sys.executable, "-m", "hydra_jax.bench", "--model", a.model, "--batch",
-                    str(a.batch), "--attention", a.attention, "--adapters", "hydra", "--no_infer",
-                    "--steps", str(a.steps), "--repeats", str(a.repeats)], check=False)
+    bench.main(["--model", a.model, "--batch", str(a.batch), "--attention", a.attention,
+                "--adapters", "hydra", "--no_infer", "--steps", str(a.steps),
+                "--repeats", str(a.repeats)], isolate=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import pathlib
 import re
 import statistics
 import subprocess
@@ -173,7 +175,16 @@ def _bench_inference(args, model, spec, state, frozen, batches) -> dict:
               infer_merged_over_plain=merged_s / plain_s)
 
 
-def main(argv=None):
+def _child_env() -> dict[str, str]:
+  """This environment, with the directory holding this hydra_jax first on PYTHONPATH (a child
+  process does not inherit the parent's sys.path)."""
+  root = str(pathlib.Path(__file__).resolve().parents[1])
+  return {**os.environ, "PYTHONPATH": os.pathsep.join(
+      p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+
+
+def main(argv=None, *, isolate: bool = False):
+  """The CLI; ``isolate`` runs even a single configuration in a process of its own."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--model", default="B/16")
   p.add_argument("--batch", type=int, default=128)
@@ -199,10 +210,10 @@ def main(argv=None):
     raise SystemExit(f"unknown adapter(s) {unknown}; expected some of {sorted(ADAPTERS)}")
   error_row = lambda name, error: json.dumps(dict(  # noqa: E731
       framework="jax", model=args.model, adapter=name, batch=args.batch, error=error))
-  if len(names) > 1:  # a process per configuration: each row's peak memory is its own
+  if len(names) > 1 or isolate:  # a process per configuration: each row's peak is its own
     for name in names:
       child = subprocess.run([sys.executable, "-m", "hydra_jax.bench", *argv, "--adapters", name],
-                             stdout=subprocess.PIPE, text=True, check=False)
+                             stdout=subprocess.PIPE, text=True, check=False, env=_child_env())
       print(child.stdout.strip() or error_row(name, f"exit status {child.returncode}"), flush=True)
     return
   try:

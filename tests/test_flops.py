@@ -102,8 +102,10 @@ def test_training_above_the_blocks_counts_the_gradient_through_what_follows(pool
   assert counted == pytest.approx(xla(["head", trained]) - xla(["head"]), rel=0.12)
 
 
-def test_bench_cli_runs_each_configuration_in_its_own_process(capfd, monkeypatch):
+def test_bench_cli_runs_each_configuration_in_its_own_process(capfd, monkeypatch, tmp_path):
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
+  monkeypatch.delenv("PYTHONPATH", raising=False)
+  monkeypatch.chdir(tmp_path)  # the children find hydra_jax wherever this process found it
   bench.main(["--model", "Ti/16", "--image_size", "32", "--batch", "4", "--num_classes", "3",
               "--dtype", "float32", "--steps", "1", "--repeats", "1", "--adapters", "hydra,linear"])
   rows = [json.loads(line) for line in capfd.readouterr().out.splitlines()]
