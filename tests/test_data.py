@@ -397,7 +397,7 @@ def test_folder_splits_are_separate_folders_sliced_in_a_fixed_mixed_order(tmp_pa
     data.get_source(f"folder:{tmp_path}", "val[:10]")
   with pytest.raises(ValueError, match=r"split 'train\[40:\]' .* is empty"):
     data.get_source(f"folder:{tmp_path}", "train[40:]")
-  joined = data.get_source(f"folder:{tmp_path}", "train[:20]+test+train[20:25]")
+  joined = data.get_source(f"folder:{tmp_path}", "train[:20]+test + train[20:25]")
   assert files(joined) == files(head) + files(test) + files(tail)[:5]
   assert joined.labels.tolist() == head.labels.tolist() + test.labels.tolist() + \
       tail.labels[:5].tolist()

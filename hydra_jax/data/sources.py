@@ -159,7 +159,7 @@ class FolderSource:
       self._files, self.labels = _images(self.root, self.class_names)
       self.num_classes = len(self.class_names)
       return
-    parts = [_SPLIT.fullmatch(part) for part in split.split("+")]
+    parts = [_SPLIT.fullmatch(part.strip()) for part in split.split("+")]  # tfds allows spaces
     if not all(parts):
       raise ValueError(f"folder split {split!r}: expected split folder names with optional "
                        "slices joined by '+', e.g. 'train', 'train[:800]', 'val[10%:]' or "
