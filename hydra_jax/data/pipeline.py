@@ -11,7 +11,9 @@ Resized uint8 images of small sources are cached in memory, so epochs after the 
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -27,35 +29,38 @@ _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # source -> {(
 
 
 class _Resized:
-  """Index -> resized uint8 RGB image (h, w, 3) and label, memoised when the source is small."""
+  """Index -> resized uint8 RGB image (h, w, 3) and label, memoised when the source is small.
 
-  def __init__(self, source, size: tuple[int, int]):
-    self.source, self.size = source, size
-    n = len(source)
+  It holds no reference to the source (each call passes it): the cache is keyed weakly by the
+  source, and a value referring to its key would keep both alive for good.
+  """
+
+  def __init__(self, n: int, size: tuple[int, int]):
+    self.size = size
     self.cached = n * size[0] * size[1] * 3 <= CACHE_BYTES
     if self.cached:
       self.images = np.zeros((n, *size, 3), np.uint8)
       self.labels = np.zeros((n,), np.int64)
       self.filled = np.zeros((n,), bool)
 
-  def _load(self, index: int) -> tuple[np.ndarray, int]:
-    item = self.source[int(index)]
+  def _load(self, source, index: int) -> tuple[np.ndarray, int]:
+    item = source[int(index)]
     return resize(item["image"], self.size), int(item["label"])
 
-  def fill(self) -> None:
+  def fill(self, source) -> None:
     """Decodes and resizes every example not cached yet (a no-op for uncached sources)."""
     if self.cached:
       for i in np.flatnonzero(~self.filled):
-        self.images[i], self.labels[i] = self._load(i)
+        self.images[i], self.labels[i] = self._load(source, i)
         self.filled[i] = True
 
-  def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  def get(self, source, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Returns images uint8 (b, h, w, 3) and labels int64 (b,) for `indices` (b,)."""
     if not self.cached:
-      pairs = [self._load(i) for i in indices]
+      pairs = [self._load(source, i) for i in indices]
       return np.stack([p[0] for p in pairs]), np.asarray([p[1] for p in pairs], np.int64)
     for i in indices[~self.filled[indices]]:
-      self.images[i], self.labels[i] = self._load(i)
+      self.images[i], self.labels[i] = self._load(source, i)
       self.filled[i] = True
     return self.images[indices], self.labels[indices]
 
@@ -82,7 +87,7 @@ def _resized(source, image_size: int | Sequence[int]) -> _Resized:
   except TypeError:  # not weak-referenceable (e.g. a list): cache for this call only
     per_source = {}
   if size not in per_source:
-    per_source[size] = _Resized(source, size)
+    per_source[size] = _Resized(len(source), size)
   return per_source[size]
 
 
@@ -103,19 +108,33 @@ def _local_size(batch_size: int, shard_index: int, shard_count: int) -> int:
   return batch_size // shard_count
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+  """The training order of epoch ``epoch``: a permutation of range(n) drawn from (seed, epoch).
+
+  Every (seed, epoch) pair seeds its own stream, so runs with different seeds share no epoch
+  orders (grain's own per-epoch reshuffle uses seed + epoch: seed s + 1 replays seed s one epoch
+  later).
+  """
+  if seed < 0 or epoch < 0:
+    raise ValueError(f"seed {seed} and epoch {epoch} must be non-negative")
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def train_batches(source, *, batch_size: int, image_size: int | Sequence[int], seed: int,
                   start_step: int = 0, shard_index: int = 0, shard_count: int = 1,
                   num_classes: int) -> Iterator[dict]:
   """Infinite shuffled training batches; batch k depends only on (seed, k).
 
-  Each epoch is a fresh permutation of the source (grain reseeds per epoch); batches run across
-  epoch boundaries. The global batch k is split into shard_count consecutive, disjoint slices.
+  Epochs are ``len(source) // batch_size`` batches of a fresh permutation (``epoch_order``);
+  the remainder of each epoch is dropped, as PyTorch's ``DataLoader(drop_last=True)`` does, so
+  no batch holds an image twice. The global batch k is split into shard_count consecutive,
+  disjoint slices.
 
   Args:
     source: random-access source of {"image": uint8 (H, W, C), "label": int}.
-    batch_size: GLOBAL batch size, a multiple of shard_count.
+    batch_size: GLOBAL batch size, a multiple of shard_count, at most len(source).
     image_size: output size, int or (height, width).
-    seed: shuffling seed.
+    seed: shuffling seed (non-negative).
     start_step: index of the first batch to yield (resume).
     shard_index, shard_count: this process's slice of every global batch.
     num_classes: head size; a label outside [0, num_classes) raises a ValueError.
@@ -125,18 +144,24 @@ def train_batches(source, *, batch_size: int, image_size: int | Sequence[int], s
   """
   local = _local_size(batch_size, shard_index, shard_count)
   resized = _resized(source, image_size)
-  resized.fill()
+  n = len(source)
+  per_epoch = n // batch_size
+  if per_epoch == 0:
+    raise ValueError(f"batch_size {batch_size} exceeds the {n} examples of {source!r}")
+  resized.fill(source)
   if resized.cached:  # check every label up front, before any training step
-    _check_labels(resized.labels, np.arange(len(source)), num_classes)
+    _check_labels(resized.labels, np.arange(n), num_classes)
+  order = functools.lru_cache(maxsize=4)(lambda epoch: epoch_order(n, seed, epoch))
 
-  def load(global_indices: np.ndarray) -> dict:
-    indices = np.asarray(global_indices[shard_index * local:(shard_index + 1) * local])
-    images, labels = resized.get(indices)
+  def load(step: int) -> dict:
+    epoch, k = divmod(step, per_epoch)
+    start = k * batch_size + shard_index * local
+    indices = order(epoch)[start:start + local]
+    images, labels = resized.get(source, indices)
     _check_labels(labels, indices, num_classes)
     return {"image": images, "label": labels.astype(np.int32)}
 
-  ds = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
-        .batch(batch_size).slice(slice(start_step, None)).map(load))
+  ds = grain.MapDataset.range(start_step, sys.maxsize).map(load)
   return iter(ds.to_iter_dataset(_READ_OPTIONS))
 
 
@@ -165,7 +190,7 @@ def eval_batches(source, *, batch_size: int, image_size: int | Sequence[int],
     images = np.zeros((local, *resized.size, 3), np.uint8)
     labels = np.zeros((local,), np.int64)
     if mask.any():
-      images[mask], labels[mask] = resized.get(indices[mask])
+      images[mask], labels[mask] = resized.get(source, indices[mask])
       _check_labels(labels[mask], indices[mask], num_classes)
     return {"image": images, "label": labels.astype(np.int32), "mask": mask}
 
