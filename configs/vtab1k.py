@@ -8,7 +8,8 @@ augmentation, 224 px bicubic. As the official code (extremebird/Hydra vtab1k/tra
 dataset.py) runs it: ImageNet mean / std inputs (not the checkpoint's [-1, 1]), the i21k file's
 pre_logits layer dropped (timm loads it without), and timm's CosineLRScheduler(t_initial=500,
 warmup_t=10, lr_min=1e-5, warmup_lr_init=1e-6) stepped per epoch, so the lr has decayed only to
-~0.91x its peak at epoch 100; stochastic depth 0.1. Two differences remain: the official code
+~0.91x its peak at epoch 100; stochastic depth 0.1; epochs of 1,000 // batch batches, the rest
+dropped (its DataLoader's drop_last=True). Two differences remain: the official code
 reports the best of its ten test evaluations (model selection on the test set), hydra_jax the
 final model's test accuracy; and timm runs the file with exact GELU, hydra_jax with the tanh
 GELU it was trained with (flax's default). The tfds data must be prepared by the user (network
