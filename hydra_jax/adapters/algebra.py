@@ -46,24 +46,25 @@ def negate(adapters: Mapping, spec: AdapterSpec) -> dict:
   return scale(adapters, -1.0, spec)
 
 
+_RANK_AXIS = {"A": -1, "a": -1, "B": -2}  # a factor's initial -> its rank axis; the rest add
+
+
+def _without_axis(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
+  return shape if axis is None else shape[:len(shape) + axis] + shape[len(shape) + axis + 1:]
+
+
 def _add_factors(path, fx: Mapping, fy: Mapping) -> dict:
   if set(fx) != set(fy):
     raise ValueError(f"cannot add adapters of layer {'/'.join(path)} with different factors: "
                      f"{sorted(fx)} vs {sorted(fy)}")
   out = {}
   for k in fx:
+    axis = _RANK_AXIS.get(k[0])
     sx, sy = jnp.shape(fx[k]), jnp.shape(fy[k])
-    rank_axis = {"A": -1, "a": -1, "B": -2}.get(k[0])
-    if len(sx) != len(sy) or any(a != b for i, (a, b) in enumerate(zip(sx, sy, strict=True))
-                                 if rank_axis is None or i != len(sx) + rank_axis):
+    if _without_axis(sx, axis) != _without_axis(sy, axis):
       raise ValueError(f"cannot add adapters of layer {'/'.join(path)}: factor {k} has shapes "
                        f"{sx} and {sy}, which differ beyond the rank axis")
-    if k[0] in "Aa":
-      out[k] = jnp.concatenate([fx[k], fy[k]], axis=-1)
-    elif k[0] == "B":
-      out[k] = jnp.concatenate([fx[k], fy[k]], axis=-2)
-    else:
-      out[k] = fx[k] + fy[k]
+    out[k] = fx[k] + fy[k] if axis is None else jnp.concatenate([fx[k], fy[k]], axis=axis)
   return out
 
 

@@ -202,9 +202,9 @@ def output_lowrank(f, spec: AdapterSpec):
   return None
 
 
-_EXPECTED = {"hydra": "A_p, B_p [a_p, b_p] and/or A_s, B_s [a_s, b_s]",
-             "sequential": "A_s, B_s [a_s, b_s]", "lora": "A, B [a, b]",
-             "hydralora": "A, B, router [a, b]"}
+# each kind's factor suffixes (one low-rank branch each); "_s" reads the layer's output y0
+_SUFFIXES = {"hydra": tuple(tag for _, tag in _HYDRA_BRANCHES), "sequential": ("_s",),
+             "lora": ("",), "hydralora": ("",)}
 
 
 def check_factors(f, layer: Layer, spec: AdapterSpec) -> None:
@@ -214,15 +214,16 @@ def check_factors(f, layer: Layer, spec: AdapterSpec) -> None:
   """
   d_in, d_out = layer.d_in, layer.d_out
   # factor suffix -> width of the branch's input (x: d_in; y0: d_out)
-  tags = {"hydra": {"_p": d_in, "_s": d_out}, "sequential": {"_s": d_out}}.get(spec.kind,
-                                                                              {"": d_in})
+  tags = {t: d_out if t == "_s" else d_in for t in _SUFFIXES[spec.kind]}
   heads = spec.kind == "hydralora"
   present = [t for t in tags if "A" + t in f]
   allowed = {c + t for t in present for c in "ABab"} | ({"router"} if heads else set())
   if (not present or set(f) - allowed or any("B" + t not in f for t in present)
       or (heads and "router" not in f)):
+    expected = " and/or ".join(f"A{t}, B{t}{', router' if heads else ''} [a{t}, b{t}]"
+                               for t in tags)
     raise ValueError(f"layer {layer.name}: factors {sorted(f)} are not {spec.kind} factors; "
-                     f"expected {_EXPECTED[spec.kind]} (adapters and spec of different kinds?)")
+                     f"expected {expected} (adapters and spec of different kinds?)")
   n = (jnp.shape(f["router"])[-1],) if heads else ()
   expected = {"router": (d_in, *n)} if heads else {}
   for t in present:
