@@ -43,6 +43,11 @@ def _dtype(name: str):
   return DTYPES[name]
 
 
+def model_rng(config) -> jax.Array:
+  """The key a run gives ``build_model`` (a random-init backbone depends on it)."""
+  return jax.random.fold_in(jax.random.key(config.seed), 0)
+
+
 def build_model(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:
   """The ViT of ``config.model`` and its params, with a fresh head of ``config.data.num_classes``.
 

@@ -9,6 +9,11 @@ transformers directory (``checkpoints.save_hf``: the ViT / DINOv2 / SigLIP class
 the same function):
 
   python -m hydra_jax.export /tmp/run/export/merged.safetensors --hf /tmp/run/export/hf
+
+A LoRA run's adapters and head convert to a Hugging Face PEFT adapter (``checkpoints.save_peft``),
+written beside its base model as transformers loads it:
+
+  python -m hydra_jax.export /tmp/run --peft /tmp/run/export/peft   # .../peft/base, .../peft/lora
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ import pathlib
 from collections.abc import Sequence
 
 import jax
+import ml_collections
 import safetensors
 from flax import traverse_util
 
 from hydra_jax import adapters as adapters_lib
-from hydra_jax import checkpoints
+from hydra_jax import build, checkpoints
 
 
 def save_merged(path: str | pathlib.Path, params, pre: checkpoints.Pretrained) -> None:
@@ -57,17 +63,54 @@ def load_adapters(path: str | pathlib.Path):
   return trainable, adapters_lib.AdapterSpec(**fields)
 
 
+def save_peft_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
+                  transformers_version: str | None = None) -> str:
+  """A finished LoRA run as ``out/base`` (``save_hf`` of its base model) and ``out/lora`` (PEFT).
+
+  The base is rebuilt from the run's ``config.json`` as the run built it (checkpoint, image size,
+  pooling, a fresh head); the adapters and head come from ``export/adapters.safetensors``. In
+  PyTorch: ``PeftModel.from_pretrained(AutoModelForImageClassification.from_pretrained(
+  out/"base"), out/"lora")``. Returns the transformers class.
+  """
+  workdir, out = pathlib.Path(workdir), pathlib.Path(out)
+  files = [workdir / "config.json", workdir / "export" / "adapters.safetensors"]
+  missing = [str(f) for f in files if not f.is_file()]
+  if missing:
+    raise FileNotFoundError(f"{workdir} is not a finished run with exported adapters (no "
+                            f"{missing})")
+  config = ml_collections.ConfigDict(json.loads(files[0].read_text()))
+  trainable, spec = load_adapters(files[1])
+  _, base = build.build_model(config, build.model_rng(config))
+  arch = checkpoints.save_peft(out / "lora", trainable, spec, base,
+                               transformers_version=transformers_version,
+                               base_model_name_or_path=str((out / "base").resolve()))
+  checkpoints.save_hf(out / "base", base)
+  return arch
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-  """Converts a checkpoint to a transformers directory; ``argv`` without the program name."""
+  """Converts a checkpoint (or a LoRA run) for transformers; ``argv`` without the program name."""
   p = argparse.ArgumentParser(prog="python -m hydra_jax.export",
-                              description="Writes a checkpoint as a Hugging Face directory.")
-  p.add_argument("checkpoint", help="any format checkpoints.load reads (e.g. merged.safetensors)")
-  p.add_argument("--hf", required=True, help="directory to write (an earlier export is replaced)")
-  p.add_argument("--dtype", default="float32", choices=checkpoints.hf_export.DTYPES)
-  p.add_argument("--labels", default=None, help="comma-separated class names (default LABEL_i)")
+                              description="Writes a checkpoint as a Hugging Face directory, or a "
+                              "LoRA run as a transformers base model plus a PEFT adapter.")
+  p.add_argument("source", help="with --hf: any checkpoint checkpoints.load reads (e.g. "
+                 "merged.safetensors); with --peft: a finished LoRA run's workdir")
+  out = p.add_mutually_exclusive_group(required=True)
+  out.add_argument("--hf", help="directory to write (an earlier export is replaced)")
+  out.add_argument("--peft", help="directory to write base/ and lora/ into")
+  p.add_argument("--dtype", default="float32", choices=checkpoints.hf_export.DTYPES,
+                 help="--hf tensor dtype")
+  p.add_argument("--labels", default=None, help="--hf class names, comma-separated "
+                 "(default LABEL_i)")
+  p.add_argument("--transformers-version", default=None, help="--peft: write the module names "
+                 "of this transformers version (default: the installed one)")
   args = p.parse_args(argv)
+  if args.peft:
+    arch = save_peft_run(args.source, args.peft, transformers_version=args.transformers_version)
+    print(f"wrote {args.peft}/base ({arch}) and {args.peft}/lora (PEFT LoRA)")
+    return
   labels = args.labels.split(",") if args.labels else None
-  arch = checkpoints.save_hf(args.hf, checkpoints.load(args.checkpoint), labels=labels,
+  arch = checkpoints.save_hf(args.hf, checkpoints.load(args.source), labels=labels,
                              dtype=args.dtype)
   print(f"wrote {args.hf} ({arch})")
 

@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 
 from hydra_jax import adapters as adapters_lib
 from hydra_jax import checkpointing, data, export, metrics, optim, parallel, train_lib
-from hydra_jax.build import build_model, data_dir, open_source
+from hydra_jax.build import build_model, data_dir, model_rng, open_source
 
 # Merged vs factored logits: float32 agrees to rounding; bfloat16 rounds the two paths apart.
 _MERGE_RTOL = {"float32": 1e-4, "bfloat16": 3e-2}
@@ -142,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   parallel.initialize_distributed(**config.parallel.distributed)
   workdir = pathlib.Path(workdir)
   rng = jax.random.key(config.seed)
-  model, pre = build_model(config, jax.random.fold_in(rng, 0))
+  model, pre = build_model(config, model_rng(config))
   spec = _make_spec(config)
   train_src, val_src, test_src = _sources(config)
   steps_per_epoch = len(train_src) // config.batch_size

@@ -1,16 +1,22 @@
 """Hugging Face export: transformers (PyTorch) loads what ``save_hf`` writes and computes what the
-ViT computes; hydra_jax reads it back; models without a transformers counterpart are refused."""
+ViT computes; hydra_jax reads it back; models without a transformers counterpart are refused.
+PEFT: LoRA adapters written by ``save_peft`` load onto that model and compute what hydra_jax's
+adapters compute; adapters PEFT saves, ``load_peft`` reads back."""
 
 import json
+import re
 
 import jax
 import numpy as np
+import peft
 import pytest
 import torch
 import transformers
+from safetensors.numpy import load_file, save_file
 
-from hydra_jax import adapters, checkpoints, export
-from hydra_jax.checkpoints import hf_export
+from configs import default
+from hydra_jax import adapters, build, checkpoints, export
+from hydra_jax.checkpoints import hf_export, peft_lora
 from hydra_jax.models import ViT
 
 TINY = dict(patch_size=4, width=32, depth=2, mlp_dim=64, num_heads=4, posemb_grid=(4, 4),
@@ -173,7 +179,7 @@ def test_bad_arguments_name_the_problem(tmp_path):
     checkpoints.save_hf(tmp_path / "a", pre, dtype="int8")
   (tmp_path / "mine").mkdir()
   (tmp_path / "mine" / "notes.txt").write_text("keep me")
-  with pytest.raises(FileExistsError, match="not a Hugging Face export"):
+  with pytest.raises(FileExistsError, match="besides an export"):
     checkpoints.save_hf(tmp_path / "mine", pre)
   assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
   (tmp_path / "file").write_text("x")
@@ -190,3 +196,189 @@ def test_export_cli_converts_a_checkpoint(tmp_path):
   assert model.config.id2label[2] == "bird"
   images = _images()
   assert _rel(_torch(model, images).logits, _apply(pre, images)) < 1e-5
+
+
+# --- PEFT LoRA ---------------------------------------------------------------------------------
+
+_EVERY_LINEAR = (r"Transformer/encoderblock_\d+/"
+                 r"(MultiHeadDotProductAttention_0/(query|key|value|out)|MlpBlock_0/Dense_(0|1))",)
+
+
+def _as_if_trained(tree, seed: int):
+  """Every leaf random and non-zero, as after training."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: rng.normal(size=np.shape(x)).astype(np.float32) * 0.3, tree)
+
+
+def _lora_run(pre, spec, seed: int):
+  """(trainable, hydra_jax logits) of LoRA adapters and a head trained on ``pre``."""
+  trainable = _as_if_trained({"adapters": adapters.init(spec, pre.params, jax.random.key(seed)),
+                              "params": {"head": pre.params["head"]}}, seed)
+  params = {**pre.params, "head": trainable["params"]["head"]}
+  logits, _ = adapters.apply_intercepted(checkpoints.build_model(pre), params,
+                                         trainable["adapters"], spec, _images())
+  return trainable, np.asarray(logits)
+
+
+def _peft_logits(base_dir, lora_dir, arch: str):
+  model = peft.PeftModel.from_pretrained(_load_torch(base_dir, arch), lora_dir).eval()
+  return _torch(model, _images()).logits
+
+
+PEFT_CASES = {  # ViT fields, the spec's targets and bias
+    "vit": (dict(pool="tok"), None, False),
+    "vit_layer_scale_folded_bias": (dict(pool="tok", layer_scale=True), _EVERY_LINEAR, True),
+    "dinov2": (dict(pool="tok+gap", layer_scale=True), _EVERY_LINEAR, False),
+    "siglip": (dict(pool="gap", class_token=False, gelu_approximate=True), _EVERY_LINEAR, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PEFT_CASES))
+def test_peft_export_computes_the_factored_model(case, tmp_path):
+  """peft on the save_hf model == hydra_jax's activation-level LoRA; load_peft reads it back."""
+  fields, targets, bias = PEFT_CASES[case]
+  pre = _pretrained(seed=len(case), **fields)
+  spec = adapters.AdapterSpec(kind="lora", targets=targets, rank=4, alpha=6.0, bias=bias)
+  trainable, ours = _lora_run(pre, spec, seed=1)
+  checkpoints.save_hf(tmp_path / "base", pre)
+  arch = checkpoints.save_peft(tmp_path / "lora", trainable, spec, pre)
+  assert _rel(_peft_logits(tmp_path / "base", tmp_path / "lora", arch), ours) < 1e-5
+  # read back onto the exported base (where save_hf folded LayerScale, lora_B carries it too)
+  base = checkpoints.load(tmp_path / "base")
+  back, back_spec = checkpoints.load_peft(tmp_path / "lora", base)
+  assert back_spec.scaling == spec.scaling and back_spec.bias == bias
+  np.testing.assert_array_equal(back["params"]["head"]["kernel"],
+                                trainable["params"]["head"]["kernel"])
+  again, _ = adapters.apply_intercepted(checkpoints.build_model(base),
+                                        {**base.params, **back["params"]}, back["adapters"],
+                                        back_spec, _images())
+  assert _rel(again, ours) < 1e-5
+
+
+def test_load_peft_reads_what_peft_saves_in_either_naming(tmp_path):
+  """An adapter made by peft itself (per-layer ranks, rsLoRA, bias) == load_peft in hydra_jax."""
+  pre = _pretrained(seed=11)
+  checkpoints.save_hf(tmp_path / "base", pre)
+  torch.manual_seed(0)
+  config = peft.LoraConfig(r=4, lora_alpha=3, target_modules=["q_proj", "v_proj", "fc2"],
+                           rank_pattern={"fc2": 2}, use_rslora=True, lora_bias=True,
+                           modules_to_save=["classifier"], init_lora_weights=False)
+  model = peft.get_peft_model(_load_torch(tmp_path / "base", "ViTForImageClassification"), config)
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if "lora_B.bias" in name or "modules_to_save" in name:
+        param.normal_(0, 0.3)
+  model.eval().save_pretrained(tmp_path / "lora")
+  theirs = _torch(model, _images()).logits
+  trainable, spec = checkpoints.load_peft(tmp_path / "lora", pre)
+  fc2 = trainable["adapters"]["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_1"]
+  assert fc2["A"].shape == (64, 2) and spec.bias and len(spec.targets) == 6
+  ours, _ = adapters.apply_intercepted(checkpoints.build_model(pre),
+                                       {**pre.params, **trainable["params"]},
+                                       trainable["adapters"], spec, _images())
+  assert _rel(ours, theirs) < 1e-5
+  # the same adapter under transformers 4's module names (the hub files' names) reads the same
+  legacy = {}
+  for key, value in load_file(tmp_path / "lora" / "adapter_model.safetensors").items():
+    module = re.sub(r"\.(lora_[AB]\.(weight|bias)|weight|bias)$", "", key)
+    path = peft_lora._vit_module(module.removeprefix("base_model.model."), key)
+    old = peft_lora.module_name(path, "vit", "ViTForImageClassification", (4, 57))
+    legacy["base_model.model." + old + key[len(module):]] = value
+  assert "base_model.model.vit.encoder.layer.1.output.dense.lora_A.weight" in legacy
+  save_file(legacy, tmp_path / "lora" / "adapter_model.safetensors")
+  again, _ = checkpoints.load_peft(tmp_path / "lora", pre)
+  jax.tree.map(np.testing.assert_array_equal, again, trainable)
+
+
+@pytest.mark.parametrize("fields,arch,version,name", [
+    (dict(pool="tok"), "ViTForImageClassification", "5.8.0",
+     "vit.encoder.layer.1.attention.attention.query"),
+    (dict(pool="tok"), "ViTForImageClassification", "5.9.0", "vit.layers.1.attention.q_proj"),
+    (dict(pool="tok+gap"), "Dinov2ForImageClassification", "5.17.0",
+     "dinov2.encoder.layer.1.attention.attention.query"),
+    (dict(pool="tok+gap"), "Dinov2ForImageClassification", "5.18.0",
+     "dinov2.encoder.layer.1.attention.q_proj"),
+    (dict(pool="map", class_token=False), "SiglipVisionModel", "5.5.0",
+     "vision_model.encoder.layers.1.self_attn.q_proj"),
+    (dict(pool="map", class_token=False), "SiglipVisionModel", "5.6.0",
+     "encoder.layers.1.self_attn.q_proj"),
+])
+def test_peft_module_names_follow_the_transformers_version(fields, arch, version, name, tmp_path):
+  """Names as each version's modeling code defines them (read from the released sources)."""
+  pre = _pretrained(seed=12, num_classes=None if arch == "SiglipVisionModel" else 3, **fields)
+  spec = adapters.AdapterSpec(kind="lora")
+  trainable = {"adapters": _as_if_trained(adapters.init(spec, pre.params, jax.random.key(0)), 2)}
+  assert checkpoints.save_peft(tmp_path / "lora", trainable, spec, pre,
+                               transformers_version=version) == arch
+  config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+  assert name in config["target_modules"] and config["modules_to_save"] is None
+  keys = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+  assert f"base_model.model.{name}.lora_B.weight" in keys
+  back, _ = checkpoints.load_peft(tmp_path / "lora", pre)
+  jax.tree.map(np.testing.assert_array_equal, back["adapters"], trainable["adapters"])
+
+
+def test_peft_export_refuses_what_peft_cannot_hold(tmp_path):
+  pre = _pretrained(seed=13)
+  hydra = adapters.AdapterSpec(kind="hydra")
+  with pytest.raises(ValueError, match="PEFT has no 'hydra' adapter"):
+    checkpoints.save_peft(tmp_path / "x", {"adapters": adapters.init(
+        hydra, pre.params, jax.random.key(0))}, hydra, pre)
+  lora = adapters.AdapterSpec(kind="lora")
+  factors = adapters.init(lora, pre.params, jax.random.key(0))
+  norm = {"Transformer": {"encoder_norm": pre.params["Transformer"]["encoder_norm"]}}
+  with pytest.raises(ValueError, match=r"trained params \['Transformer/encoder_norm'\]"):
+    checkpoints.save_peft(tmp_path / "x", {"adapters": factors, "params": norm}, lora, pre)
+  conv = adapters.AdapterSpec(kind="lora", targets=("embedding",))
+  with pytest.raises(ValueError, match="layer embedding has no torch.nn.Linear"):
+    checkpoints.save_peft(tmp_path / "x", {"adapters": adapters.init(
+        conv, pre.params, jax.random.key(0))}, conv, pre)
+  with pytest.raises(ValueError, match="not a version like"):
+    checkpoints.save_peft(tmp_path / "x", {"adapters": factors}, lora, pre,
+                          transformers_version="latest")
+  assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("field,value", [("use_dora", True), ("bias", "all"),
+                                         ("peft_type", "IA3"), ("alpha_pattern", {"query": 2})])
+def test_load_peft_refuses_options_it_does_not_compute(field, value, tmp_path):
+  pre = _pretrained(seed=14)
+  spec = adapters.AdapterSpec(kind="lora")
+  checkpoints.save_peft(tmp_path / "lora", {"adapters": adapters.init(
+      spec, pre.params, jax.random.key(0))}, spec, pre)
+  path = tmp_path / "lora" / "adapter_config.json"
+  path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+  with pytest.raises(ValueError, match=f"{field}={value!r} is not supported"):
+    checkpoints.load_peft(tmp_path / "lora", pre)
+
+
+def test_load_peft_names_a_base_that_does_not_fit(tmp_path):
+  pre = _pretrained(seed=15)
+  spec = adapters.AdapterSpec(kind="lora")
+  trainable, _ = _lora_run(pre, spec, seed=3)
+  checkpoints.save_peft(tmp_path / "lora", trainable, spec, pre)
+  wider = _pretrained(seed=15, width=48, num_heads=4)
+  with pytest.raises(ValueError, match="encoderblock_0/MultiHeadDotProductAttention_0/query: "
+                     "lora factor A has shape"):
+    checkpoints.load_peft(tmp_path / "lora", wider)
+  with pytest.raises(ValueError, match="head/(kernel|bias) .* does not fit the base"):
+    checkpoints.load_peft(tmp_path / "lora", _pretrained(seed=15, num_classes=5))
+  with pytest.raises(FileNotFoundError, match="not a PEFT adapter directory"):
+    checkpoints.load_peft(tmp_path, pre)
+
+
+def test_export_cli_writes_a_lora_run_for_peft(tmp_path):
+  """A run's workdir -> base/ + lora/; peft computes what the run's adapters compute."""
+  config = default.get_testing_config()
+  config.adapter.kind = "lora"
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "config.json").write_text(config.to_json_best_effort(indent=2))
+  _, base = build.build_model(config, build.model_rng(config))
+  spec = adapters.spec_from_config(config.adapter)
+  trainable, ours = _lora_run(base, spec, seed=4)
+  export.save_adapters(tmp_path / "run" / "export" / "adapters.safetensors", trainable, spec)
+  export.main([str(tmp_path / "run"), "--peft", str(tmp_path / "peft")])
+  assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["base", "lora"]
+  theirs = _peft_logits(tmp_path / "peft" / "base", tmp_path / "peft" / "lora",
+                        "ViTForImageClassification")
+  assert _rel(theirs, ours) < 1e-5

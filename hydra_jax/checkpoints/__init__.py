@@ -1,5 +1,6 @@
 """Pre-trained ViT checkpoints: load (format auto-detected), convert, check strictly, save (also
-as a Hugging Face transformers directory: ``save_hf``).
+as a Hugging Face transformers directory: ``save_hf``); LoRA adapters to and from Hugging Face
+PEFT (``save_peft``, ``load_peft``).
 
     pretrained = checkpoints.load("ViT-B_16.npz", num_classes=10, image_size=224)
     model = checkpoints.build_model(pretrained)
@@ -20,6 +21,7 @@ from hydra_jax.checkpoints.common import (
 )
 from hydra_jax.checkpoints.hf_export import save_hf
 from hydra_jax.checkpoints.native import save
+from hydra_jax.checkpoints.peft_lora import load_peft, save_peft
 
 FORMATS = (
     "hydra_jax safetensors (checkpoints.save)",
@@ -29,7 +31,7 @@ FORMATS = (
 )
 
 __all__ = ["FORMATS", "Pretrained", "build_model", "check_tree", "expected_shapes", "load",
-           "save", "save_hf"]
+           "load_peft", "save", "save_hf", "save_peft"]
 
 
 def _read(path: pathlib.Path) -> Pretrained:

@@ -23,7 +23,7 @@ import json
 import os
 import pathlib
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +36,7 @@ from hydra_jax.models import ARCHITECTURE_DEFAULTS
 
 DTYPES = ("float32", "bfloat16", "float16")
 FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
-_PREFIX = {"ViTForImageClassification": "vit.", "Dinov2ForImageClassification": "dinov2.",
+PREFIX = {"ViTForImageClassification": "vit.", "Dinov2ForImageClassification": "dinov2.",
            "SiglipForImageClassification": "vision_model.", "SiglipVisionModel": "vision_model."}
 _BLOCK = "Transformer/encoderblock_"
 
@@ -105,7 +105,7 @@ def _to_torch(name: str, leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]
 
 def _tensors(flat: dict, family: str, arch: str) -> dict[str, np.ndarray]:
   """The ViT's flat params -> HF state dict names and layouts of ``arch``."""
-  prefix = _PREFIX.get(arch, "")
+  prefix = PREFIX.get(arch, "")
   layer = "encoder.layers" if family == "siglip" else "encoder.layer"
   out, packed = {}, {}
   for path, value in flat.items():
@@ -185,21 +185,35 @@ def _preprocessor(model: dict, mean, std) -> dict:
               do_normalize=True, image_mean=list(mean), image_std=list(std))
 
 
-def _replace_dir(tmp: pathlib.Path, out: pathlib.Path) -> None:
-  """Puts ``tmp`` at ``out``; an existing export there is replaced, anything else refused."""
+def write_dir(directory, files: tuple[str, ...], write: Callable[[pathlib.Path], None]) -> None:
+  """Builds a directory of ``files`` beside ``directory`` (``write(tmp)``), then renames it there.
+
+  An earlier export at ``directory`` (holding only ``files``) is replaced; a directory holding
+  anything else, or a file, is refused; a failed ``write`` leaves ``directory`` as it was.
+  """
+  out = pathlib.Path(directory).expanduser()
+  if out.exists() and not out.is_dir():
+    raise FileExistsError(f"{out} is a file; expected a directory to write the export into")
   if out.exists():
-    if not out.is_dir():
-      raise FileExistsError(f"{out} is a file; expected a directory to write the export into")
-    extra = sorted(p.name for p in out.iterdir() if p.name not in FILES)
+    extra = sorted(p.name for p in out.iterdir() if p.name not in files)
     if extra:
-      raise FileExistsError(f"{out} exists and is not a Hugging Face export (holds {extra}); "
+      raise FileExistsError(f"{out} exists and holds {extra} besides an export's {list(files)}; "
                             "refusing to replace it")
-    old = out.with_name(f".{out.name}.{os.getpid()}.old")
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old)
-  else:
-    os.replace(tmp, out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir()
+  try:
+    write(tmp)
+    if out.exists():
+      old = out.with_name(f".{out.name}.{os.getpid()}.old")
+      os.replace(out, old)
+      os.replace(tmp, out)
+      shutil.rmtree(old)
+    else:
+      os.replace(tmp, out)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_hf(directory, pretrained: common.Pretrained, *, labels: Sequence[str] | None = None,
@@ -229,17 +243,12 @@ def save_hf(directory, pretrained: common.Pretrained, *, labels: Sequence[str] |
   flat = _layer_scale(flat, model["depth"], keep=family == "dinov2")
   tensors = {k: np.ascontiguousarray(v.astype(jnp.dtype(dtype)))
              for k, v in _tensors(flat, family, arch).items()}
-  out = pathlib.Path(directory).expanduser()
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir()
-  try:
+
+  def write(tmp: pathlib.Path) -> None:
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "preprocessor_config.json").write_text(
         json.dumps(_preprocessor(model, pretrained.mean, pretrained.std), indent=2) + "\n")
-    _replace_dir(tmp, out)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+
+  write_dir(directory, FILES, write)
   return arch

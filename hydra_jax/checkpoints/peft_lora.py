@@ -1,0 +1,284 @@
+"""LoRA adapters as Hugging Face PEFT adapter directories, written and read.
+
+``save_peft`` writes what ``peft.PeftModel.from_pretrained(model, directory)`` loads onto the
+transformers model that ``save_hf`` writes for the same base; ``load_peft`` reads a PEFT LoRA
+adapter of a ViT / DINOv2 / SigLIP model as hydra_jax LoRA factors (to merge, weigh, evaluate or
+keep training it in JAX). A directory holds ``adapter_config.json`` and
+``adapter_model.safetensors``.
+
+The factors map one to one: ``lora_A.weight`` is A^T (r, d_in), ``lora_B.weight`` is B^T
+(d_out, r), PEFT's ``lora_alpha / r`` is ``alpha / rank`` and its ``lora_dropout`` (on the input)
+is LoRA's dropout. Factor biases (``AdapterSpec(bias=True)``) fold exactly into
+``lora_B.bias = a B + b`` (PEFT's ``lora_bias``). A trained head is a ``modules_to_save``
+classifier. Where ``save_hf`` folds LayerScale into the attention-out / MLP-out layer (a
+non-DINOv2 class), the same scale multiplies that layer's ``lora_B``. Layers of other ranks (e.g.
+after ``adapters.add``) are zero-padded to the largest rank, which changes nothing.
+
+PEFT names modules as the running transformers model does, and transformers renamed them (the
+checkpoint files kept the old names): ViT's attention became ``attention.q_proj`` / ``k_proj`` /
+``v_proj`` / ``o_proj`` and its MLP ``mlp.fc1`` / ``fc2`` in blocks ``layers.i`` in 5.9 (before:
+``encoder.layer.i.attention.attention.query``, ..., ``intermediate.dense``, ``output.dense``);
+DINOv2's attention likewise in 5.18; ``SiglipVisionModel`` dropped its ``vision_model.`` prefix
+in 5.6. An adapter saved under one naming does not load under the other, so ``save_peft``
+writes the names of one transformers version (default: the installed one, else the newest
+naming) and ``load_peft`` reads any of them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import pathlib
+import re
+
+import jax
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import save_file
+
+from hydra_jax.adapters import spec as spec_lib
+from hydra_jax.adapters import transform
+from hydra_jax.checkpoints import common, hf, hf_export
+from hydra_jax.checkpoints.hf import ATT, FAMILY_BLOCK, FAMILY_TOP, MAP, MLP
+from hydra_jax.models import ARCHITECTURE_DEFAULTS
+
+FILES = ("adapter_config.json", "adapter_model.safetensors")
+_BLOCK = "Transformer/encoderblock_"
+_LINEAR_BLOCK = (ATT + "query", ATT + "key", ATT + "value", ATT + "out", MLP + "Dense_0",
+                 MLP + "Dense_1")
+_LINEAR_TOP = ("head", "pre_logits", MAP + ATT + "out", MAP + MLP + "Dense_0",
+               MAP + MLP + "Dense_1")
+_NEW_ATTENTION = {ATT + "query": "attention.q_proj", ATT + "key": "attention.k_proj",
+                  ATT + "value": "attention.v_proj", ATT + "out": "attention.o_proj"}
+# family -> (first transformers version with the new block module names, those names)
+_RENAMED = {"vit": ((5, 9), {**_NEW_ATTENTION, MLP + "Dense_0": "mlp.fc1",
+                             MLP + "Dense_1": "mlp.fc2"}),
+            "dinov2": ((5, 18), _NEW_ATTENTION)}
+_SIGLIP_VISION_UNPREFIXED = (5, 6)
+# every block module name of every naming -> the ViT's module
+_BLOCK_ALIASES = {**hf._BLOCK_MODULES,
+                  **{new: vit for _, names in _RENAMED.values() for vit, new in names.items()}}
+_BLOCK_KEY = re.compile(r"(?:encoder\.)?layers?\.(\d+)\.(.+)")
+_LORA_KEY = re.compile(r"(.+)\.lora_(A|B)\.(weight|bias)")
+_PEFT_PREFIX = "base_model.model."
+
+
+def _version(given: str | None) -> tuple[int, int]:
+  """(major, minor) of ``given``, else of the installed transformers, else the newest naming."""
+  if given is None:
+    try:
+      given = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+      return (999, 0)
+  m = re.match(r"(\d+)\.(\d+)", given)
+  if m is None:
+    raise ValueError(f"transformers_version {given!r} is not a version like '5.23.0'")
+  return int(m[1]), int(m[2])
+
+
+def module_name(path: str, family: str, arch: str, version: tuple[int, int]) -> str:
+  """The transformers module (as PEFT names it) of the ViT's linear layer ``path``.
+
+  Raises:
+    ValueError: ``path`` is not a layer PEFT's LoRA adapts as a ``torch.nn.Linear`` in ``arch``
+      (the patch embedding is a convolution; the MAP head packs query / key / value).
+  """
+  prefix = hf_export.PREFIX.get(arch, "")
+  if arch == "SiglipVisionModel" and version >= _SIGLIP_VISION_UNPREFIXED:
+    prefix = ""
+  if path.startswith(_BLOCK):
+    block, module = path[len(_BLOCK):].split("/", 1)
+    if module in _LINEAR_BLOCK:
+      since, names = _RENAMED.get(family, (None, {}))
+      renamed = since is not None and version >= since
+      name = names.get(module, FAMILY_BLOCK[family][module]) if renamed else (
+          FAMILY_BLOCK[family][module])
+      blocks = "layers" if (family, renamed) == ("vit", True) else (
+          "encoder.layers" if family == "siglip" else "encoder.layer")
+      return f"{prefix}{blocks}.{block}.{name}"
+  elif path in _LINEAR_TOP and path in FAMILY_TOP[family]:
+    name = FAMILY_TOP[family][path]
+    return name if name == "classifier" else prefix + name
+  raise ValueError(f"layer {path} has no torch.nn.Linear in transformers' {arch} for PEFT's LoRA; "
+                   f"expected a block's query, key, value, out, Dense_0 or Dense_1, or one of "
+                   f"{[p for p in _LINEAR_TOP if p in FAMILY_TOP[family]]}")
+
+
+def _padded(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+  """A (d_in, r), B (r, d_out) with zero columns / rows up to ``rank`` (the same product)."""
+  pad = rank - a.shape[1]
+  return np.pad(a, ((0, 0), (0, pad))), np.pad(b, ((0, pad), (0, 0)))
+
+
+def save_peft(directory, trainable, spec: spec_lib.AdapterSpec, base: common.Pretrained, *,
+              transformers_version: str | None = None,
+              base_model_name_or_path: str | None = None) -> str:
+  """Writes LoRA adapters (and a trained head) as a PEFT adapter directory.
+
+  Args:
+    directory: the directory to write (an earlier PEFT export there is replaced).
+    trainable: ``{"adapters": ..., "params": ...}`` as a run trains it (``export.load_adapters``
+      reads one back); ``params`` may hold the head and nothing else.
+    spec: the adapters' spec; kind "lora".
+    base: the frozen model the adapters belong to; ``save_hf(base)`` writes the transformers
+      model to load them onto (with a head when the adapters or the base have one).
+    transformers_version: the version whose module names to write (see the module docstring).
+    base_model_name_or_path: recorded in ``adapter_config.json`` (where the base model lives).
+
+  Returns:
+    The transformers class the adapter applies to.
+
+  Raises:
+    ValueError: not LoRA, trained params besides the head, or a layer PEFT cannot adapt.
+  """
+  if spec.kind != "lora":
+    raise ValueError(f"PEFT has no {spec.kind!r} adapter; only kind 'lora' exports to PEFT "
+                     "(merge the adapters and export the model with save_hf instead)")
+  version = _version(transformers_version)
+  trainable = jax.device_get(trainable)
+  trained = traverse_util.flatten_dict(trainable.get("params", {}), sep="/")
+  extra = sorted({k.rsplit("/", 1)[0] for k in trained} - {"head"})
+  if extra:
+    raise ValueError(f"trained params {extra} besides the head: a PEFT export carries the LoRA "
+                     "factors and the head only (export the merged model with save_hf instead)")
+  model = {**ARCHITECTURE_DEFAULTS, **base.model}
+  family, arch = hf_export.target(model, has_head="head" in base.params or bool(trained))
+  fold_scale = model["layer_scale"] and family != "dinov2"
+  layers = list(transform.adapted_layers(base.params, trainable.get("adapters", {}), spec))
+  if not layers and not trained:
+    raise ValueError("nothing to export: the adapters tree is empty and no head is trained")
+  rank = max((f["A"].shape[-1] for _, _, f in layers), default=spec.rank)
+  tensors, targets, with_bias = {}, [], any("a" in f or "b" in f for _, _, f in layers)
+  for layer, _, f in layers:
+    name = module_name(layer.name, family, arch, version)
+    a, b = _padded(np.asarray(f["A"], np.float32), np.asarray(f["B"], np.float32), rank)
+    bias = np.asarray(f["a"], np.float32) @ np.asarray(f["B"], np.float32) if "a" in f else 0.0
+    bias = bias + (np.asarray(f["b"], np.float32) if "b" in f else 0.0)
+    if fold_scale and layer.name.startswith(_BLOCK) and layer.path[-1] in ("out", "Dense_1"):
+      block = base.params[layer.path[0]][layer.path[1]]  # s (x A B + c) = x A (B s) + c s
+      scale = np.asarray(block["LayerScale_0" if layer.path[-1] == "out" else "LayerScale_1"]
+                         ["scale"])
+      b, bias = b * scale, bias * scale
+    key = _PEFT_PREFIX + name
+    tensors[key + ".lora_A.weight"] = a.T
+    tensors[key + ".lora_B.weight"] = b.T
+    if with_bias:
+      tensors[key + ".lora_B.bias"] = np.broadcast_to(bias, (layer.d_out,)).astype(np.float32)
+    targets.append(name)
+  if trained:
+    head = {**{k.split("/")[-1]: np.asarray(v) for k, v in
+               traverse_util.flatten_dict(base.params.get("head", {}), sep="/").items()},
+            **{k.split("/")[-1]: np.asarray(v) for k, v in trained.items()}}
+    if "head" in [layer.name for layer, _, _ in layers]:
+      raise ValueError("the head is both LoRA-adapted and trained; PEFT keeps one or the other")
+    tensors[_PEFT_PREFIX + "classifier.weight"] = head["kernel"].T
+    tensors[_PEFT_PREFIX + "classifier.bias"] = head["bias"]
+  config = dict(
+      peft_type="LORA", task_type=None, base_model_name_or_path=base_model_name_or_path,
+      r=int(rank), lora_alpha=float(spec.scaling * rank), lora_dropout=float(spec.dropout),
+      target_modules=targets, bias="none", lora_bias=with_bias, use_rslora=False,
+      use_dora=False, fan_in_fan_out=False, init_lora_weights=True, inference_mode=True,
+      modules_to_save=["classifier"] if trained else None, rank_pattern={}, alpha_pattern={})
+  tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+
+  def write(tmp: pathlib.Path) -> None:
+    save_file(tensors, str(tmp / FILES[1]), metadata={"format": "pt"})
+    (tmp / FILES[0]).write_text(json.dumps(config, indent=2) + "\n")
+
+  hf_export.write_dir(directory, FILES, write)
+  return arch
+
+
+def _vit_module(module: str, key: str) -> str:
+  """A transformers module name of any naming -> the ViT's module path."""
+  module = re.sub(r"^(vit|dinov2|vision_model)\.", "", module)
+  m = _BLOCK_KEY.fullmatch(module)
+  if m and m[2] in _BLOCK_ALIASES:
+    return f"{_BLOCK}{m[1]}/{_BLOCK_ALIASES[m[2]]}"
+  if module in hf._TOP:
+    return hf._TOP[module]
+  raise ValueError(f"PEFT tensor {key}: module {module!r} is not a ViT / DINOv2 / SigLIP layer "
+                   "hydra_jax knows")
+
+
+def _read_config(path: pathlib.Path) -> dict:
+  """adapter_config.json, refusing what hydra_jax's LoRA does not compute."""
+  config = json.loads(path.read_text())
+  refuse = {"peft_type": (config.get("peft_type"), "LORA"),
+            "use_dora": (config.get("use_dora", False), False),
+            "bias": (config.get("bias", "none"), "none"),
+            "fan_in_fan_out": (config.get("fan_in_fan_out", False), False),
+            "alpha_pattern": (config.get("alpha_pattern") or {}, {})}
+  for field, (got, want) in refuse.items():
+    if got != want:
+      raise ValueError(f"{path}: {field}={got!r} is not supported; hydra_jax's LoRA reads "
+                       f"{field}={want!r}")
+  return config
+
+
+def load_peft(directory, base: common.Pretrained) -> tuple[dict, spec_lib.AdapterSpec]:
+  """A PEFT LoRA adapter directory -> (trainable ``{"adapters", "params"}``, AdapterSpec).
+
+  Args:
+    directory: holding ``adapter_config.json`` and ``adapter_model.safetensors`` (any module
+      naming; float32, bfloat16 or float16 tensors).
+    base: the model the adapter belongs to (e.g. ``checkpoints.load`` of the same transformers
+      directory, with ``num_classes`` when the adapter saves a classifier).
+
+  Returns:
+    The factors (per layer ``A``, ``B``, and ``b`` with ``lora_bias``) and any saved modules as
+    params; the spec targets exactly the adapted layers. Per-layer ranks (``rank_pattern``) and
+    rsLoRA's ``alpha / sqrt(r)`` are folded into B so that one spec computes every layer.
+
+  Raises:
+    FileNotFoundError: not a PEFT adapter directory.
+    ValueError: a PEFT option or module hydra_jax does not compute, or shapes that do not fit
+      ``base`` (naming the layer).
+  """
+  root = pathlib.Path(directory).expanduser()
+  if not all((root / name).is_file() for name in FILES):
+    raise FileNotFoundError(f"{root} is not a PEFT adapter directory; expected {list(FILES)}")
+  config = _read_config(root / FILES[0])
+  rank, rslora = int(config["r"]), bool(config.get("use_rslora", False))
+  alpha = float(config.get("lora_alpha", 8)) * (math.sqrt(rank) if rslora else 1.0)
+  spec_scaling = alpha / rank
+  factors, params = {}, {}
+  for key, value in hf._read(root / FILES[1]).items():
+    name = key.removeprefix(_PEFT_PREFIX)
+    m = _LORA_KEY.fullmatch(name)
+    if m and m[3] == "weight":
+      factors.setdefault(_vit_module(m[1], key), {})[m[2]] = value.T
+      continue
+    if m and m[2] == "B":  # lora_bias: the bias after B is the factor bias b
+      factors.setdefault(_vit_module(m[1], key), {})["b"] = value
+      continue
+    module, _, leaf = name.rpartition(".")
+    path, array = hf._convert(_vit_module(module, key), leaf, value, base.model["num_heads"])
+    params[path] = array
+  if not factors:
+    raise ValueError(f"PEFT adapter {root} holds no lora_A / lora_B weights")
+  adapters = {}
+  for path, f in factors.items():
+    if set(f) - {"b"} != {"A", "B"}:
+      raise ValueError(f"PEFT adapter {root}: layer {path} has {sorted(f)}; expected lora_A "
+                       "and lora_B weights")
+    r = f["A"].shape[1]
+    layer_scaling = float(config.get("lora_alpha", 8)) / (math.sqrt(r) if rslora else r)
+    f["B"] = f["B"] * (layer_scaling / spec_scaling)
+    if "b" in f:
+      f["b"] = f["b"] * (layer_scaling / spec_scaling)
+    transform.set_path(adapters, tuple(path.split("/")), f)
+  spec = spec_lib.AdapterSpec(
+      kind="lora", targets=tuple(re.escape(p) for p in sorted(factors)), rank=rank,
+      alpha=alpha, bias=bool(config.get("lora_bias", False)),
+      dropout=float(config.get("lora_dropout", 0.0)))
+  list(transform.adapted_layers(base.params, adapters, spec))  # shapes checked, layer named
+  flat_base = traverse_util.flatten_dict(base.params, sep="/")
+  for path, array in params.items():
+    want = flat_base.get(path)
+    if want is None or np.shape(want) != array.shape:
+      raise ValueError(f"PEFT adapter {root}: saved module param {path} {array.shape} does not "
+                       f"fit the base ({'absent' if want is None else np.shape(want)}); load the "
+                       "base with the adapter's num_classes")
+  return {"adapters": adapters, "params": traverse_util.unflatten_dict(params, sep="/")}, spec
