@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.drop_path = 0.0  # stochastic depth of the last block (rising from 0), training only
 
   # Hydra on every block's attention out projection and MLP Dense_1, rank 2 + 2 (the paper's).
-  c.adapter = adapter_config("hydra", scale=1.0)
+  c.adapter = adapter_config("hydra")  # r=2+2, s=1 (AdapterSpec defaults)
 
   c.train_patterns = ("head/.*",)  # params that train besides the adapters (fullmatch regexes)
 
@@ -93,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.parallel.mode = "jit"  # "jit" over a device mesh, or "pmap"
   c.parallel.num_devices = placeholder(int)  # devices in the data-parallel mesh (None: all)
   c.parallel.fsdp = False  # shard frozen weights over the mesh (large ViTs)
+  c.parallel.fsdp_min_size = 2**16  # FSDP splits frozen leaves of at least this many elements
   c.parallel.distributed = ml_collections.ConfigDict()  # multi-host: jax.distributed.initialize
   c.parallel.distributed.coordinator = placeholder(str)  # "host:port", "auto" (TPU pods), None
   c.parallel.distributed.num_processes = placeholder(int)

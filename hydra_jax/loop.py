@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import pathlib
@@ -26,6 +27,9 @@ _LOG = logging.getLogger(__name__)
 
 def _make_spec(config) -> adapters_lib.AdapterSpec | None:
   if config.adapter.kind == "none":
+    unset = {f.name: f.default for f in dataclasses.fields(adapters_lib.AdapterSpec)}
+    if ignored := {k: v for k, v in config.adapter.items() if k != "kind" and v != unset[k]}:
+      _LOG.warning("adapter.kind is 'none': adapter fields %s are ignored", ignored)
     return None
   return adapters_lib.spec_from_config(config.adapter)
 
@@ -80,7 +84,8 @@ class _Runner:
                            devices=devices)
     else:
       self.frozen = jax.device_put(
-          frozen, parallel.frozen_shardings(self.mesh, frozen, fsdp=config.parallel.fsdp))
+          frozen, parallel.frozen_shardings(self.mesh, frozen, fsdp=config.parallel.fsdp,
+                                            min_size=config.parallel.fsdp_min_size))
       self.step = jax.jit(step, donate_argnums=0, out_shardings=(rep, rep))
     self.state = self.place(state)
     self.predict = jax.jit(functools.partial(train_lib.predict_step, model=model, spec=spec))
@@ -122,18 +127,26 @@ def _eval_batches(config, mesh, source, limit):
 
 
 _MODES = ("jit", "pmap")
+_RESUME_KEYS = ("seed", "batch_size")  # recorded in each checkpoint; a resume must match them
 
 
 def _check_schedule(config) -> None:
   """The loop's counters: whole numbers, the step intervals at least 1 (errors name the field)."""
   if config.parallel.mode not in _MODES:
     raise ValueError(f"unknown parallel.mode {config.parallel.mode!r}; expected one of {_MODES}")
+  if config.parallel.fsdp and config.parallel.mode == "pmap":
+    raise ValueError("parallel.fsdp=True shards the frozen weights over a jit mesh; pmap keeps a "
+                     "whole copy per device (set parallel.mode='jit')")
   for name, least in (("batch_size", 1), ("data.eval_batch_size", 1), ("num_epochs", 1),
                       ("eval_every_epochs", 1), ("log_every", 1), ("checkpoint_every", 0),
                       ("keep_checkpoints", 1)):
     value = functools.reduce(lambda c, key: c[key], name.split("."), config)
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
       raise ValueError(f"{name} must be an integer >= {least}; got {value!r}")
+  for name in ("val_limit", "test_limit"):  # evaluated after training: checked before it
+    value = config.data.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+      raise ValueError(f"data.{name} must be None (all) or an integer >= 1; got {value!r}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -153,8 +166,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   runner = _Runner(config, model, spec, tx, schedule, frozen, state)
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
                                     use_async=config.async_checkpoints)
-  start = _restore(ckpt, runner)
-  writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  start = _restore(ckpt, runner, config)
+  writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start)
   if jax.process_index() == 0:
     (workdir / "trainable.txt").write_text(report + "\n")
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -172,11 +185,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return results
 
 
-def _restore(ckpt: checkpointing.Checkpointer, runner: _Runner) -> int:
-  """Loads the latest checkpoint into ``runner``; returns its step (0 for a fresh run)."""
+def _restore(ckpt: checkpointing.Checkpointer, runner: _Runner, config) -> int:
+  """Loads the latest checkpoint into ``runner``; returns its step (0 for a fresh run).
+
+  Raises:
+    ValueError: the run's seed or batch size differs from the checkpoint's (a step then means
+      other data, masks and schedule: the resumed run would not continue the same run).
+  """
   start = ckpt.latest_step() or 0
   if start:
-    restored, _ = ckpt.restore(start, runner.host_state())
+    restored, meta = ckpt.restore(start, runner.host_state())
+    for key in _RESUME_KEYS:
+      if key in meta and meta[key] != config[key]:
+        raise ValueError(f"{key}={config[key]!r} but the checkpoint at step {start} in "
+                         f"{ckpt.directory} was trained with {key}={meta[key]!r}; resume with "
+                         "the same value, or start the changed run in a new workdir")
     runner.state = runner.place(restored)
     _LOG.info("resumed from step %d", start)
   return start
@@ -197,7 +220,7 @@ def _train_loop(config, runner, ckpt, writer, batches, validate, *, start: int,
     if save or step % config.log_every == 0:  # a non-finite loss never reaches a checkpoint
       _flush(pending, progress, writer, ckpt)
       pending = []
-    meta = {"seed": config.seed, "data_step": step}
+    meta = {**{key: config[key] for key in _RESUME_KEYS}, "data_step": step}
     if evaluate:
       val = validate()
       writer.write(step, {"val_accuracy": val})
@@ -272,12 +295,14 @@ def _final(config, runner, spec, model, pre, val_src, test_src, workdir) -> dict
     results[f"{name}_accuracy"] = train_lib.evaluate(logits_fn, batches)
   results["eval_seconds"] = time.perf_counter() - t0
   results["model"] = "merged" if merged is not None else "unmerged (input-dependent router)"
+  # on every process: FSDP across hosts leaves parts of the merged params on other hosts
+  merged = parallel.fetch(merged) if config.export and merged is not None else None
   if jax.process_index() == 0:
-    if config.export and merged is not None:
+    if merged is not None:
       export.save_merged(workdir / "export" / "merged.safetensors", merged, pre)
     if config.export and spec is not None:
       export.save_adapters(workdir / "export" / "adapters.safetensors",
-                           jax.device_get(state.trainable), spec)
+                           parallel.fetch(state.trainable), spec)
     checkpointing.write_json_atomic(workdir / "results.json", results)
   _LOG.info("results: %s", results)
   return {k: (float(v) if isinstance(v, np.floating) else v) for k, v in results.items()}

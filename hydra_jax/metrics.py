@@ -3,22 +3,43 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import time
 
 import tqdm
 
 
-class MetricWriter:
-  """Appends ``{"step": s, **scalars}`` lines to ``metrics.jsonl`` and TensorBoard scalars."""
+def _step_of(line: str) -> int | None:
+  """The step of a metrics.jsonl line; None for a torn (half-written) line."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
 
-  def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True):
+
+class MetricWriter:
+  """Appends ``{"step": s, **scalars}`` lines to ``metrics.jsonl`` and TensorBoard scalars.
+
+  ``resume_step``: a run resumed from that checkpoint drops the lines an interrupted run wrote
+  after it (they are written again), so every step appears once.
+  """
+
+  def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True,
+               resume_step: int | None = None):
     self._enabled = enabled
     if not enabled:
       return
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
+    path = workdir / "metrics.jsonl"
+    if resume_step is not None and path.exists():
+      kept = [line for line in path.read_text().splitlines(keepends=True)
+              if _step_of(line) is not None and _step_of(line) <= resume_step]
+      tmp = path.with_name(path.name + ".tmp")
+      tmp.write_text("".join(kept))
+      os.replace(tmp, path)
+    self._jsonl = open(path, "a")  # noqa: SIM115
     from tensorboardX import SummaryWriter  # heavy import, only where used
     self._tb = SummaryWriter(str(workdir / "tensorboard"))
 

@@ -12,6 +12,7 @@ import logging
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA = "data"
@@ -27,6 +28,9 @@ def initialize_distributed(*, coordinator: str | None, num_processes: int | None
   pass coordinator="auto". On CPU (tests) the collectives go through gloo.
   """
   if coordinator is None:
+    if num_processes is not None or process_id is not None:
+      raise ValueError(f"distributed.num_processes={num_processes} / process_id={process_id} "
+                       "need distributed.coordinator (host:port of process 0, or 'auto')")
     return
   if jax.config.jax_platforms == "cpu" or jax.config.jax_platforms is None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -64,9 +68,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(DATA))
 
 
-def _fsdp_spec(shape: tuple[int, ...], n: int) -> PartitionSpec:
+FSDP_MIN_SIZE = 2**16  # leaves with fewer elements stay whole under FSDP
+
+
+def _fsdp_spec(shape: tuple[int, ...], n: int, min_size: int) -> PartitionSpec:
   """Shards the largest axis that ``n`` divides; small or indivisible leaves stay whole."""
-  if n == 1 or int(np.prod(shape)) < 2**16:
+  if n == 1 or int(np.prod(shape)) < min_size:
     return PartitionSpec()
   for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
     if shape[axis] % n == 0:
@@ -76,11 +83,22 @@ def _fsdp_spec(shape: tuple[int, ...], n: int) -> PartitionSpec:
   return PartitionSpec()
 
 
-def frozen_shardings(mesh: Mesh, frozen, *, fsdp: bool):
-  """Shardings for the frozen param tree: replicated, or FSDP-style split."""
+def frozen_shardings(mesh: Mesh, frozen, *, fsdp: bool, min_size: int = FSDP_MIN_SIZE):
+  """Shardings for the frozen param tree: replicated, or FSDP-style split (leaves of at least
+  ``min_size`` elements)."""
   n = mesh.shape[DATA]
-  return jax.tree.map(
-      lambda x: NamedSharding(mesh, _fsdp_spec(x.shape, n) if fsdp else PartitionSpec()), frozen)
+  return jax.tree.map(lambda x: NamedSharding(
+      mesh, _fsdp_spec(x.shape, n, min_size) if fsdp else PartitionSpec()), frozen)
+
+
+def fetch(tree):
+  """A host (numpy) copy of ``tree``, whose arrays may be split over other processes' devices
+  (FSDP across hosts): those are gathered, a collective every process must call."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      return multihost_utils.process_allgather(x, tiled=True)
+    return jax.device_get(x)
+  return jax.tree.map(one, tree)
 
 
 def replicate_for_pmap(tree, mesh: Mesh):

@@ -33,20 +33,22 @@ class TrainState(NamedTuple):
 
 
 def forward(model: nn.Module, spec: adapters_lib.AdapterSpec | None, trainable, frozen,
-            images: jax.Array, *, rng: jax.Array | None = None, train: bool = False):
+            images: jax.Array, *, rng: jax.Array | None = None, train: bool = False,
+            axis_name: str | None = None):
   """Logits (B, C) of the adapted model and aux losses; ``spec=None`` is the plain model."""
   params = optim.join(trainable["params"], frozen)
   if spec is None:
     logits = model.apply({"params": params}, images, rngs=vit.train_rngs(rng, train=train))
     return logits, {"balance_loss": jnp.zeros(())}
   return adapters_lib.forward(model, params, trainable["adapters"], spec, images, rng=rng,
-                              train=train)
+                              train=train, axis_name=axis_name)
 
 
 def loss_fn(trainable, frozen, batch: Batch, rng: jax.Array, *, model: nn.Module,
-            spec: adapters_lib.AdapterSpec | None):
+            spec: adapters_lib.AdapterSpec | None, axis_name: str | None = None):
   """Mean cross-entropy plus the router's load-balancing loss (already weighted by the spec)."""
-  logits, aux = forward(model, spec, trainable, frozen, batch["image"], rng=rng, train=True)
+  logits, aux = forward(model, spec, trainable, frozen, batch["image"], rng=rng, train=True,
+                        axis_name=axis_name)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
   return loss + aux["balance_loss"], logits
 
@@ -69,7 +71,8 @@ def train_step(state: TrainState, frozen, batch: Batch, rng: jax.Array, *, model
   rng = jax.random.fold_in(rng, state.step)
   if axis_name is not None:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, spec=spec), has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, spec=spec,
+                                                 axis_name=axis_name), has_aux=True)
   (loss, logits), grads = grad_fn(state.trainable, frozen, batch, rng)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
   metrics = {"loss": loss, "accuracy": accuracy}
@@ -132,8 +135,32 @@ def make_schedule(config) -> optax.Schedule:
   raise ValueError(f"unknown optim.schedule {config.schedule!r}; expected one of {SCHEDULES}")
 
 
+def _check_optim(config) -> None:
+  """Refuses values AdamW and the schedule would take silently (a negative clip flips every
+  gradient, a negative lr ascends); errors name the ``optim`` field."""
+  def bad(name: str, want: str):
+    raise ValueError(f"optim.{name} must be {want}; got {getattr(config, name)!r}")
+  if not config.lr > 0:
+    bad("lr", "> 0")
+  for name in ("weight_decay", "grad_clip", "warmup_init_lr"):
+    if not getattr(config, name) >= 0:
+      bad(name, ">= 0")
+  for name in ("b1", "b2"):
+    if not 0 <= getattr(config, name) < 1:
+      bad(name, "in [0, 1)")
+  if not 0 <= config.min_lr <= config.lr:
+    bad("min_lr", f"in [0, lr={config.lr}]")
+  if getattr(config, "cosine_epochs", None) is not None and config.schedule != "timm_cosine":
+    bad("cosine_epochs", f"None unless optim.schedule is 'timm_cosine' (it is {config.schedule!r})")
+
+
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW on ``make_schedule(config)``, optional global-norm clipping."""
+  """AdamW on ``make_schedule(config)``, optional global-norm clipping.
+
+  Raises:
+    ValueError: a field out of range (named).
+  """
+  _check_optim(config)
   schedule = make_schedule(config)
   tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
   if config.grad_clip:

@@ -158,6 +158,19 @@ def test_spec_from_config():
     ad.spec_from_config(dict(kind="lora", ranc=4))
 
 
+@pytest.mark.parametrize("kind,field,value", [
+    ("lora", "scale", 3.0), ("hydra", "alpha", 64.0), ("sequential", "rank_parallel", 2),
+    ("lora", "top_k", 1), ("hydra", "balance_weight", 0.1), ("lora", "num_heads", 4)])
+def test_fields_the_kind_does_not_read_are_refused(kind, field, value, caplog):
+  with pytest.raises(ValueError, match=f"fields {{'{field}': {value}}} are not read by kind "
+                     f"'{kind}'"):
+    ad.AdapterSpec(kind, **{field: value})
+  # from a config (the command line cannot unset a field): dropped, with a warning naming it
+  spec = ad.spec_from_config(dict(kind=kind, **{field: value}))
+  assert spec == ad.AdapterSpec(kind)
+  assert f"'{field}': {value}" in caplog.text and "not read by kind" in caplog.text
+
+
 def test_errors(tiny):
   _, params, _ = tiny
   with pytest.raises(ValueError, match="unknown adapter kind 'loha'"):

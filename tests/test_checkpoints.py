@@ -312,13 +312,38 @@ def test_native_round_trip_and_image_size(google_fn, tmp_path):
   assert (again.model, again.mean, again.std, again.source) == (
       pretrained.model, pretrained.mean, pretrained.std, pretrained.source)
   jax.tree.map(np.testing.assert_array_equal, again.params, pretrained.params)
-  with pytest.raises(ValueError, match="not a multiple of the patch size 4"):
-    checkpoints.load(tmp_path / "native.safetensors", image_size=30)
+  for bad in (30, 0, (24, 2)):
+    with pytest.raises(ValueError, match="is not a positive multiple of the patch size 4"):
+      checkpoints.load(tmp_path / "native.safetensors", image_size=bad)
+  assert checkpoints.load(tmp_path / "native.safetensors",
+                          image_size=np.int64(16)).model["posemb_grid"] == (4, 4)
+  for bad in ((16,), "16", 16.0):
+    with pytest.raises(ValueError, match="image_size must be an int or \\(H, W\\) ints"):
+      checkpoints.load(tmp_path / "native.safetensors", image_size=bad)
+  for bad in (0, -2, 2.5):
+    with pytest.raises(ValueError, match="num_classes must be None .* or an int >= 1"):
+      checkpoints.load(tmp_path / "native.safetensors", num_classes=bad)
+  with pytest.raises(ValueError, match="pool='map' needs the checkpoint's MAP head"):
+    checkpoints.load(tmp_path / "native.safetensors", pool="map")
+
+
+
+def test_truncated_files_and_home_paths(google_fn, tmp_path, monkeypatch):
+  pretrained = checkpoints.load(_npz(tmp_path / "vit.npz", _google_arrays(google_fn[1])))
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  checkpoints.save("~/vit.safetensors", pretrained)  # ~ is the home directory, as load reads it
+  assert (tmp_path / "home" / "vit.safetensors").is_file()
+  data = (tmp_path / "home" / "vit.safetensors").read_bytes()
+  (tmp_path / "cut.safetensors").write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError, match="cut.safetensors is a safetensors file that cannot be "
+                     "read \\(truncated or corrupt\\?\\)"):
+    checkpoints.load(tmp_path / "cut.safetensors")
 
 
 def test_pool_override_gives_a_head_of_the_new_width(google_fn, tmp_path):
   arrays = _google_arrays(google_fn[1])
-  with pytest.raises(ValueError, match="pre_logits/kernel"):  # its input width changes too
+  with pytest.raises(ValueError, match="changes the features that pre_logits .* "
+                     "drop_pre_logits=True"):  # its input width changes too
     checkpoints.load(_npz(tmp_path / "rep.npz", arrays), num_classes=3, pool="tok+gap")
   path = _npz(tmp_path / "vit.npz",
               {k: v for k, v in arrays.items() if not k.startswith("pre_logits")})

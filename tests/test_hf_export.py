@@ -185,6 +185,11 @@ def test_bad_arguments_name_the_problem(tmp_path):
   (tmp_path / "file").write_text("x")
   with pytest.raises(FileExistsError, match="is a file; expected a directory"):
     checkpoints.save_hf(tmp_path / "file", pre)
+  (tmp_path / "real").mkdir()
+  (tmp_path / "link").symlink_to(tmp_path / "real")
+  checkpoints.save_hf(tmp_path / "link", pre)  # written where the link points; the link stays
+  assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "config.json").is_file()
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_export_cli_converts_a_checkpoint(tmp_path):

@@ -22,8 +22,21 @@ def test_top_k_keeps_k_largest_renormalised():
   w = ad.top_k_weights(probs, 2)
   np.testing.assert_allclose(w, [[0, 0.5 / 0.75, 0, 0.25 / 0.75], [0.4 / 0.7, 0.3 / 0.7, 0, 0]],
                              atol=1e-6)
-  np.testing.assert_array_equal(ad.top_k_weights(probs, 1), [[0, 1, 0, 0], [1, 0, 0, 0]])
+  # top-1 keeps the raw probability (Switch): renormalised it would be 1, a constant
+  np.testing.assert_allclose(ad.top_k_weights(probs, 1), [[0, .5, 0, 0], [.4, 0, 0, 0]], atol=1e-7)
   assert ad.top_k_weights(probs, None) is probs
+
+
+@pytest.mark.parametrize("top_k", [None, 1, 2])
+def test_the_router_learns_from_the_task_loss_at_every_top_k(top_k):
+  x = jax.random.normal(jax.random.key(0), (8, 6))
+  router = jax.random.normal(jax.random.key(1), (6, 3))
+  target = jax.random.normal(jax.random.key(2), (8, 3))
+
+  def loss(r):
+    return jnp.sum(ad.top_k_weights(ad.router_probs(x, r), top_k) * target)
+
+  assert float(jnp.abs(jax.grad(loss)(router)).max()) > 1e-3
 
 
 def test_balance_loss_planted():

@@ -4,6 +4,7 @@ import functools
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from hydra_jax import (
     checkpoints,
     data,
     export,
+    metrics,
     optim,
     parallel,
     train_lib,
@@ -110,11 +112,40 @@ def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from step" in resumed.stderr
   _assert_trees_equal(_adapters_of(tmp_path), _adapters_of(reference_run[0]))
+  loss_steps = lambda w: [x["step"] for x in map(json.loads, (  # noqa: E731
+      w / "metrics.jsonl").read_text().splitlines()) if "loss" in x]
+  assert loss_steps(tmp_path) == loss_steps(reference_run[0])  # each step once
 
 
-def _step_setup():
-  """The pieces of a train step for the testing config, on random data."""
+def test_metrics_of_a_resumed_run_hold_each_step_once(tmp_path):
+  writer = metrics.MetricWriter(tmp_path)
+  for step in range(1, 6):
+    writer.write(step, {"loss": float(step)})
+  writer.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 6, "lo')  # torn by the kill
+  writer = metrics.MetricWriter(tmp_path, resume_step=3)  # the last checkpoint was step 3
+  for step in range(4, 7):
+    writer.write(step, {"loss": 10.0 + step})
+  writer.close()
+  lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+  assert lines[3]["loss"] == 14.0
+
+
+@pytest.mark.parametrize("field,value", [("seed", 1), ("batch_size", 8)])
+def test_resuming_with_another_seed_or_batch_size_is_refused(reference_run, tmp_path, field,
+                                                             value):
+  shutil.copytree(reference_run[0] / "checkpoints", tmp_path / "checkpoints")
+  with pytest.raises(ValueError, match=f"{field}={value} but the checkpoint at step 8"):
+    train_and_evaluate(_testing_config(**{field: value}), str(tmp_path))
+
+
+def _step_setup(adapter=None):
+  """The pieces of a train step for the testing config (or ``adapter``), on random data."""
   config = _testing_config()
+  if adapter is not None:
+    config.adapter = adapter
   model, pre = build_model(config, jax.random.key(0))
   spec = adapters.spec_from_config(config.adapter)
   trainable_params, frozen = optim.split(pre.params, list(config.train_patterns))
@@ -132,10 +163,13 @@ def _step_setup():
   return state, frozen, batches, step
 
 
-def _run_jit(num_devices, *, fsdp=False):
-  state, frozen, batches, step = _step_setup()
+def _run_jit(num_devices, *, fsdp=False, adapter=None):
+  state, frozen, batches, step = _step_setup(adapter)
   mesh = parallel.make_mesh(num_devices)
-  frozen = jax.device_put(frozen, parallel.frozen_shardings(mesh, frozen, fsdp=fsdp))
+  shardings = parallel.frozen_shardings(mesh, frozen, fsdp=fsdp, min_size=1024)
+  if fsdp:  # the testing model's kernels really are split
+    assert any(s.spec != parallel.PartitionSpec() for s in jax.tree.leaves(shardings))
+  frozen = jax.device_put(frozen, shardings)
   state = jax.device_put(state, parallel.replicated(mesh))
   fn = jax.jit(step, donate_argnums=0)
   for b in batches:
@@ -150,8 +184,9 @@ def test_eight_device_step_equals_single_device():
   _assert_trees_equal(_run_jit(8, fsdp=True), single, rtol=2e-5, atol=1e-6)
 
 
-def test_pmap_step_equals_jit_step():
-  state, frozen, batches, step = _step_setup()
+def _run_pmap(adapter=None):
+  """(trainable of device 0, the pmapped state, mesh) after the steps of ``_step_setup``."""
+  state, frozen, batches, step = _step_setup(adapter)
   fn = jax.pmap(functools.partial(step, axis_name="batch"), axis_name="batch",
                 in_axes=(0, 0, 0, None))
   mesh = parallel.make_mesh()
@@ -160,13 +195,24 @@ def test_pmap_step_equals_jit_step():
   for b in batches:
     sharded = {k: v.reshape(8, -1, *v.shape[1:]) for k, v in b.items()}
     state, _ = fn(state, frozen, sharded, jax.random.key(2))
-  pmapped = jax.tree.map(lambda x: np.asarray(x[0]), state.trainable)
+  return jax.tree.map(lambda x: np.asarray(x[0]), state.trainable), state, mesh
+
+
+def test_pmap_step_equals_jit_step():
+  pmapped, state, mesh = _run_pmap()
   _assert_trees_equal(pmapped, _run_jit(1), rtol=2e-5, atol=1e-6)
   one = parallel.unreplicate_from_pmap(state.trainable, mesh)  # on device, one copy per device
   for leaf, ref in zip(jax.tree.leaves(one), jax.tree.leaves(pmapped), strict=True):
     assert leaf.sharding.is_equivalent_to(parallel.replicated(mesh), leaf.ndim)
     assert {s.device for s in leaf.addressable_shards} == set(mesh.devices.flat)
     np.testing.assert_array_equal(np.asarray(leaf), ref)
+
+
+def test_pmap_balance_loss_is_the_global_batchs():
+  """HydraLoRA's balancing loss under pmap: statistics over the whole batch, as under jit."""
+  adapter = default.adapter_config("hydralora", balance_weight=0.5)
+  pmapped, _, _ = _run_pmap(adapter)
+  _assert_trees_equal(pmapped, _run_jit(1, adapter=adapter), rtol=2e-5, atol=1e-6)
 
 
 def test_pmap_mode_end_to_end(reference_run, tmp_path):
@@ -182,16 +228,20 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode", ["jit", "pmap"])
+@pytest.mark.parametrize("mode", ["jit", "pmap", "fsdp"])
 def test_two_process_run_equals_one_process(reference_run, tmp_path, mode):
+  """fsdp: the frozen kernels split over both hosts' devices (the merged export gathers them)."""
   port = _free_port()
+  flags = ["--config.parallel.mode=pmap"] if mode == "pmap" else []
+  if mode == "fsdp":
+    flags = ["--config.parallel.fsdp=True", "--config.parallel.fsdp_min_size=1024"]
   env = {**os.environ, "PYTHONPATH": str(ROOT),
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   procs = [subprocess.Popen(
       [sys.executable, "train.py", *_train_cmd(
           tmp_path, f"--config.parallel.distributed.coordinator=127.0.0.1:{port}",
           "--config.parallel.distributed.num_processes=2",
-          f"--config.parallel.distributed.process_id={i}", f"--config.parallel.mode={mode}")],
+          f"--config.parallel.distributed.process_id={i}", *flags)],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
@@ -199,6 +249,9 @@ def test_two_process_run_equals_one_process(reference_run, tmp_path, mode):
     assert p.returncode == 0, err[-3000:]
   _assert_trees_equal(_adapters_of(tmp_path), _adapters_of(reference_run[0]),
                       rtol=1e-4, atol=1e-6)
+  merged = checkpoints.load(tmp_path / "export" / "merged.safetensors").params
+  _assert_trees_equal(merged, checkpoints.load(
+      reference_run[0] / "export" / "merged.safetensors").params, rtol=1e-4, atol=1e-6)
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -240,10 +293,25 @@ def test_final_merge_check_catches_a_wrong_merge(tmp_path, monkeypatch):
     ("data.eval_batch_size", 0, "data.eval_batch_size must be an integer >= 1"),
     ("keep_checkpoints", -1, "keep_checkpoints must be an integer >= 1; got -1"),
     ("model.image_size", 15, "model.image_size 15 is not a multiple of the patch size 4"),
+    ("data.test_limit", 0, "data.test_limit must be None \\(all\\) or an integer >= 1; got 0"),
+    ("optim.lr", -1e-3, "optim.lr must be > 0; got -0.001"),
+    ("optim.grad_clip", -1.0, "optim.grad_clip must be >= 0"),
+    ("optim.b2", 1.5, "optim.b2 must be in \\[0, 1\\)"),
+    ("optim.min_lr", 0.1, "optim.min_lr must be in \\[0, lr=0.001\\]"),
+    ("optim.cosine_epochs", 10, "optim.cosine_epochs must be None unless optim.schedule is"),
+    ("parallel.distributed.num_processes", 2, "need distributed.coordinator"),
 ])
 def test_bad_schedule_fields_are_named(tmp_path, field, value, match):
+  """Refused before any training step (nothing is written but the logs)."""
   config = _testing_config(**{field: value})
   with pytest.raises(ValueError, match=match):
+    train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_fsdp_under_pmap_is_refused(tmp_path):
+  config = _testing_config(**{"parallel.fsdp": True, "parallel.mode": "pmap"})
+  with pytest.raises(ValueError, match="parallel.fsdp=True shards the frozen weights over a jit"):
     train_and_evaluate(config, str(tmp_path))
 
 

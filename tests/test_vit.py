@@ -75,6 +75,8 @@ def test_unknown_remat_is_named():
   images, _ = _setup()
   with pytest.raises(ValueError, match=r"unknown remat 'all'; expected one of \('none', "):
     ViT(**KW, remat="all").init(jax.random.key(0), images)
+  with pytest.raises(ValueError, match="width 30 is not a multiple of num_heads 4"):
+    ViT(**{**KW, "width": 30, "num_heads": 4}).init(jax.random.key(0), images)
 
 
 def test_auto_attention_picks_cudnn_only_on_gpus_with_half_precision(monkeypatch):

@@ -1,7 +1,10 @@
 """HydraLoRA's router pieces and the k-means + elbow choice of its number of heads.
 
 Routing: ``probs = softmax(x @ W_g)`` in float32, per token. With ``top_k`` each token keeps only
-its k most likely heads, the weights renormalised to sum to one (the dropped heads get no signal).
+its k most likely heads (the dropped heads get no signal): for k >= 2 the kept weights are
+renormalised to sum to one; k = 1 keeps the raw probability, as Switch Transformer's top-1 gate
+does (renormalised, the weight would be exactly 1 and the router would learn nothing from the
+task loss).
 
 Load balancing (Switch Transformer): over all tokens of a layer,
 ``loss = N * sum_i mean_prob_i * frac_i`` with ``frac_i`` the share of tokens whose top-1 head is
@@ -32,14 +35,15 @@ def router_probs(x: jax.Array, router: jax.Array) -> jax.Array:
 
 
 def top_k_weights(probs: jax.Array, k: int | None) -> jax.Array:
-  """Keeps each token's k largest probabilities (exactly k, ties by index), renormalised.
+  """Keeps each token's k largest probabilities (exactly k, ties by index).
 
   Args:
     probs: (..., N) routing probabilities.
     k: heads kept per token; None (or N) keeps all and returns ``probs`` unchanged.
 
   Returns:
-    (..., N) weights, zero outside the top k, summing to one.
+    (..., N) weights, zero outside the top k: renormalised to sum to one for k >= 2; for k = 1
+    the kept probability itself (so that the router still gets a gradient).
   """
   n = probs.shape[-1]
   if k is None or k >= n:
@@ -47,14 +51,16 @@ def top_k_weights(probs: jax.Array, k: int | None) -> jax.Array:
   _, idx = jax.lax.top_k(probs, k)
   mask = jax.nn.one_hot(idx, n, dtype=probs.dtype).sum(axis=-2)
   kept = probs * mask
-  return kept / kept.sum(axis=-1, keepdims=True)
+  return kept if k == 1 else kept / kept.sum(axis=-1, keepdims=True)
 
 
-def balance_loss(probs: jax.Array) -> jax.Array:
+def balance_loss(probs: jax.Array, axis_name: str | None = None) -> jax.Array:
   """Switch-style load-balancing loss of one layer's routing.
 
   Args:
     probs: (..., N) routing probabilities of every token (before top-k).
+    axis_name: under ``pmap``, the batch axis: the mean probabilities and the top-1 shares are
+      averaged over it first, so every device computes the global batch's loss (as ``jit``).
 
   Returns:
     scalar float32 ``N * sum_i mean_prob_i * frac_i``.
@@ -62,7 +68,10 @@ def balance_loss(probs: jax.Array) -> jax.Array:
   n = probs.shape[-1]
   flat = probs.reshape(-1, n).astype(jnp.float32)
   frac = jax.nn.one_hot(jnp.argmax(flat, axis=-1), n, dtype=jnp.float32).mean(axis=0)
-  return n * jnp.sum(flat.mean(axis=0) * frac)
+  mean_prob = flat.mean(axis=0)
+  if axis_name is not None:
+    mean_prob, frac = jax.lax.pmean((mean_prob, frac), axis_name)
+  return n * jnp.sum(mean_prob * frac)
 
 
 def _numpy_rng(rng) -> np.random.Generator:

@@ -49,7 +49,8 @@ def _flatten(a: jax.Array, axes: tuple[int, ...], size: int) -> jax.Array:
 def apply_intercepted(model: nn.Module, params: Mapping, adapters: Mapping, spec: AdapterSpec,
                       images: jax.Array, *, rng: jax.Array | None = None, train: bool = False,
                       record: bool = False, disable: Sequence[str] = (), routing: Any = None,
-                      method: Any = None) -> tuple[jax.Array, dict[str, Any]]:
+                      method: Any = None, axis_name: str | None = None
+                      ) -> tuple[jax.Array, dict[str, Any]]:
   """Runs ``model`` on ``images`` with the adapters applied to activations.
 
   Args:
@@ -65,6 +66,7 @@ def apply_intercepted(model: nn.Module, params: Mapping, adapters: Mapping, spec
     disable: branch names to switch off ("parallel", "sequential", "lora", "head_i").
     routing: HydraLoRA: fixed routing weights ((N,) or {path: (N,)}) instead of the routers.
     method: model method to apply (None: ``__call__``; "encode", "features").
+    axis_name: under ``pmap``, the batch axis the balancing loss's statistics average over.
 
   Returns:
     (model output, aux): aux["balance_loss"] scalar float32 (``spec.balance_weight`` times the
@@ -120,7 +122,7 @@ def apply_intercepted(model: nn.Module, params: Mapping, adapters: Mapping, spec
                      "modules; the activation path cannot adapt them")
   sown = {p: transform.get_path(state[_AUX], p, _AUX) for p in factors} if state else {}
   probs_all = [v["probs"][0] for v in sown.values() if "probs" in v]
-  aux: dict[str, Any] = {"balance_loss": _balance(probs_all, spec)}
+  aux: dict[str, Any] = {"balance_loss": _balance(probs_all, spec, axis_name)}
   if record:
     names = {p: layers[p].name for p in factors}
     aux["branches"] = {names[p]: v["branches"][0] for p, v in sown.items()}
@@ -129,10 +131,10 @@ def apply_intercepted(model: nn.Module, params: Mapping, adapters: Mapping, spec
   return out, aux
 
 
-def _balance(probs_all: list[jax.Array], spec: AdapterSpec) -> jax.Array:
+def _balance(probs_all: list[jax.Array], spec: AdapterSpec, axis_name: str | None) -> jax.Array:
   if not probs_all or spec.balance_weight == 0:
     return jnp.zeros((), jnp.float32)
-  losses = jnp.stack([hydralora.balance_loss(p) for p in probs_all])
+  losses = jnp.stack([hydralora.balance_loss(p, axis_name) for p in probs_all])
   return spec.balance_weight * losses.mean()
 
 
@@ -142,13 +144,14 @@ def merge_path(spec: AdapterSpec, *, train: bool) -> bool:
 
 
 def forward(model: nn.Module, params: Mapping, adapters: Mapping, spec: AdapterSpec,
-            images: jax.Array, *, rng: jax.Array | None = None,
-            train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+            images: jax.Array, *, rng: jax.Array | None = None, train: bool = False,
+            axis_name: str | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The adapted model's output: THE entry point training and evaluation use.
 
   Takes the merge path (the unchanged ViT on ``merge(params, adapters)``: the architecture and
   speed of the pre-trained model) whenever it is exact, i.e. no train-time dropout and not
-  hydralora; otherwise the activation-level path.
+  hydralora; otherwise the activation-level path. ``axis_name``: under ``pmap``, the batch axis
+  the load-balancing loss averages its statistics over (``hydralora.balance_loss``).
 
   Returns:
     (logits (B, C), {"balance_loss": scalar float32}).
@@ -157,5 +160,6 @@ def forward(model: nn.Module, params: Mapping, adapters: Mapping, spec: AdapterS
     logits = model.apply({"params": transform.merge(params, adapters, spec)}, images,
                          rngs=vit.train_rngs(rng, train=train))
     return logits, {"balance_loss": jnp.zeros((), jnp.float32)}
-  logits, aux = apply_intercepted(model, params, adapters, spec, images, rng=rng, train=train)
+  logits, aux = apply_intercepted(model, params, adapters, spec, images, rng=rng, train=train,
+                                  axis_name=axis_name)
   return logits, {"balance_loss": aux["balance_loss"]}

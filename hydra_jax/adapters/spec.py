@@ -19,6 +19,7 @@ scale (the paper's code takes alpha as a flag).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from typing import Any
@@ -27,6 +28,13 @@ KINDS = ("lora", "sequential", "hydra", "hydralora")
 _BLOCK = r"Transformer/encoderblock_\d+/"
 HYDRA_TARGETS = (_BLOCK + r"(MultiHeadDotProductAttention_0/out|MlpBlock_0/Dense_1)",)
 LORA_TARGETS = (_BLOCK + r"MultiHeadDotProductAttention_0/(query|value)",)
+# fields only some kinds read, and their unset value: another value for another kind is refused
+_KIND_FIELDS = {"rank_parallel": (("hydra",), None),
+                "rank_sequential": (("hydra", "sequential"), None),
+                "scale": (("hydra", "sequential"), None), "alpha": (("lora", "hydralora"), None),
+                "num_heads": (("hydralora",), 3), "top_k": (("hydralora",), None),
+                "balance_weight": (("hydralora",), 0.0)}
+_LOG = logging.getLogger(__name__)
 _DEFAULTS = {
     "hydra": dict(targets=HYDRA_TARGETS, rank=2, scale=1.0, bias=True),
     "sequential": dict(targets=HYDRA_TARGETS, rank=2, scale=1.0, bias=True),
@@ -70,6 +78,10 @@ class AdapterSpec:
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"unknown adapter kind {self.kind!r}; expected one of {KINDS}")
+    unread = unread_fields(self.kind, dataclasses.asdict(self))
+    if unread:
+      raise ValueError(f"AdapterSpec fields {unread} are not read by kind {self.kind!r}; leave "
+                       f"them unset ({ {k: _KIND_FIELDS[k][1] for k in unread} })")
     fill = dict(_DEFAULTS[self.kind])
     if self.kind == "hydra":
       fill.update(rank_parallel=self.rank or 2, rank_sequential=self.rank or 2)
@@ -116,10 +128,18 @@ class AdapterSpec:
     return self.kind != "hydralora"
 
 
+def unread_fields(kind: str, values: dict[str, Any]) -> dict[str, Any]:
+  """The fields of ``values`` set (not to their unset value) that ``kind`` does not read."""
+  return {k: values[k] for k, (kinds, unset) in _KIND_FIELDS.items()
+          if kind not in kinds and values.get(k, unset) != unset}
+
+
 def spec_from_config(cfg: Any) -> AdapterSpec:
   """An ``AdapterSpec`` from a ConfigDict (or mapping) with the same field names.
 
-  Unknown fields are an error (a typo should not silently fall back to a default).
+  Unknown fields are an error (a typo should not silently fall back to a default). Fields the
+  kind does not read (e.g. a Hydra config's ``scale`` after ``--config.adapter.kind=lora``; the
+  command line cannot unset a field) are dropped with a warning naming them.
   """
   values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
   known = {f.name for f in dataclasses.fields(AdapterSpec)}
@@ -129,6 +149,9 @@ def spec_from_config(cfg: Any) -> AdapterSpec:
                      f"{sorted(known)}")
   if values.get("targets") is not None and not isinstance(values["targets"], str):
     values["targets"] = tuple(values["targets"])
+  if values.get("kind") in KINDS and (unread := unread_fields(values["kind"], values)):
+    _LOG.warning("adapter fields %s are not read by kind %r: ignored", unread, values["kind"])
+    values.update({k: _KIND_FIELDS[k][1] for k in unread})
   return AdapterSpec(**values)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Mapping
 
 import jax
@@ -124,12 +125,22 @@ def _set_head(params: dict, expected: Mapping, num_classes, reset_head: bool) ->
   return params
 
 
+def _image_hw(image_size) -> tuple[int, int]:
+  """(H, W) of an int or a pair of ints; anything else is refused by name."""
+  sizes = (image_size, image_size) if np.ndim(image_size) == 0 else tuple(image_size)
+  try:
+    h, w = (operator.index(x) for x in sizes)
+  except (TypeError, ValueError):
+    raise ValueError(f"image_size must be an int or (H, W) ints; got {image_size!r}") from None
+  return h, w
+
+
 def _resample(params: dict, model: dict, image_size) -> tuple[dict, dict]:
   """Resamples pos_embedding once to the grid of ``image_size`` (int or (H, W))."""
-  h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+  h, w = _image_hw(image_size)
   p = model["patch_size"]
-  if h % p or w % p:
-    raise ValueError(f"image_size {(h, w)} is not a multiple of the patch size {p}")
+  if h < p or w < p or h % p or w % p:
+    raise ValueError(f"image_size {(h, w)} is not a positive multiple of the patch size {p}")
   grid = (h // p, w // p)
   pos = posemb_lib.resample_posemb(
       jnp.asarray(params["pos_embedding"]), num_prefix=int(model["class_token"]),
@@ -147,19 +158,33 @@ def finalize(raw: Pretrained, *, num_classes=None, reset_head=False, image_size=
       kept only when its shape matches and ``reset_head`` is False).
     reset_head: drop the loaded head (and with ``num_classes`` replace it by a zero head).
     image_size: int or (H, W); resample pos_embedding to that patch grid once.
-    pool: pool the features another way than the checkpoint does ("tok", "gap", "tok+gap",
-      "map"); a head whose input width no longer fits is replaced by a zero head, and a MAP
-      head the new pooling does not use is dropped.
+    pool: pool the features another way than the checkpoint does ("tok", "gap", "tok+gap"; "map"
+      only for a checkpoint with a MAP head); a head whose input width no longer fits is
+      replaced by a zero head, and a MAP head the new pooling does not use is dropped.
     drop_pre_logits: remove the tanh ``pre_logits`` layer (the original i21k files'), so the
       head reads the pooled features directly (as timm loads those files); the head follows.
 
   Returns:
     A ``Pretrained`` with float32 numpy params that match ``build_model`` of it exactly.
+
+  Raises:
+    ValueError: a bad option (named), or params that do not fit the model (every path listed).
   """
+  if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(
+      num_classes, (int, np.integer)) or num_classes < 1):
+    raise ValueError(f"num_classes must be None (keep the checkpoint's head) or an int >= 1; "
+                     f"got {num_classes!r}")
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), raw.params)
   model = {**ARCHITECTURE_DEFAULTS, **raw.model}  # a random-init run's export records fewer
   model["posemb_grid"] = tuple(model["posemb_grid"])
   if pool is not None:
+    if pool == "map" and "MAPHead_0" not in params:
+      raise ValueError("pool='map' needs the checkpoint's MAP head (MAPHead_0, as SigLIP files "
+                       f"have); {raw.source} has none: pool with 'tok', 'gap' or 'tok+gap'")
+    if pool != model["pool"] and model.get("representation_size") and not drop_pre_logits:
+      raise ValueError(f"pool={pool!r} changes the features that pre_logits (the i21k files' tanh "
+                       f"layer, pooled {model['pool']!r}) reads; drop it with "
+                       "drop_pre_logits=True (config: model.pre_logits=False)")
     model["pool"] = pool
     if pool != "map":
       params.pop("MAPHead_0", None)

@@ -192,6 +192,7 @@ def write_dir(directory, files: tuple[str, ...], write: Callable[[pathlib.Path],
   anything else, or a file, is refused; a failed ``write`` leaves ``directory`` as it was.
   """
   out = pathlib.Path(directory).expanduser()
+  out = out.resolve() if out.is_symlink() else out  # replace what the link points to
   if out.exists() and not out.is_dir():
     raise FileExistsError(f"{out} is a file; expected a directory to write the export into")
   if out.exists():

@@ -20,13 +20,27 @@ from hydra_jax.checkpoints import common
 METADATA_KEY = "hydra_jax"
 
 
+def _has_safetensors_header(path: pathlib.Path) -> bool:
+  """Whether ``path`` starts like a safetensors file: a u64 header length, then a JSON object."""
+  with open(path, "rb") as f:
+    head = f.read(9)
+  return len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < 2**31 and head[8:] == b"{"
+
+
 def metadata(path: pathlib.Path) -> dict | None:
-  """The hydra_jax metadata of a safetensors file, or None when it has none."""
+  """The hydra_jax metadata of a safetensors file, or None when it has none (or is another format).
+
+  Raises:
+    ValueError: a safetensors file that cannot be read (e.g. truncated by an interrupted copy).
+  """
+  if not _has_safetensors_header(path):
+    return None
   try:
     with safe_open(str(path), framework="numpy") as f:
       meta = f.metadata() or {}
-  except Exception:  # noqa: BLE001 - not a safetensors file at all
-    return None
+  except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+    raise ValueError(f"{path} is a safetensors file that cannot be read (truncated or "
+                     f"corrupt?): {e}") from e
   return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
 
 
@@ -49,7 +63,7 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, 
 
   A failed write leaves any earlier file at ``path`` as it was and no tmp file behind.
   """
-  path = pathlib.Path(path)
+  path = pathlib.Path(path).expanduser()
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   try:

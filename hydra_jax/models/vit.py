@@ -282,6 +282,8 @@ class ViT(nn.Module):
       raise ValueError(f"unknown remat {self.remat!r}; expected one of {REMATS} or a bool")
     if not 0.0 <= self.drop_path < 1.0:
       raise ValueError(f"drop_path {self.drop_path} must be in [0, 1)")
+    if self.width % self.num_heads:
+      raise ValueError(f"width {self.width} is not a multiple of num_heads {self.num_heads}")
     if "tok" in self.pool and not self.class_token:
       raise ValueError(f"pool={self.pool!r} needs class_token=True")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
