@@ -22,7 +22,7 @@ def _matmuls(model: ViT, image_size: int) -> list[tuple[str, float]]:
   """(module path, forward FLOPs per image) of every matmul; attention under ".../attention"."""
   grid = image_size // model.patch_size
   n, d, m = grid * grid, model.width, model.mlp_dim
-  t = n + int(model.class_token)
+  t = n + int(model.class_token) + model.num_registers
   out = [("embedding", 2.0 * n * model.patch_size**2 * 3 * d)]
   for i in range(model.depth):
     b = f"Transformer/encoderblock_{i}/"

@@ -125,6 +125,25 @@ def test_hf_dinov2_classifier_is_tok_plus_gap(tmp_path):
   assert _rel(_apply(pretrained, images), _torch(model, images).logits) < 1e-5
 
 
+def test_hf_dinov2_with_registers_matches_torch(tmp_path):
+  """Register tokens after the class token, without position embedding, not in the patch mean.
+
+  At the native grid only: at other sizes transformers' registers model resamples the position
+  embedding with antialias=True (PIL's cubic, a=-0.5), hydra_jax (like its DINOv2) with a=-0.75.
+  """
+  config = transformers.Dinov2WithRegistersConfig(mlp_ratio=2, num_labels=3,
+                                                  num_register_tokens=4, **TINY)
+  model = _randomise(transformers.Dinov2WithRegistersForImageClassification(config), seed=5)
+  pretrained = checkpoints.load(_save_hf(model, tmp_path))
+  assert pretrained.model["num_registers"] == 4 and pretrained.model["pool"] == "tok+gap"
+  assert pretrained.mean == checkpoints.common.IMAGENET_MEAN
+  images = _images(16)
+  ref = _torch(model, images, output_hidden_states=True)
+  assert _rel(_apply(pretrained, images), ref.logits) < 1e-5
+  assert _rel(_apply(pretrained, images, "encode"),
+              model.dinov2_with_registers.layernorm(ref.hidden_states[-1]).detach()) < 1e-5
+
+
 # ---------------------------------------------------------------- Google and big_vision npz
 
 
@@ -464,8 +483,8 @@ def test_unsupported_hf_models_are_named(tmp_path):
   with pytest.raises(ValueError, match="pooler_act 'relu' is not supported"):
     checkpoints.load(path)
   config = json.loads((path / "config.json").read_text())
-  (path / "config.json").write_text(json.dumps({**config, "model_type": "dinov2_with_registers"}))
-  with pytest.raises(ValueError, match="model_type 'dinov2_with_registers' is not supported"):
+  (path / "config.json").write_text(json.dumps({**config, "model_type": "dinov3_vit"}))
+  with pytest.raises(ValueError, match="model_type 'dinov3_vit' is not supported"):
     checkpoints.load(path)
 
 

@@ -60,10 +60,10 @@ def test_weight_grads_follow_the_path():
   assert dropout == ["head"]
 
 
-@pytest.mark.parametrize("pool", ["tok", "map"])
-def test_forward_count_matches_xla_for_each_pooling(pool):
+@pytest.mark.parametrize("pool,registers", [("tok", 0), ("map", 0), ("tok+gap", 8)])
+def test_forward_count_matches_xla_for_each_pooling(pool, registers):
   model = ViT(num_classes=10, width=64, depth=2, mlp_dim=128, num_heads=4, patch_size=8,
-              posemb_grid=(4, 4), pool=pool, class_token=pool == "tok")
+              posemb_grid=(4, 4), pool=pool, class_token=pool != "map", num_registers=registers)
   images = jnp.zeros((1, 32, 32, 3))
   params = model.init(jax.random.key(0), images)["params"]
   cost = jax.jit(model.apply).lower({"params": params}, images).compile().cost_analysis()

@@ -71,6 +71,8 @@ CLASSIFIERS = {  # ViT fields -> the transformers class computing the same logit
                                "ViTForImageClassification"),
     "dinov2": (dict(pool="tok+gap", layer_scale=True), "Dinov2ForImageClassification"),
     "dinov2_scales_of_one": (dict(pool="tok+gap"), "Dinov2ForImageClassification"),
+    "dinov2_registers": (dict(pool="tok+gap", layer_scale=True, num_registers=4),
+                         "Dinov2WithRegistersForImageClassification"),
     "siglip": (dict(pool="gap", class_token=False, gelu_approximate=True),
                "SiglipForImageClassification"),
 }
@@ -95,6 +97,8 @@ BACKBONES = {  # headless: ViT fields, the class, what to compare (ours, theirs)
                    "SiglipVisionModel", ("features", "pooler_output")),
     "dinov2": (dict(pool="tok", layer_scale=True), "Dinov2Model",
                ("encode", "last_hidden_state")),
+    "dinov2_registers": (dict(pool="tok", num_registers=2), "Dinov2WithRegistersModel",
+                         ("encode", "last_hidden_state")),
     "vit_pre_logits": (dict(pool="tok", representation_size=24), "ViTModel",
                        ("features", "pooler_output")),
 }
@@ -160,6 +164,7 @@ def test_bfloat16_export_and_replacing_an_export(tmp_path):
     (dict(pool="gap"), True, "pool='gap' \\(with a class token\\)"),
     (dict(pool="tok", representation_size=8), True, "pre_logits"),
     (dict(pool="map"), False, "MAP head over a class-token model"),
+    (dict(pool="tok", num_registers=4), True, "register tokens exist in transformers only in"),
 ])
 def test_models_without_a_transformers_class_are_refused(fields, has_head, match):
   model = dict(dict(class_token=True, representation_size=None, layer_scale=False), **fields)
@@ -234,6 +239,7 @@ PEFT_CASES = {  # ViT fields, the spec's targets and bias
     "vit": (dict(pool="tok"), None, False),
     "vit_layer_scale_folded_bias": (dict(pool="tok", layer_scale=True), _EVERY_LINEAR, True),
     "dinov2": (dict(pool="tok+gap", layer_scale=True), _EVERY_LINEAR, False),
+    "dinov2_registers": (dict(pool="tok+gap", layer_scale=True, num_registers=3), None, True),
     "siglip": (dict(pool="gap", class_token=False, gelu_approximate=True), _EVERY_LINEAR, True),
 }
 

@@ -98,6 +98,7 @@ def infer_model(flat: Mapping[str, np.ndarray], source: str, **fields) -> dict:
       mlp_dim=get(f"{block}/MlpBlock_0/Dense_0/kernel")[1],
       num_heads=get(f"{block}/MultiHeadDotProductAttention_0/query/kernel")[1],
       posemb_grid=(side, side), class_token=class_token,
+      num_registers=flat["registers"].shape[1] if "registers" in flat else 0,
       pool="map" if "MAPHead_0/probe" in flat else "tok" if class_token else "gap",
       representation_size=None if pre_logits is None else pre_logits.shape[1],
       layer_scale=f"{block}/LayerScale_0/scale" in flat)

@@ -1,17 +1,19 @@
-"""Hugging Face ViT, DINOv2 and SigLIP checkpoints (a ``save_pretrained`` directory of safetensors).
+"""Hugging Face ViT, DINOv2 (also with registers) and SigLIP checkpoints (a ``save_pretrained``
+directory of safetensors).
 
 Keys follow the hub naming that ``save_pretrained`` writes (transformers 4 and 5 alike), with or
-without the ``vit.`` / ``dinov2.`` / ``vision_model.`` prefix of the task and two-tower models.
-Torch linear weights are (out, in); q/k/v become (D, H, Dh) kernels and the attention output
-(H, Dh, D). ``pooler.dense`` (ViTModel's tanh layer on the class token, i.e. the original i21k
-``pre_logits``) becomes ``pre_logits`` and ``classifier`` becomes ``head``; a DINOv2 classifier
-over [cls, mean patch] means pool "tok+gap". DINOv2's ``mask_token`` is only used for masked
-pre-training and is dropped. SigLIP (``siglip_vision_model``, or the vision tower of a ``siglip``
-model, whose text tower is dropped) has no class token; its attention-pooling head becomes
-``MAPHead_0`` (pool "map"), the packed ``in_proj`` of that head split into query / key / value;
-``SiglipForImageClassification`` classifies the mean of all tokens (pool "gap"), its unused MAP
-head dropped. ``FAMILY_BLOCK`` / ``FAMILY_TOP`` name each family's modules (``hf_export`` writes
-them back).
+without the ``vit.`` / ``dinov2.`` / ``dinov2_with_registers.`` / ``vision_model.`` prefix of the
+task and two-tower models. Torch linear weights are (out, in); q/k/v become (D, H, Dh) kernels and
+the attention output (H, Dh, D). ``pooler.dense`` (ViTModel's tanh layer on the class token, i.e.
+the original i21k ``pre_logits``) becomes ``pre_logits`` and ``classifier`` becomes ``head``; a
+DINOv2 classifier over [cls, mean patch] means pool "tok+gap". DINOv2's ``mask_token`` is only
+used for masked pre-training and is dropped. DINOv2 with registers (``dinov2_with_registers``) is
+DINOv2 plus ``embeddings.register_tokens``, the ViT's ``registers``. SigLIP
+(``siglip_vision_model``, or the vision tower of a ``siglip`` model, whose text tower is dropped)
+has no class token; its attention-pooling head becomes ``MAPHead_0`` (pool "map"), the packed
+``in_proj`` of that head split into query / key / value; ``SiglipForImageClassification``
+classifies the mean of all tokens (pool "gap"), its unused MAP head dropped. ``FAMILY_BLOCK`` /
+``FAMILY_TOP`` name each family's modules (``hf_export`` writes them back).
 Files saved in bfloat16 or float16 load as float32; ``qkv_bias=False`` ViTs get zero q/k/v biases
 (the same function).
 """
@@ -30,7 +32,9 @@ from safetensors.numpy import load_file
 
 from hydra_jax.checkpoints import common
 
-MODEL_TYPES = ("vit", "dinov2", "siglip", "siglip_vision_model")
+MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers", "siglip", "siglip_vision_model")
+FAMILY = {"vit": "vit", "dinov2": "dinov2", "dinov2_with_registers": "dinov2", "siglip": "siglip",
+          "siglip_vision_model": "siglip"}  # model_type -> the module names it shares
 _GELUS = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}
 _BLOCK = re.compile(r"encoder\.layers?\.(\d+)\.(.+)\.(weight|bias|lambda1)")
 # ViT module-path prefixes (public: the exporter writes the same names back).
@@ -67,7 +71,7 @@ FAMILY_TOP = {
 _BLOCK_MODULES = {hf: vit for names in FAMILY_BLOCK.values() for vit, hf in names.items()}
 _TOP = {hf: vit for names in FAMILY_TOP.values() for vit, hf in names.items()}
 _TEXT_TOWER = ("text_model.", "logit_scale", "logit_bias")  # two-tower SigLIP: not the ViT
-_PREFIX = re.compile(r"^(vit|dinov2|vision_model)\.")
+_PREFIX = re.compile(r"^(vit|dinov2|dinov2_with_registers|vision_model)\.")
 
 
 # transformers' config defaults per family (a saved config may leave them out)
@@ -126,6 +130,8 @@ def rename_key(key: str, value: np.ndarray, heads: int) -> list[tuple[str, np.nd
   key = _PREFIX.sub("", key)
   if key == "embeddings.mask_token":
     return []
+  if key == "embeddings.register_tokens":
+    return [("registers", value)]
   if key in ("embeddings.cls_token", "embeddings.position_embeddings"):
     return [("cls" if key.endswith("cls_token") else "pos_embedding", value)]
   if key == "embeddings.position_embedding.weight":  # SigLIP: an nn.Embedding (N, D)
@@ -153,7 +159,7 @@ def _normalisation(root: pathlib.Path, model_type: str) -> tuple[tuple, tuple]:
     cfg = json.loads(pre.read_text())
     if "image_mean" in cfg and "image_std" in cfg:
       return tuple(cfg["image_mean"]), tuple(cfg["image_std"])
-  if model_type == "dinov2":
+  if FAMILY[model_type] == "dinov2":
     return common.IMAGENET_MEAN, common.IMAGENET_STD
   return common.HALF, common.HALF  # ViTImageProcessor's default ([-1, 1])
 
@@ -174,7 +180,7 @@ def load_hf(root: pathlib.Path) -> common.Pretrained:
   model_type = config["model_type"]
   if model_type == "siglip":  # two towers: keep the vision one
     config = dict(config.get("vision_config") or {}, model_type="siglip")
-  config = {**_DEFAULTS[model_type.removesuffix("_vision_model")], **config}
+  config = {**_DEFAULTS[FAMILY[model_type]], **config}
   act = config["hidden_act"]
   if act not in _GELUS or config.get("use_swiglu_ffn", False):
     raise ValueError(f"{root}: unsupported MLP (hidden_act={act!r}, use_swiglu_ffn="
@@ -197,7 +203,8 @@ def load_hf(root: pathlib.Path) -> common.Pretrained:
                      "ViT's pre_logits layer is tanh")
   fields = dict(ln_eps=float(config["layer_norm_eps"]), gelu_approximate=_GELUS[act])
   head = flat.get("head/kernel")
-  if model_type == "dinov2" and head is not None and head.shape[0] == 2 * config["hidden_size"]:
+  if FAMILY[model_type] == "dinov2" and head is not None and (
+      head.shape[0] == 2 * config["hidden_size"]):
     fields["pool"] = "tok+gap"
   if model_type == "siglip" and head is not None:  # SiglipForImageClassification: token mean
     fields["pool"] = "gap"

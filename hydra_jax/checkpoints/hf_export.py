@@ -11,6 +11,9 @@ pooling (a merged fine-tune has exactly the base architecture, so it always has 
                 otherwise         ViTModel  (``pre_logits`` is its pooler; without one, load it
                                   with ``add_pooling_layer=False``)
 
+Register tokens make it ``Dinov2WithRegistersForImageClassification`` (pool "tok+gap") or
+``Dinov2WithRegistersModel`` (no head).
+
 LayerScale is folded into the linear layer before it where the target has none (exact); DINOv2
 targets without it get scales of one; q/k/v biases are always written. The directory holds
 ``config.json``, ``model.safetensors`` and a ``preprocessor_config.json`` (bicubic resize to the
@@ -37,6 +40,7 @@ from hydra_jax.models import ARCHITECTURE_DEFAULTS
 DTYPES = ("float32", "bfloat16", "float16")
 FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 PREFIX = {"ViTForImageClassification": "vit.", "Dinov2ForImageClassification": "dinov2.",
+          "Dinov2WithRegistersForImageClassification": "dinov2_with_registers.",
            "SiglipForImageClassification": "vision_model.", "SiglipVisionModel": "vision_model."}
 _BLOCK = "Transformer/encoderblock_"
 
@@ -48,6 +52,14 @@ def target(model: dict, *, has_head: bool) -> tuple[str, str]:
     ValueError: the model has no transformers counterpart (its pooling or pre-logits layer).
   """
   pool, cls, rep = model["pool"], model["class_token"], model.get("representation_size")
+  if model.get("num_registers"):
+    if cls and not rep and (pool == "tok+gap" if has_head else pool != "map"):
+      return "dinov2", ("Dinov2WithRegistersForImageClassification" if has_head
+                        else "Dinov2WithRegistersModel")
+    raise ValueError(f"register tokens exist in transformers only in DINOv2 with registers: a "
+                     f"class token, no pre_logits, and a head over pool 'tok+gap' or no head "
+                     f"(got pool={pool!r}, class_token={cls}, "
+                     f"{'a head' if has_head else 'no head'}, representation_size={rep})")
   if rep and (has_head or pool != "tok"):
     raise ValueError(f"pre_logits (representation_size={rep}) exists in transformers only as "
                      f"ViTModel's pooler over the class token: export without a head, pool 'tok' "
@@ -112,6 +124,8 @@ def _tensors(flat: dict, family: str, arch: str) -> dict[str, np.ndarray]:
     name, _, leaf = path.rpartition("/")
     if path == "cls":
       out[prefix + "embeddings.cls_token"] = value
+    elif path == "registers":
+      out[prefix + "embeddings.register_tokens"] = value
     elif path == "pos_embedding" and family == "siglip":  # an nn.Embedding: (N, D)
       out[prefix + "embeddings.position_embedding.weight"] = value[0]
     elif path == "pos_embedding":
@@ -154,6 +168,9 @@ def _config(family: str, arch: str, model: dict, num_classes: int | None,
                        f"multiple of the width {width}")
     config.update(model_type="dinov2", mlp_ratio=mlp // width, layerscale_value=1.0,
                   use_swiglu_ffn=False, qkv_bias=True)
+    if model.get("num_registers"):
+      config.update(model_type="dinov2_with_registers",
+                    num_register_tokens=model["num_registers"])
   elif family == "vit":
     config.update(model_type="vit", intermediate_size=mlp, qkv_bias=True)
     if model.get("representation_size"):  # the pooler: tanh(Dense(class token))

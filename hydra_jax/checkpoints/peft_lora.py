@@ -192,7 +192,7 @@ def save_peft(directory, trainable, spec: spec_lib.AdapterSpec, base: common.Pre
 
 def _vit_module(module: str, key: str) -> str:
   """A transformers module name of any naming -> the ViT's module path."""
-  module = re.sub(r"^(vit|dinov2|vision_model)\.", "", module)
+  module = re.sub(r"^(vit|dinov2|dinov2_with_registers|vision_model)\.", "", module)
   m = _BLOCK_KEY.fullmatch(module)
   if m and m[2] in _BLOCK_ALIASES:
     return f"{_BLOCK}{m[1]}/{_BLOCK_ALIASES[m[2]]}"

@@ -4,7 +4,8 @@ Param tree ('/'-paths)::
 
   embedding/{kernel (P,P,3,D), bias}
   cls (1,1,D)                                   only with class_token=True
-  pos_embedding (1, [1+] gh*gw, D)              covers every token, the class token's first
+  registers (1,R,D)                             only with num_registers=R (DINOv2 with registers)
+  pos_embedding (1, [1+] gh*gw, D)              the class token's first; registers get none
   Transformer/encoderblock_{i}/LayerNorm_0
   Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/{query,key,value}  kernel (D,H,Dh)
   Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/out                kernel (H,Dh,D)
@@ -18,6 +19,9 @@ Param tree ('/'-paths)::
 
 big_vision's own files add their (1, N, D) position embedding before concatenating the class
 token; the loaders store it here with a zero row for the class token, which is the same function.
+Tokens run [class token, registers, patches]; the registers (Darcet et al. 2024, "Vision
+Transformers Need Registers") join after the position embedding is added, and "gap" pools the
+patch tokens only.
 """
 
 from __future__ import annotations
@@ -233,6 +237,8 @@ class ViT(nn.Module):
     posemb_grid: (gh, gw) patch grid of the stored position embedding; other input sizes are
       resampled bicubically on the fly (resample once at load time to save the work).
     class_token: prepend a learned ``cls`` token.
+    num_registers: learned register tokens after the class token (no position embedding; not
+      pooled by "gap").
     pool: "tok" (class token), "gap" (mean of patch tokens), "tok+gap" (both, concatenated) or
       "map" (multihead attention pooling over all tokens, SigLIP's head: ``MAPHead_0``).
     representation_size: width of the tanh ``pre_logits`` layer of the original i21k files.
@@ -259,6 +265,7 @@ class ViT(nn.Module):
   num_heads: int = 12
   posemb_grid: tuple[int, int] = (14, 14)
   class_token: bool = True
+  num_registers: int = 0
   pool: str = "tok"
   representation_size: int | None = None
   layer_scale: bool = False
@@ -291,6 +298,11 @@ class ViT(nn.Module):
     self.embedding = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", **kw)
     if self.class_token:
       self.cls = self.param("cls", nn.initializers.zeros, (1, 1, d), self.param_dtype)
+    if self.num_registers < 0:
+      raise ValueError(f"num_registers must be >= 0; got {self.num_registers}")
+    if self.num_registers:
+      self.registers = self.param("registers", nn.initializers.normal(0.02),
+                                  (1, self.num_registers, d), self.param_dtype)
     tokens = self.posemb_grid[0] * self.posemb_grid[1] + int(self.class_token)
     self.pos_embedding = self.param(
         "pos_embedding", nn.initializers.normal(0.02), (1, tokens, d), self.param_dtype)
@@ -331,12 +343,16 @@ class ViT(nn.Module):
     if self.class_token:
       x = jnp.concatenate([jnp.broadcast_to(self.cls.astype(x.dtype), (b, 1, d)), x], axis=1)
     x = x + pos.astype(x.dtype)
+    if self.num_registers:
+      n = int(self.class_token)
+      registers = jnp.broadcast_to(self.registers.astype(x.dtype), (b, self.num_registers, d))
+      x = jnp.concatenate([x[:, :n], registers, x[:, n:]], axis=1)
     return self.Transformer(x)
 
   def features(self, images: jax.Array) -> jax.Array:
     """(B, H, W, 3) -> (B, F) pooled features (after ``pre_logits`` when present)."""
     x = self.encode(images)
-    patches = x[:, int(self.class_token):]
+    patches = x[:, int(self.class_token) + self.num_registers:]
     pooled = {"tok": lambda: x[:, 0], "gap": lambda: patches.mean(axis=1),
               "tok+gap": lambda: jnp.concatenate([x[:, 0], patches.mean(axis=1)], -1),
               "map": lambda: self.MAPHead_0(x)}
@@ -356,7 +372,8 @@ class ViT(nn.Module):
 # What a checkpoint records of its model (the fields its params and function depend on; the rest
 # are run-time choices), with the ViT's defaults for files and runs that recorded fewer.
 ARCHITECTURE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ViT) if f.name in (
-    "patch_size", "width", "depth", "mlp_dim", "num_heads", "posemb_grid", "class_token", "pool",
+    "patch_size", "width", "depth", "mlp_dim", "num_heads", "posemb_grid", "class_token",
+    "num_registers", "pool",
     "representation_size", "layer_scale", "ln_eps", "gelu_approximate")}
 
 
