@@ -64,15 +64,18 @@ def load_adapters(path: str | pathlib.Path):
 
 
 def save_peft_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
-                  transformers_version: str | None = None) -> str:
+                  transformers_version: str | None = None, labels: Sequence[str] | None = None,
+                  dtype: str = "float32") -> str:
   """A finished LoRA run as ``out/base`` (``save_hf`` of its base model) and ``out/lora`` (PEFT).
 
   The base is rebuilt from the run's ``config.json`` as the run built it (checkpoint, image size,
   pooling, a fresh head); the adapters and head come from ``export/adapters.safetensors``. In
   PyTorch: ``PeftModel.from_pretrained(AutoModelForImageClassification.from_pretrained(
-  out/"base"), out/"lora")``. Returns the transformers class.
+  out/"base"), out/"lora")``. Both are written into one directory renamed into place, so ``out``
+  never pairs a new adapter with an old base. ``labels`` / ``dtype``: the base's (``save_hf``).
+  Returns the transformers class.
   """
-  workdir, out = pathlib.Path(workdir), pathlib.Path(out)
+  workdir, out = pathlib.Path(workdir), pathlib.Path(out).expanduser()
   files = [workdir / "config.json", workdir / "export" / "adapters.safetensors"]
   missing = [str(f) for f in files if not f.is_file()]
   if missing:
@@ -81,11 +84,18 @@ def save_peft_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
   config = ml_collections.ConfigDict(json.loads(files[0].read_text()))
   trainable, spec = load_adapters(files[1])
   _, base = build.build_model(config, build.model_rng(config))
-  arch = checkpoints.save_peft(out / "lora", trainable, spec, base,
-                               transformers_version=transformers_version,
-                               base_model_name_or_path=str((out / "base").resolve()))
-  checkpoints.save_hf(out / "base", base)
-  return arch
+  archs = []
+
+  def write(tmp: pathlib.Path) -> None:
+    archs.append(checkpoints.save_peft(
+        tmp / "lora", trainable, spec, base, transformers_version=transformers_version,
+        base_model_name_or_path=str((out / "base").resolve())))
+    checkpoints.save_hf(tmp / "base", base, labels=labels, dtype=dtype)
+
+  files = tuple(f"base/{f}" for f in checkpoints.hf_export.FILES) + tuple(
+      f"lora/{f}" for f in checkpoints.peft_lora.FILES)
+  checkpoints.hf_export.write_dir(out, files, write)
+  return archs[0]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -99,17 +109,18 @@ def main(argv: Sequence[str] | None = None) -> None:
   out.add_argument("--hf", help="directory to write (an earlier export is replaced)")
   out.add_argument("--peft", help="directory to write base/ and lora/ into")
   p.add_argument("--dtype", default="float32", choices=checkpoints.hf_export.DTYPES,
-                 help="--hf tensor dtype")
-  p.add_argument("--labels", default=None, help="--hf class names, comma-separated "
+                 help="tensor dtype of the model (with --peft: of base/; the adapter is float32)")
+  p.add_argument("--labels", default=None, help="class names, comma-separated "
                  "(default LABEL_i)")
   p.add_argument("--transformers-version", default=None, help="--peft: write the module names "
                  "of this transformers version (default: the installed one)")
   args = p.parse_args(argv)
+  labels = args.labels.split(",") if args.labels else None
   if args.peft:
-    arch = save_peft_run(args.source, args.peft, transformers_version=args.transformers_version)
+    arch = save_peft_run(args.source, args.peft, transformers_version=args.transformers_version,
+                         labels=labels, dtype=args.dtype)
     print(f"wrote {args.peft}/base ({arch}) and {args.peft}/lora (PEFT LoRA)")
     return
-  labels = args.labels.split(",") if args.labels else None
   arch = checkpoints.save_hf(args.hf, checkpoints.load(args.source), labels=labels,
                              dtype=args.dtype)
   print(f"wrote {args.hf} ({arch})")

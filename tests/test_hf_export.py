@@ -264,6 +264,54 @@ def test_peft_export_computes_the_factored_model(case, tmp_path):
                                         {**base.params, **back["params"]}, back["adapters"],
                                         back_spec, _images())
   assert _rel(again, ours) < 1e-5
+  # and onto the hydra_jax base it was exported from (a folded LayerScale comes back out of B)
+  back, back_spec = checkpoints.load_peft(tmp_path / "lora", pre)
+  again, _ = adapters.apply_intercepted(checkpoints.build_model(pre),
+                                        {**pre.params, **back["params"]}, back["adapters"],
+                                        back_spec, _images())
+  assert _rel(again, ours) < 1e-5
+
+
+def test_peft_on_siglips_map_head(tmp_path):
+  """The MAP head's MLP adapts; its out_proj (inside torch's MultiheadAttention, which never runs
+  a LoRA there) is refused both ways; a saved MAP head (modules_to_save) reads back."""
+  pre = _pretrained(seed=16, num_classes=None, pool="map", class_token=False,
+                    gelu_approximate=True)
+  mlp = adapters.AdapterSpec(kind="lora", targets=(r"Transformer/.*/query",
+                                                  r"MAPHead_0/MlpBlock_0/Dense_.*"))
+  factors = _as_if_trained(adapters.init(mlp, pre.params, jax.random.key(0)), 5)
+  ours, _ = adapters.apply_intercepted(checkpoints.build_model(pre), pre.params, factors, mlp,
+                                       _images(), method="features")
+  checkpoints.save_hf(tmp_path / "base", pre)
+  arch = checkpoints.save_peft(tmp_path / "lora", {"adapters": factors}, mlp, pre)
+  model = peft.PeftModel.from_pretrained(_load_torch(tmp_path / "base", arch), tmp_path / "lora")
+  assert _rel(_torch(model.eval(), _images()).pooler_output, ours) < 1e-5
+  out = adapters.AdapterSpec(kind="lora", targets=(r"MAPHead_0/.*/out",))
+  with pytest.raises(ValueError, match="MAPHead_0/MultiHeadDotProductAttention_0/out has no "
+                     "torch.nn.Linear in transformers' SiglipVisionModel that PEFT's LoRA runs"):
+    checkpoints.save_peft(tmp_path / "x", {"adapters": adapters.init(
+        out, pre.params, jax.random.key(0))}, out, pre)
+  config = peft.LoraConfig(r=2, target_modules=["q_proj", "out_proj"], init_lora_weights=False)
+  model = peft.get_peft_model(_load_torch(tmp_path / "base", arch), config)
+  model.save_pretrained(tmp_path / "theirs")
+  with pytest.raises(ValueError, match="LoRA on MAPHead_0/MultiHeadDotProductAttention_0/out is "
+                     "not supported: torch's MultiheadAttention"):
+    checkpoints.load_peft(tmp_path / "theirs", pre)
+  config = peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["head"],
+                           init_lora_weights=False)
+  model = peft.get_peft_model(_load_torch(tmp_path / "base", arch), config)
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if "modules_to_save" in name:
+        param.normal_(0, 0.3)
+  model.save_pretrained(tmp_path / "theirs")
+  theirs = _torch(model.eval(), _images()).pooler_output
+  trainable, spec = checkpoints.load_peft(tmp_path / "theirs", pre)
+  assert set(trainable["params"]) == {"MAPHead_0"}
+  ours, _ = adapters.apply_intercepted(checkpoints.build_model(pre),
+                                       {**pre.params, **trainable["params"]},
+                                       trainable["adapters"], spec, _images(), method="features")
+  assert _rel(ours, theirs) < 1e-5
 
 
 def test_load_peft_reads_what_peft_saves_in_either_naming(tmp_path):
@@ -350,16 +398,37 @@ def test_peft_export_refuses_what_peft_cannot_hold(tmp_path):
   assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("field,value", [("use_dora", True), ("bias", "all"),
-                                         ("peft_type", "IA3"), ("alpha_pattern", {"query": 2})])
-def test_load_peft_refuses_options_it_does_not_compute(field, value, tmp_path):
+@pytest.mark.parametrize("field,value,match", [
+    ("use_dora", True, "use_dora=True is not supported"),
+    ("bias", "all", "bias='all' is not supported"),
+    ("peft_type", "IA3", "peft_type='IA3' is not supported"),
+    ("alpha_pattern", {"query": 2}, "alpha_pattern=\\{'query': 2\\} is not supported"),
+    ("use_bdlora", {"nblocks": 2}, "use_bdlora=.* is not supported"),
+    ("kasa_config", {"x": 1}, "kasa_config=.* is not supported"),
+    ("init_lora_weights", "pissa_niter_4", "init_lora_weights='pissa_niter_4' rewrites the base"),
+    ("init_lora_weights", "olora", "init_lora_weights='olora' rewrites the base"),
+])
+def test_load_peft_refuses_options_it_does_not_compute(field, value, match, tmp_path):
   pre = _pretrained(seed=14)
   spec = adapters.AdapterSpec(kind="lora")
   checkpoints.save_peft(tmp_path / "lora", {"adapters": adapters.init(
       spec, pre.params, jax.random.key(0))}, spec, pre)
   path = tmp_path / "lora" / "adapter_config.json"
   path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
-  with pytest.raises(ValueError, match=f"{field}={value!r} is not supported"):
+  with pytest.raises(ValueError, match=match):
+    checkpoints.load_peft(tmp_path / "lora", pre)
+
+
+def test_load_peft_names_tensors_that_are_not_lora(tmp_path):
+  pre = _pretrained(seed=17)
+  spec = adapters.AdapterSpec(kind="lora")
+  checkpoints.save_peft(tmp_path / "lora", {"adapters": adapters.init(
+      spec, pre.params, jax.random.key(0))}, spec, pre)
+  path = tmp_path / "lora" / "adapter_model.safetensors"
+  tensors = load_file(path)
+  key = next(k for k in tensors if k.endswith("q_proj.lora_A.weight"))
+  save_file({**tensors, key.replace("lora_A.weight", "velora_A"): np.zeros(4, np.float32)}, path)
+  with pytest.raises(ValueError, match="velora_A is neither a LoRA factor"):
     checkpoints.load_peft(tmp_path / "lora", pre)
 
 
@@ -388,8 +457,18 @@ def test_export_cli_writes_a_lora_run_for_peft(tmp_path):
   spec = adapters.spec_from_config(config.adapter)
   trainable, ours = _lora_run(base, spec, seed=4)
   export.save_adapters(tmp_path / "run" / "export" / "adapters.safetensors", trainable, spec)
-  export.main([str(tmp_path / "run"), "--peft", str(tmp_path / "peft")])
+  export.main([str(tmp_path / "run"), "--peft", str(tmp_path / "peft"), "--labels",
+               ",".join(f"c{i}" for i in range(10))])
   assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["base", "lora"]
   theirs = _peft_logits(tmp_path / "peft" / "base", tmp_path / "peft" / "lora",
                         "ViTForImageClassification")
   assert _rel(theirs, ours) < 1e-5
+  config = json.loads((tmp_path / "peft" / "base" / "config.json").read_text())
+  assert config["id2label"]["9"] == "c9"
+  # the pair is replaced whole or not at all: a user's file inside it is never lost
+  (tmp_path / "peft" / "base" / "NOTES.md").write_text("mine")
+  before = (tmp_path / "peft" / "lora" / "adapter_model.safetensors").read_bytes()
+  with pytest.raises(FileExistsError, match="base/NOTES.md"):
+    export.main([str(tmp_path / "run"), "--peft", str(tmp_path / "peft")])
+  assert (tmp_path / "peft" / "base" / "NOTES.md").read_text() == "mine"
+  assert (tmp_path / "peft" / "lora" / "adapter_model.safetensors").read_bytes() == before

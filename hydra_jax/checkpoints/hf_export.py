@@ -205,15 +205,17 @@ def _preprocessor(model: dict, mean, std) -> dict:
 def write_dir(directory, files: tuple[str, ...], write: Callable[[pathlib.Path], None]) -> None:
   """Builds a directory of ``files`` beside ``directory`` (``write(tmp)``), then renames it there.
 
-  An earlier export at ``directory`` (holding only ``files``) is replaced; a directory holding
-  anything else, or a file, is refused; a failed ``write`` leaves ``directory`` as it was.
+  ``files`` are '/'-paths relative to the directory (e.g. "base/config.json"). An earlier export
+  at ``directory`` (holding only ``files``) is replaced; a directory holding anything else, or a
+  file, is refused; a failed ``write`` leaves ``directory`` as it was.
   """
   out = pathlib.Path(directory).expanduser()
   out = out.resolve() if out.is_symlink() else out  # replace what the link points to
   if out.exists() and not out.is_dir():
     raise FileExistsError(f"{out} is a file; expected a directory to write the export into")
   if out.exists():
-    extra = sorted(p.name for p in out.iterdir() if p.name not in files)
+    extra = sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                   if not p.is_dir() and str(p.relative_to(out)) not in files)
     if extra:
       raise FileExistsError(f"{out} exists and holds {extra} besides an export's {list(files)}; "
                             "refusing to replace it")

@@ -11,8 +11,10 @@ The factors map one to one: ``lora_A.weight`` is A^T (r, d_in), ``lora_B.weight`
 is LoRA's dropout. Factor biases (``AdapterSpec(bias=True)``) fold exactly into
 ``lora_B.bias = a B + b`` (PEFT's ``lora_bias``). A trained head is a ``modules_to_save``
 classifier. Where ``save_hf`` folds LayerScale into the attention-out / MLP-out layer (a
-non-DINOv2 class), the same scale multiplies that layer's ``lora_B``. Layers of other ranks (e.g.
-after ``adapters.add``) are zero-padded to the largest rank, which changes nothing.
+non-DINOv2 class), the same scale multiplies that layer's ``lora_B`` (``load_peft`` divides it
+back out onto a base with LayerScale). Layers of other ranks (e.g. after ``adapters.add``) are
+zero-padded to the largest rank, which changes nothing. SigLIP's MAP-head attention is a torch
+``MultiheadAttention``, which never runs a LoRA on its ``out_proj``: refused both ways.
 
 PEFT names modules as the running transformers model does, and transformers renamed them (the
 checkpoint files kept the old names): ViT's attention became ``attention.q_proj`` / ``k_proj`` /
@@ -47,8 +49,9 @@ FILES = ("adapter_config.json", "adapter_model.safetensors")
 _BLOCK = "Transformer/encoderblock_"
 _LINEAR_BLOCK = (ATT + "query", ATT + "key", ATT + "value", ATT + "out", MLP + "Dense_0",
                  MLP + "Dense_1")
-_LINEAR_TOP = ("head", "pre_logits", MAP + ATT + "out", MAP + MLP + "Dense_0",
-               MAP + MLP + "Dense_1")
+# (SigLIP's MAP head is a torch.nn.MultiheadAttention: it reads out_proj.weight directly, so a
+# PEFT LoRA on its out_proj never runs; its packed query / key / value have no module of their own)
+_LINEAR_TOP = ("head", "pre_logits", MAP + MLP + "Dense_0", MAP + MLP + "Dense_1")
 _NEW_ATTENTION = {ATT + "query": "attention.q_proj", ATT + "key": "attention.k_proj",
                   ATT + "value": "attention.v_proj", ATT + "out": "attention.o_proj"}
 # family -> (first transformers version with the new block module names, those names)
@@ -100,9 +103,19 @@ def module_name(path: str, family: str, arch: str, version: tuple[int, int]) -> 
   elif path in _LINEAR_TOP and path in FAMILY_TOP[family]:
     name = FAMILY_TOP[family][path]
     return name if name == "classifier" else prefix + name
-  raise ValueError(f"layer {path} has no torch.nn.Linear in transformers' {arch} for PEFT's LoRA; "
-                   f"expected a block's query, key, value, out, Dense_0 or Dense_1, or one of "
-                   f"{[p for p in _LINEAR_TOP if p in FAMILY_TOP[family]]}")
+  raise ValueError(f"layer {path} has no torch.nn.Linear in transformers' {arch} that PEFT's LoRA "
+                   f"runs; expected a block's query, key, value, out, Dense_0 or Dense_1, or one "
+                   f"of {[p for p in _LINEAR_TOP if p in FAMILY_TOP[family]]}")
+
+
+def _layer_scale(base: common.Pretrained, layer_path: tuple[str, ...], family: str):
+  """The LayerScale after a block's out / Dense_1 layer where transformers' ``family`` has none
+  (``save_hf`` folds it into the layer there, so the layer's lora_B carries it too); else None."""
+  if family == "dinov2" or not "/".join(layer_path).startswith(_BLOCK):
+    return None
+  scale = {"out": "LayerScale_0", "Dense_1": "LayerScale_1"}.get(layer_path[-1])
+  block = base.params[layer_path[0]][layer_path[1]]
+  return np.asarray(block[scale]["scale"]) if scale in block else None
 
 
 def _padded(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +157,6 @@ def save_peft(directory, trainable, spec: spec_lib.AdapterSpec, base: common.Pre
                      "factors and the head only (export the merged model with save_hf instead)")
   model = {**ARCHITECTURE_DEFAULTS, **base.model}
   family, arch = hf_export.target(model, has_head="head" in base.params or bool(trained))
-  fold_scale = model["layer_scale"] and family != "dinov2"
   layers = list(transform.adapted_layers(base.params, trainable.get("adapters", {}), spec))
   if not layers and not trained:
     raise ValueError("nothing to export: the adapters tree is empty and no head is trained")
@@ -155,11 +167,8 @@ def save_peft(directory, trainable, spec: spec_lib.AdapterSpec, base: common.Pre
     a, b = _padded(np.asarray(f["A"], np.float32), np.asarray(f["B"], np.float32), rank)
     bias = np.asarray(f["a"], np.float32) @ np.asarray(f["B"], np.float32) if "a" in f else 0.0
     bias = bias + (np.asarray(f["b"], np.float32) if "b" in f else 0.0)
-    if fold_scale and layer.name.startswith(_BLOCK) and layer.path[-1] in ("out", "Dense_1"):
-      block = base.params[layer.path[0]][layer.path[1]]  # s (x A B + c) = x A (B s) + c s
-      scale = np.asarray(block["LayerScale_0" if layer.path[-1] == "out" else "LayerScale_1"]
-                         ["scale"])
-      b, bias = b * scale, bias * scale
+    if (scale := _layer_scale(base, layer.path, family)) is not None:
+      b, bias = b * scale, bias * scale  # s (x A B + c) = x A (B s) + c s
     key = _PEFT_PREFIX + name
     tensors[key + ".lora_A.weight"] = a.T
     tensors[key + ".lora_B.weight"] = b.T
@@ -202,19 +211,59 @@ def _vit_module(module: str, key: str) -> str:
                    "hydra_jax knows")
 
 
+def _naming_family(modules: list[str]) -> str | None:
+  """The transformers family whose module names ``modules`` use, where the names tell."""
+  for module in modules:
+    if module.startswith(("dinov2.", "dinov2_with_registers.")) or re.search(
+        r"(^|\.)encoder\.layer\.\d+\.(mlp\.fc|attention\.[qkvo]_proj)", module):
+      return "dinov2"
+    if module.startswith("vit.") or re.search(
+        r"(^|\.)(layers\.\d+\.attention\.|encoder\.layer\.\d+\.(intermediate|output)\.)",
+        module):
+      return "vit"
+    if ".self_attn." in module:
+      return "siglip"
+  return None
+
+
+# What hydra_jax's LoRA does not compute: field -> the only value accepted (None: unset / false).
+_REFUSED = {"peft_type": "LORA", "use_dora": None, "bias": "none", "fan_in_fan_out": None,
+            "alpha_pattern": None, "use_bdlora": None, "use_qalora": None, "velora_config": None,
+            "kasa_config": None, "monteclora_config": None, "arrow_config": None,
+            "trainable_token_indices": None, "layer_replication": None}
+# initialisations that rewrite the base weights (PEFT re-runs them on load)
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
 def _read_config(path: pathlib.Path) -> dict:
   """adapter_config.json, refusing what hydra_jax's LoRA does not compute."""
   config = json.loads(path.read_text())
-  refuse = {"peft_type": (config.get("peft_type"), "LORA"),
-            "use_dora": (config.get("use_dora", False), False),
-            "bias": (config.get("bias", "none"), "none"),
-            "fan_in_fan_out": (config.get("fan_in_fan_out", False), False),
-            "alpha_pattern": (config.get("alpha_pattern") or {}, {})}
-  for field, (got, want) in refuse.items():
-    if got != want:
+  for field, want in _REFUSED.items():
+    got = config.get(field)
+    if (got != want) if want is not None else bool(got):
       raise ValueError(f"{path}: {field}={got!r} is not supported; hydra_jax's LoRA reads "
-                       f"{field}={want!r}")
+                       f"{field}={want if want is not None else 'unset'}")
+  init = config.get("init_lora_weights", True)
+  if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+    raise ValueError(f"{path}: init_lora_weights={init!r} rewrites the base weights when PEFT "
+                     "loads the adapter, which hydra_jax's base does not have; convert it to "
+                     "plain LoRA first (peft's save_pretrained(..., "
+                     "path_initial_model_for_weight_conversion=...))")
   return config
+
+
+def _saved_module(name: str, key: str, value: np.ndarray,
+                  heads: int) -> list[tuple[str, np.ndarray]]:
+  """A ``modules_to_save`` tensor -> ViT (path, array) pairs (the checkpoint loader's names, else
+  the running model's)."""
+  pairs = hf.rename_key(name, value, heads)
+  if not (len(pairs) == 1 and pairs[0][0] == hf._PREFIX.sub("", name)):  # the loader knew it
+    return pairs
+  module, _, leaf = name.rpartition(".")
+  if leaf not in ("weight", "bias"):
+    raise ValueError(f"PEFT tensor {key} is neither a LoRA factor (lora_A / lora_B) nor a weight "
+                     "or bias of a saved module; hydra_jax reads LoRA adapters only")
+  return [hf._convert(_vit_module(module, key), leaf, value, heads)]
 
 
 def load_peft(directory, base: common.Pretrained) -> tuple[dict, spec_lib.AdapterSpec]:
@@ -224,7 +273,8 @@ def load_peft(directory, base: common.Pretrained) -> tuple[dict, spec_lib.Adapte
     directory: holding ``adapter_config.json`` and ``adapter_model.safetensors`` (any module
       naming; float32, bfloat16 or float16 tensors).
     base: the model the adapter belongs to (e.g. ``checkpoints.load`` of the same transformers
-      directory, with ``num_classes`` when the adapter saves a classifier).
+      directory, with ``num_classes`` when the adapter saves a classifier; or the hydra_jax base
+      ``save_peft`` exported it from: a LayerScale it folded into lora_B comes back out).
 
   Returns:
     The factors (per layer ``A``, ``B``, and ``b`` with ``lora_bias``) and any saved modules as
@@ -233,8 +283,8 @@ def load_peft(directory, base: common.Pretrained) -> tuple[dict, spec_lib.Adapte
 
   Raises:
     FileNotFoundError: not a PEFT adapter directory.
-    ValueError: a PEFT option or module hydra_jax does not compute, or shapes that do not fit
-      ``base`` (naming the layer).
+    ValueError: a PEFT option, tensor or module hydra_jax does not compute, or shapes that do
+      not fit ``base`` (naming the layer).
   """
   root = pathlib.Path(directory).expanduser()
   if not all((root / name).is_file() for name in FILES):
@@ -243,21 +293,29 @@ def load_peft(directory, base: common.Pretrained) -> tuple[dict, spec_lib.Adapte
   rank, rslora = int(config["r"]), bool(config.get("use_rslora", False))
   alpha = float(config.get("lora_alpha", 8)) * (math.sqrt(rank) if rslora else 1.0)
   spec_scaling = alpha / rank
-  factors, params = {}, {}
+  heads = {**ARCHITECTURE_DEFAULTS, **base.model}["num_heads"]
+  factors, params, modules = {}, {}, []
   for key, value in hf._read(root / FILES[1]).items():
     name = key.removeprefix(_PEFT_PREFIX)
     m = _LORA_KEY.fullmatch(name)
-    if m and m[3] == "weight":
-      factors.setdefault(_vit_module(m[1], key), {})[m[2]] = value.T
+    if m and (m[3] == "weight" or m[2] == "B"):  # lora_bias: the bias after B is b
+      path = _vit_module(m[1], key)
+      why = {"embedding": "the patch embedding is a convolution",
+             MAP + ATT + "out": "torch's MultiheadAttention reads out_proj.weight without "
+                                "running the LoRA (PEFT computes the base model there)"}
+      if path in why:
+        raise ValueError(f"PEFT tensor {key}: LoRA on {path} is not supported: {why[path]}")
+      factors.setdefault(path, {})["b" if m[3] == "bias" else m[2]] = (
+          value if m[3] == "bias" else value.T)
+      modules.append(m[1])
       continue
-    if m and m[2] == "B":  # lora_bias: the bias after B is the factor bias b
-      factors.setdefault(_vit_module(m[1], key), {})["b"] = value
-      continue
-    module, _, leaf = name.rpartition(".")
-    path, array = hf._convert(_vit_module(module, key), leaf, value, base.model["num_heads"])
-    params[path] = array
+    params.update(_saved_module(name, key, value, heads))
   if not factors:
     raise ValueError(f"PEFT adapter {root} holds no lora_A / lora_B weights")
+  family = _naming_family(modules)
+  if family is None:  # names both ViT and DINOv2 use: the family the base exports to
+    model = {**ARCHITECTURE_DEFAULTS, **base.model}
+    family = hf_export.target(model, has_head="head" in base.params)[0]
   adapters = {}
   for path, f in factors.items():
     if set(f) - {"b"} != {"A", "B"}:
@@ -265,9 +323,12 @@ def load_peft(directory, base: common.Pretrained) -> tuple[dict, spec_lib.Adapte
                        "and lora_B weights")
     r = f["A"].shape[1]
     layer_scaling = float(config.get("lora_alpha", 8)) / (math.sqrt(r) if rslora else r)
-    f["B"] = f["B"] * (layer_scaling / spec_scaling)
+    up = np.full(f["B"].shape[-1], layer_scaling / spec_scaling, np.float32)
+    if (scale := _layer_scale(base, tuple(path.split("/")), family)) is not None:
+      up = up / scale  # the adapter was written for the layer with LayerScale folded in
+    f["B"] = f["B"] * up
     if "b" in f:
-      f["b"] = f["b"] * (layer_scaling / spec_scaling)
+      f["b"] = f["b"] * up
     transform.set_path(adapters, tuple(path.split("/")), f)
   spec = spec_lib.AdapterSpec(
       kind="lora", targets=tuple(re.escape(p) for p in sorted(factors)), rank=rank,
@@ -279,6 +340,7 @@ def load_peft(directory, base: common.Pretrained) -> tuple[dict, spec_lib.Adapte
     want = flat_base.get(path)
     if want is None or np.shape(want) != array.shape:
       raise ValueError(f"PEFT adapter {root}: saved module param {path} {array.shape} does not "
-                       f"fit the base ({'absent' if want is None else np.shape(want)}); load the "
-                       "base with the adapter's num_classes")
+                       f"fit the base ({'absent' if want is None else np.shape(want)})"
+                       + ("; load the base with the adapter's num_classes" if path.startswith(
+                           "head/") else ""))
   return {"adapters": adapters, "params": traverse_util.unflatten_dict(params, sep="/")}, spec
