@@ -41,11 +41,17 @@ def save_merged(path: str | pathlib.Path, params, pre: checkpoints.Pretrained) -
   checkpoints.save(path, merged)
 
 
+# Version 2: HydraLoRA's top_k=1 weight is the raw router probability (version 1 files, without
+# the key, trained with weight 1).
+_ADAPTER_FORMAT = "2"
+
+
 def save_adapters(path: str | pathlib.Path, trainable, spec: adapters_lib.AdapterSpec) -> None:
   """Saves the trainable tree and the spec that reads it."""
   flat = traverse_util.flatten_dict(jax.device_get(trainable), sep="/")
   checkpoints.native.write_safetensors(
-      path, flat, {"hydra_jax_adapter_spec": json.dumps(dataclasses.asdict(spec))})
+      path, flat, {"hydra_jax_adapter_spec": json.dumps(dataclasses.asdict(spec)),
+                   "hydra_jax_adapter_format": _ADAPTER_FORMAT})
 
 
 def load_adapters(path: str | pathlib.Path):
@@ -57,10 +63,17 @@ def load_adapters(path: str | pathlib.Path):
     tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
   fields = json.loads(meta["hydra_jax_adapter_spec"])
   fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+  if (fields.get("kind") == "hydralora" and fields.get("top_k") == 1
+      and meta.get("hydra_jax_adapter_format", "1") == "1"):
+    raise ValueError(f"{path}: a HydraLoRA top_k=1 adapter written before 2026-11-23, when the "
+                     "kept head's weight was 1; hydra_jax now weighs it by the router's "
+                     "probability, so this adapter would compute another model (retrain it)")
   trainable = traverse_util.unflatten_dict(tensors, sep="/")
   trainable.setdefault("adapters", {})
   trainable.setdefault("params", {})
-  return trainable, adapters_lib.AdapterSpec(**fields)
+  # files from before fields a kind does not read were refused (e.g. a LoRA run of a Hydra
+  # config recorded scale=1.0): dropped with a warning
+  return trainable, adapters_lib.spec_from_config(fields)
 
 
 def save_peft_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *,

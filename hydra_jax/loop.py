@@ -196,7 +196,11 @@ def _restore(ckpt: checkpointing.Checkpointer, runner: _Runner, config) -> int:
   if start:
     restored, meta = ckpt.restore(start, runner.host_state())
     for key in _RESUME_KEYS:
-      if key in meta and meta[key] != config[key]:
+      if key not in meta:  # checkpoints from before 2026-11-23 recorded the seed only
+        _LOG.warning("the checkpoint at step %d does not record its %s; resuming as if it were "
+                     "%r (a different one would change the data order and schedule)", start,
+                     key, config[key])
+      elif meta[key] != config[key]:
         raise ValueError(f"{key}={config[key]!r} but the checkpoint at step {start} in "
                          f"{ckpt.directory} was trained with {key}={meta[key]!r}; resume with "
                          "the same value, or start the changed run in a new workdir")

@@ -2,6 +2,7 @@
 head / posemb options, the native round trip and the parameter-count table."""
 
 import copy
+import dataclasses
 import json
 import re
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import transformers
 from flax import traverse_util
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from hydra_jax import checkpoints
 from hydra_jax.models import PATCHES, SIZES, ViT, param_count, variant
@@ -540,6 +541,24 @@ def test_adapter_exports_round_trip_and_are_written_atomically(tmp_path):
     export.save_adapters(path, bad, spec)
   assert path.read_bytes() == before  # the earlier export is intact
   assert sorted(p.name for p in path.parent.iterdir()) == ["adapters.safetensors"]  # no tmp left
+
+
+def test_adapter_exports_from_before_2026_11_23(tmp_path, caplog):
+  """Older files: a field the kind does not read is dropped with a warning; a HydraLoRA top-1
+  adapter (trained with the kept head's weight 1) is refused rather than run another way."""
+  from hydra_jax import adapters, export
+  tensors = {"adapters/blk/dense/A": np.ones((4, 2), np.float32),
+             "adapters/blk/dense/B": np.zeros((2, 3), np.float32)}
+  lora = {**dataclasses.asdict(adapters.AdapterSpec("lora")), "scale": 1.0}  # a Hydra config's
+  save_file(tensors, str(tmp_path / "lora.safetensors"),
+            metadata={"hydra_jax_adapter_spec": json.dumps(lora)})
+  _, spec = export.load_adapters(tmp_path / "lora.safetensors")
+  assert spec == adapters.AdapterSpec("lora") and "{'scale': 1.0}" in caplog.text
+  top1 = dataclasses.asdict(adapters.AdapterSpec("hydralora", top_k=1))
+  save_file(tensors, str(tmp_path / "top1.safetensors"),
+            metadata={"hydra_jax_adapter_spec": json.dumps(top1)})
+  with pytest.raises(ValueError, match="HydraLoRA top_k=1 adapter written before 2026-11-23"):
+    export.load_adapters(tmp_path / "top1.safetensors")
 
 
 def test_a_file_recording_only_some_model_fields_takes_the_vit_defaults(tmp_path):
