@@ -53,6 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.adapter = adapter_config("hydra")  # r=2+2, s=1 (AdapterSpec defaults)
 
   c.train_patterns = ("head/.*",)  # params that train besides the adapters (fullmatch regexes)
+  # start from these adapters (and the trained params they carry, e.g. the head) instead of fresh
+  # ones: a hydra_jax export/adapters.safetensors or a PEFT LoRA directory; their spec replaces
+  # config.adapter
+  c.init_adapters = placeholder(str)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "fashion_mnist_offline"  # tfds name, or "folder:/root" (root/<split>/<class>/*)

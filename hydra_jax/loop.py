@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from hydra_jax import adapters as adapters_lib
-from hydra_jax import checkpointing, data, export, metrics, optim, parallel, train_lib
+from hydra_jax import checkpointing, checkpoints, data, export, metrics, optim, parallel, train_lib
 from hydra_jax.build import build_model, data_dir, model_rng, open_source
 
 # Merged vs factored logits: float32 agrees to rounding; bfloat16 rounds the two paths apart.
@@ -34,10 +35,38 @@ def _make_spec(config) -> adapters_lib.AdapterSpec | None:
   return adapters_lib.spec_from_config(config.adapter)
 
 
-def _init_state(config, model, params, spec, rng, steps_per_epoch: int):
-  """Splits params, initialises adapters and the optimizer; logs what trains."""
+def _given_adapters(config, pre) -> tuple[adapters_lib.AdapterSpec | None, dict | None]:
+  """(spec, trainable tree to start from) of ``config.init_adapters``; else (config's spec, None).
+
+  A directory is a PEFT LoRA adapter (``checkpoints.load_peft``), a file a hydra_jax adapters
+  export (``export.load_adapters``); the spec comes from the file.
+  """
+  path = config.get("init_adapters")
+  if not path:
+    return _make_spec(config), None
+  path = pathlib.Path(path).expanduser()
+  if not path.exists():
+    raise FileNotFoundError(f"init_adapters: no adapters at {path} (expected a hydra_jax "
+                            "adapters.safetensors or a PEFT adapter directory)")
+  if path.is_dir():
+    trainable, spec = checkpoints.load_peft(path, pre)
+  else:
+    trainable, spec = export.load_adapters(path)
+  if spec.kind != config.adapter.kind:
+    _LOG.warning("init_adapters holds %s adapters: config.adapter (%s) is not used", spec.kind,
+                 config.adapter.kind)
+  return spec, trainable
+
+
+def _init_state(config, model, params, spec, rng, steps_per_epoch: int, given=None):
+  """Splits params, initialises adapters (or takes ``given`` ones) and the optimizer; logs what
+  trains."""
   trainable_params, frozen = optim.split(params, list(config.train_patterns))
   adapters = {} if spec is None else adapters_lib.init(spec, params, rng)
+  if given is not None:
+    adapters_lib.delta(params, given["adapters"], spec)  # they fit the model (layers named)
+    adapters = given["adapters"]
+    trainable_params = _with_given_params(trainable_params, given["params"])
   trainable = {"adapters": adapters, "params": trainable_params}
   # One report over everything: adapter factors and the params that train by pattern.
   patterns = (["adapters/.*"] if adapters else []) + [f"params/{p}" for p in config.train_patterns]
@@ -50,6 +79,18 @@ def _init_state(config, model, params, spec, rng, steps_per_epoch: int):
   tx, schedule = train_lib.make_optimizer(opt)
   state = train_lib.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
   return state, frozen, tx, schedule, report
+
+
+def _with_given_params(trainable_params, given):
+  """The run's trainable params with the given ones in their place (same paths and shapes)."""
+  flat = traverse_util.flatten_dict(trainable_params, sep="/")
+  for path, value in traverse_util.flatten_dict(given, sep="/").items():
+    if path not in flat or np.shape(flat[path]) != np.shape(value):
+      raise ValueError(f"init_adapters carries params/{path} {np.shape(value)}, which is not a "
+                       f"trainable param of this run of that shape "
+                       f"({np.shape(flat[path]) if path in flat else 'train_patterns exclude it'})")
+    flat[path] = np.asarray(value, np.float32)
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _sources(config):
@@ -156,13 +197,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = pathlib.Path(workdir)
   rng = jax.random.key(config.seed)
   model, pre = build_model(config, model_rng(config))
-  spec = _make_spec(config)
+  spec, given = _given_adapters(config, pre)
   train_src, val_src, test_src = _sources(config)
   steps_per_epoch = len(train_src) // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_src)} train examples")
   state, frozen, tx, schedule, report = _init_state(
-      config, model, pre.params, spec, jax.random.fold_in(rng, 1), steps_per_epoch)
+      config, model, pre.params, spec, jax.random.fold_in(rng, 1), steps_per_epoch, given)
   runner = _Runner(config, model, spec, tx, schedule, frozen, state)
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
                                     use_async=config.async_checkpoints)

@@ -19,6 +19,7 @@ import pytest
 from configs import default
 from hydra_jax import (
     adapters,
+    build,
     checkpointing,
     checkpoints,
     data,
@@ -115,6 +116,32 @@ def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path):
   loss_steps = lambda w: [x["step"] for x in map(json.loads, (  # noqa: E731
       w / "metrics.jsonl").read_text().splitlines()) if "loss" in x]
   assert loss_steps(tmp_path) == loss_steps(reference_run[0])  # each step once
+
+
+def test_a_run_starts_from_given_adapters(reference_run, tmp_path):
+  """init_adapters: an export's adapters and head (or a PEFT LoRA directory) are step 0's; at a
+  negligible learning rate the run ends where they started and scores the same."""
+  workdir, ref = reference_run
+  given = workdir / "export" / "adapters.safetensors"
+  tiny_lr = {"optim.lr": 1e-12, "init_adapters": str(given), "num_epochs": 1}
+  results = train_and_evaluate(_testing_config(**tiny_lr), str(tmp_path / "hydra"))
+  _assert_trees_equal(_adapters_of(tmp_path / "hydra"), _adapters_of(workdir), rtol=1e-5,
+                      atol=1e-7)
+  assert results["test_accuracy"] == ref["test_accuracy"]
+  # a PEFT LoRA adapter (made here as if trained), with the head it saves
+  config = _testing_config()
+  _, base = build_model(config, build.model_rng(config))  # the run's base
+  lora = adapters.AdapterSpec("lora")
+  rng = np.random.default_rng(0)
+  trainable = jax.tree.map(lambda x: rng.normal(size=np.shape(x)).astype(np.float32) * 0.1, {
+      "adapters": adapters.init(lora, base.params, jax.random.key(1)),
+      "params": {"head": base.params["head"]}})
+  checkpoints.save_peft(tmp_path / "peft", trainable, lora, base)
+  train_and_evaluate(_testing_config(**{**tiny_lr, "init_adapters": str(tmp_path / "peft")}),
+                     str(tmp_path / "lora"))
+  _assert_trees_equal(_adapters_of(tmp_path / "lora"), trainable, rtol=1e-5, atol=1e-7)
+  with pytest.raises(FileNotFoundError, match="init_adapters: no adapters at"):
+    train_and_evaluate(_testing_config(init_adapters=str(tmp_path / "none")), str(tmp_path / "x"))
 
 
 def test_metrics_of_a_resumed_run_hold_each_step_once(tmp_path):
