@@ -62,11 +62,13 @@ def _init_state(config, model, params, spec, rng, steps_per_epoch: int, given=No
   """Splits params, initialises adapters (or takes ``given`` ones) and the optimizer; logs what
   trains."""
   trainable_params, frozen = optim.split(params, list(config.train_patterns))
-  adapters = {} if spec is None else adapters_lib.init(spec, params, rng)
   if given is not None:
-    adapters_lib.delta(params, given["adapters"], spec)  # they fit the model (layers named)
     adapters = given["adapters"]
+    # each layer's factors fit the model (errors name the layer)
+    list(adapters_lib.transform.adapted_layers(params, adapters, spec))
     trainable_params = _with_given_params(trainable_params, given["params"])
+  else:
+    adapters = {} if spec is None else adapters_lib.init(spec, params, rng)
   trainable = {"adapters": adapters, "params": trainable_params}
   # One report over everything: adapter factors and the params that train by pattern.
   patterns = (["adapters/.*"] if adapters else []) + [f"params/{p}" for p in config.train_patterns]
@@ -171,6 +173,11 @@ _MODES = ("jit", "pmap")
 _RESUME_KEYS = ("seed", "batch_size")  # recorded in each checkpoint; a resume must match them
 
 
+def _whole(value, least: int) -> bool:
+  """Whether ``value`` is an int (not a bool) of at least ``least``."""
+  return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def _check_schedule(config) -> None:
   """The loop's counters: whole numbers, the step intervals at least 1 (errors name the field)."""
   if config.parallel.mode not in _MODES:
@@ -182,11 +189,11 @@ def _check_schedule(config) -> None:
                       ("eval_every_epochs", 1), ("log_every", 1), ("checkpoint_every", 0),
                       ("keep_checkpoints", 1)):
     value = functools.reduce(lambda c, key: c[key], name.split("."), config)
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+    if not _whole(value, least):
       raise ValueError(f"{name} must be an integer >= {least}; got {value!r}")
   for name in ("val_limit", "test_limit"):  # evaluated after training: checked before it
     value = config.data.get(name)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    if value is not None and not _whole(value, 1):
       raise ValueError(f"data.{name} must be None (all) or an integer >= 1; got {value!r}")
 
 

@@ -35,7 +35,7 @@ class MetricWriter:
     path = workdir / "metrics.jsonl"
     if resume_step is not None and path.exists():
       kept = [line for line in path.read_text().splitlines(keepends=True)
-              if _step_of(line) is not None and _step_of(line) <= resume_step]
+              if (step := _step_of(line)) is not None and step <= resume_step]
       tmp = path.with_name(path.name + ".tmp")
       tmp.write_text("".join(kept))
       os.replace(tmp, path)

@@ -42,7 +42,7 @@ FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 PREFIX = {"ViTForImageClassification": "vit.", "Dinov2ForImageClassification": "dinov2.",
           "Dinov2WithRegistersForImageClassification": "dinov2_with_registers.",
            "SiglipForImageClassification": "vision_model.", "SiglipVisionModel": "vision_model."}
-_BLOCK = "Transformer/encoderblock_"
+BLOCK = "Transformer/encoderblock_"  # the ViT's block path prefix
 
 
 def target(model: dict, *, has_head: bool) -> tuple[str, str]:
@@ -87,14 +87,14 @@ def _layer_scale(flat: dict, depth: int, *, keep: bool) -> dict:
   flat = dict(flat)
   for i in range(depth):
     for scale_name, layer in (("LayerScale_0", ATT + "out"), ("LayerScale_1", MLP + "Dense_1")):
-      path = f"{_BLOCK}{i}/{scale_name}/scale"
+      path = f"{BLOCK}{i}/{scale_name}/scale"
       scale = flat.pop(path, None)
       if keep:
-        width = flat[f"{_BLOCK}{i}/{layer}/bias"].shape[-1]
+        width = flat[f"{BLOCK}{i}/{layer}/bias"].shape[-1]
         flat[path] = np.ones(width, np.float32) if scale is None else scale
       elif scale is not None:  # s * (x W + b) = x (W s) + b s
         for leaf in ("kernel", "bias"):
-          flat[f"{_BLOCK}{i}/{layer}/{leaf}"] = flat[f"{_BLOCK}{i}/{layer}/{leaf}"] * scale
+          flat[f"{BLOCK}{i}/{layer}/{leaf}"] = flat[f"{BLOCK}{i}/{layer}/{leaf}"] * scale
   return flat
 
 
@@ -134,8 +134,8 @@ def _tensors(flat: dict, family: str, arch: str) -> dict[str, np.ndarray]:
       out[prefix + "head.probe"] = value
     elif name.startswith(MAP + ATT) and not name.endswith("/out"):  # torch packs q, k, v
       packed.setdefault(leaf, {})[name.rsplit("/", 1)[1]] = _to_torch(name, leaf, value)[1]
-    elif name.startswith(_BLOCK):
-      block, module = name[len(_BLOCK):].split("/", 1)
+    elif name.startswith(BLOCK):
+      block, module = name[len(BLOCK):].split("/", 1)
       hf_leaf, array = _to_torch(name, leaf, value)
       out[f"{prefix}{layer}.{block}.{FAMILY_BLOCK[family][module]}.{hf_leaf}"] = array
     else:

@@ -43,10 +43,10 @@ from hydra_jax.adapters import spec as spec_lib
 from hydra_jax.adapters import transform
 from hydra_jax.checkpoints import common, hf, hf_export
 from hydra_jax.checkpoints.hf import ATT, FAMILY_BLOCK, FAMILY_TOP, MAP, MLP
+from hydra_jax.checkpoints.hf_export import BLOCK as _BLOCK
 from hydra_jax.models import ARCHITECTURE_DEFAULTS
 
 FILES = ("adapter_config.json", "adapter_model.safetensors")
-_BLOCK = "Transformer/encoderblock_"
 _LINEAR_BLOCK = (ATT + "query", ATT + "key", ATT + "value", ATT + "out", MLP + "Dense_0",
                  MLP + "Dense_1")
 # (SigLIP's MAP head is a torch.nn.MultiheadAttention: it reads out_proj.weight directly, so a
@@ -201,7 +201,7 @@ def save_peft(directory, trainable, spec: spec_lib.AdapterSpec, base: common.Pre
 
 def _vit_module(module: str, key: str) -> str:
   """A transformers module name of any naming -> the ViT's module path."""
-  module = re.sub(r"^(vit|dinov2|dinov2_with_registers|vision_model)\.", "", module)
+  module = hf._PREFIX.sub("", module)
   m = _BLOCK_KEY.fullmatch(module)
   if m and m[2] in _BLOCK_ALIASES:
     return f"{_BLOCK}{m[1]}/{_BLOCK_ALIASES[m[2]]}"

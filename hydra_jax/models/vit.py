@@ -291,6 +291,8 @@ class ViT(nn.Module):
       raise ValueError(f"drop_path {self.drop_path} must be in [0, 1)")
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not a multiple of num_heads {self.num_heads}")
+    if self.num_registers < 0:
+      raise ValueError(f"num_registers must be >= 0; got {self.num_registers}")
     if "tok" in self.pool and not self.class_token:
       raise ValueError(f"pool={self.pool!r} needs class_token=True")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -298,8 +300,6 @@ class ViT(nn.Module):
     self.embedding = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", **kw)
     if self.class_token:
       self.cls = self.param("cls", nn.initializers.zeros, (1, 1, d), self.param_dtype)
-    if self.num_registers < 0:
-      raise ValueError(f"num_registers must be >= 0; got {self.num_registers}")
     if self.num_registers:
       self.registers = self.param("registers", nn.initializers.normal(0.02),
                                   (1, self.num_registers, d), self.param_dtype)
@@ -373,8 +373,7 @@ class ViT(nn.Module):
 # are run-time choices), with the ViT's defaults for files and runs that recorded fewer.
 ARCHITECTURE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ViT) if f.name in (
     "patch_size", "width", "depth", "mlp_dim", "num_heads", "posemb_grid", "class_token",
-    "num_registers", "pool",
-    "representation_size", "layer_scale", "ln_eps", "gelu_approximate")}
+    "num_registers", "pool", "representation_size", "layer_scale", "ln_eps", "gelu_approximate")}
 
 
 def param_count(tree) -> int:
