@@ -10,6 +10,11 @@ the same function):
 
   python -m hydra_jax.export /tmp/run/export/merged.safetensors --hf /tmp/run/export/hf
 
+or to a timm directory (``checkpoints.save_timm``; ``timm.create_model("local-dir:DIR",
+pretrained=True)`` loads it):
+
+  python -m hydra_jax.export /tmp/run/export/merged.safetensors --timm /tmp/run/export/timm
+
 A LoRA run's adapters and head convert to a Hugging Face PEFT adapter (``checkpoints.save_peft``),
 written beside its base model as transformers loads it:
 
@@ -112,19 +117,21 @@ def save_peft_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  """Converts a checkpoint (or a LoRA run) for transformers; ``argv`` without the program name."""
+  """Converts a checkpoint (or a LoRA run) for PyTorch; ``argv`` without the program name."""
   p = argparse.ArgumentParser(prog="python -m hydra_jax.export",
-                              description="Writes a checkpoint as a Hugging Face directory, or a "
-                              "LoRA run as a transformers base model plus a PEFT adapter.")
-  p.add_argument("source", help="with --hf: any checkpoint checkpoints.load reads (e.g. "
+                              description="Writes a checkpoint as a Hugging Face or timm "
+                              "directory, or a LoRA run as a transformers base model plus a PEFT "
+                              "adapter.")
+  p.add_argument("source", help="with --hf / --timm: any checkpoint checkpoints.load reads (e.g. "
                  "merged.safetensors); with --peft: a finished LoRA run's workdir")
   out = p.add_mutually_exclusive_group(required=True)
   out.add_argument("--hf", help="directory to write (an earlier export is replaced)")
+  out.add_argument("--timm", help="timm directory to write (an earlier export is replaced)")
   out.add_argument("--peft", help="directory to write base/ and lora/ into")
   p.add_argument("--dtype", default="float32", choices=checkpoints.hf_export.DTYPES,
                  help="tensor dtype of the model (with --peft: of base/; the adapter is float32)")
   p.add_argument("--labels", default=None, help="class names, comma-separated "
-                 "(default LABEL_i)")
+                 "(--hf default: LABEL_i)")
   p.add_argument("--transformers-version", default=None, help="--peft: write the module names "
                  "of this transformers version (default: the installed one)")
   args = p.parse_args(argv)
@@ -134,9 +141,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                          labels=labels, dtype=args.dtype)
     print(f"wrote {args.peft}/base ({arch}) and {args.peft}/lora (PEFT LoRA)")
     return
-  arch = checkpoints.save_hf(args.hf, checkpoints.load(args.source), labels=labels,
-                             dtype=args.dtype)
-  print(f"wrote {args.hf} ({arch})")
+  save, directory = (checkpoints.save_timm, args.timm) if args.timm else (checkpoints.save_hf,
+                                                                          args.hf)
+  arch = save(directory, checkpoints.load(args.source), labels=labels, dtype=args.dtype)
+  print(f"wrote {directory} ({arch})")
 
 
 if __name__ == "__main__":

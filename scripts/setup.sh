@@ -12,4 +12,5 @@ fi
 req=requirements.txt
 [ "${1:-}" = test ] && req=requirements-test.txt
 .venv/bin/pip install -q -r "$req"
+[ "${1:-}" = test ] && .venv/bin/pip install -q --no-deps -r requirements-test-nodeps.txt
 .venv/bin/pip install -q --no-deps -e .

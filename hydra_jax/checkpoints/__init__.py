@@ -1,6 +1,6 @@
 """Pre-trained ViT checkpoints: load (format auto-detected), convert, check strictly, save (also
-as a Hugging Face transformers directory: ``save_hf``); LoRA adapters to and from Hugging Face
-PEFT (``save_peft``, ``load_peft``).
+as a Hugging Face transformers directory: ``save_hf``; as a timm directory: ``save_timm``); LoRA
+adapters to and from Hugging Face PEFT (``save_peft``, ``load_peft``).
 
     pretrained = checkpoints.load("ViT-B_16.npz", num_classes=10, image_size=224)
     model = checkpoints.build_model(pretrained)
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pathlib
 
-from hydra_jax.checkpoints import google, hf, native
+from hydra_jax.checkpoints import google, hf, native, timm_vit
 from hydra_jax.checkpoints.common import (
     Pretrained,
     build_model,
@@ -22,16 +22,18 @@ from hydra_jax.checkpoints.common import (
 from hydra_jax.checkpoints.hf_export import save_hf
 from hydra_jax.checkpoints.native import save
 from hydra_jax.checkpoints.peft_lora import load_peft, save_peft
+from hydra_jax.checkpoints.timm_vit import save_timm
 
 FORMATS = (
     "hydra_jax safetensors (checkpoints.save)",
     "google-research/vision_transformer .npz",
     "big_vision .npz (also a two-tower SigLIP / LiT file's image tower)",
     "Hugging Face ViT/DINOv2/SigLIP directory (config.json + *.safetensors)",
+    "timm VisionTransformer directory (config.json + model.safetensors) or state-dict .safetensors",
 )
 
 __all__ = ["FORMATS", "Pretrained", "build_model", "check_tree", "expected_shapes", "load",
-           "load_peft", "save", "save_hf", "save_peft"]
+           "load_peft", "save", "save_hf", "save_peft", "save_timm"]
 
 
 def _read(path: pathlib.Path) -> Pretrained:
@@ -42,6 +44,8 @@ def _read(path: pathlib.Path) -> Pretrained:
     return native.load_native(path, meta)
   if (root := hf.hf_dir(path)) is not None:
     return hf.load_hf(root)
+  if (timm := timm_vit.timm_source(path)) is not None:
+    return timm_vit.load_timm(*timm)
   if path.is_file() and path.suffix == ".npz":
     arrays = google.read_npz(path)
     if google.is_vision_transformer(arrays):
@@ -57,8 +61,9 @@ def load(path, *, num_classes: int | None = None, reset_head: bool = False,
   """Loads a pre-trained ViT from any supported format into the ViT's param layout.
 
   Args:
-    path: a native ``.safetensors`` file, a Google / big_vision ``.npz``, or a Hugging Face
-      ViT / DINOv2 / SigLIP directory (or its ``model.safetensors``).
+    path: a native ``.safetensors`` file, a Google / big_vision ``.npz``, a Hugging Face
+      ViT / DINOv2 / SigLIP directory (or its ``model.safetensors``), or a timm
+      VisionTransformer directory (or its ``model.safetensors``, or a bare state dict).
     num_classes: give the params a zero-initialised (features, num_classes) head; the file's head
       is kept only if it already has that shape and ``reset_head`` is False.
     reset_head: discard the file's head (replaced by a zero head when ``num_classes`` is set).

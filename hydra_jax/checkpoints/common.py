@@ -79,7 +79,8 @@ def expected_shapes(model: Mapping, num_classes: int | None = None) -> dict:
 def infer_model(flat: Mapping[str, np.ndarray], source: str, **fields) -> dict:
   """ViT fields read off the shapes of a converted flat tree; ``fields`` add or override.
 
-  Heads come from the query kernel (D, H, Dh); the posemb grid is taken to be square.
+  Heads come from the query kernel (D, H, Dh); the posemb grid is taken to be square unless
+  ``fields`` give ``posemb_grid`` (checked against the position embedding either way).
   """
   def get(path):
     if path not in flat:
@@ -89,15 +90,17 @@ def infer_model(flat: Mapping[str, np.ndarray], source: str, **fields) -> dict:
   class_token = "cls" in flat
   grid_tokens = get("pos_embedding")[1] - int(class_token)
   side = math.isqrt(grid_tokens)
-  if side * side != grid_tokens:
-    raise ValueError(f"{source}: pos_embedding has {grid_tokens} grid tokens; expected a square")
+  grid = tuple(fields.get("posemb_grid", (side, side)))
+  if grid[0] * grid[1] != grid_tokens:
+    raise ValueError(f"{source}: pos_embedding has {grid_tokens} grid tokens; expected "
+                     f"{'a square' if 'posemb_grid' not in fields else grid}")
   pre_logits = flat.get("pre_logits/kernel")
   model = dict(
       patch_size=get("embedding/kernel")[0], width=get("embedding/kernel")[-1],
       depth=len({k.split("/")[1] for k in flat if k.startswith("Transformer/encoderblock_")}),
       mlp_dim=get(f"{block}/MlpBlock_0/Dense_0/kernel")[1],
       num_heads=get(f"{block}/MultiHeadDotProductAttention_0/query/kernel")[1],
-      posemb_grid=(side, side), class_token=class_token,
+      posemb_grid=grid, class_token=class_token,
       num_registers=flat["registers"].shape[1] if "registers" in flat else 0,
       pool="map" if "MAPHead_0/probe" in flat else "tok" if class_token else "gap",
       representation_size=None if pre_logits is None else pre_logits.shape[1],

@@ -105,9 +105,9 @@ def hf_dir(path: pathlib.Path) -> pathlib.Path | None:
   return root
 
 
-def _convert(name: str, leaf: str, value: np.ndarray, heads: int) -> tuple[str, np.ndarray]:
+def to_flax(name: str, leaf: str, value: np.ndarray, heads: int) -> tuple[str, np.ndarray]:
   """One torch tensor -> (flax path, array)."""
-  if leaf == "lambda1":
+  if leaf in ("lambda1", "gamma"):  # HF, timm LayerScale
     return f"{name}/scale", value
   if "LayerNorm" in name or name.endswith("encoder_norm"):
     return f"{name}/{'scale' if leaf == 'weight' else 'bias'}", value
@@ -140,15 +140,15 @@ def rename_key(key: str, value: np.ndarray, heads: int) -> list[tuple[str, np.nd
     return [(MAP + "probe", value)]
   if key.startswith("head.attention.in_proj_"):  # torch MultiheadAttention packs q, k, v
     leaf = key.rsplit("_", 1)[1]
-    return [_convert(f"{MAP}{ATT}{n}", leaf, part, heads)
+    return [to_flax(f"{MAP}{ATT}{n}", leaf, part, heads)
             for n, part in zip(("query", "key", "value"), np.split(value, 3), strict=True)]
   m = _BLOCK.fullmatch(key)
   if m and m.group(2) in _BLOCK_MODULES:
     name = f"Transformer/encoderblock_{m.group(1)}/{_BLOCK_MODULES[m.group(2)]}"
-    return [_convert(name, m.group(3), value, heads)]
+    return [to_flax(name, m.group(3), value, heads)]
   module, _, leaf = key.rpartition(".")
   if module in _TOP:
-    return [_convert(_TOP[module], leaf, value, heads)]
+    return [to_flax(_TOP[module], leaf, value, heads)]
   return [(key, value)]  # unknown keys pass through so the strict check reports them
 
 
@@ -164,7 +164,7 @@ def _normalisation(root: pathlib.Path, model_type: str) -> tuple[tuple, tuple]:
   return common.HALF, common.HALF  # ViTImageProcessor's default ([-1, 1])
 
 
-def _read(file: pathlib.Path) -> dict[str, np.ndarray]:
+def read_tensors(file: pathlib.Path) -> dict[str, np.ndarray]:
   """The tensors of one .safetensors file; floating ones as float32 (bf16 / fp16 files too).
 
   numpy knows bfloat16 once ``ml_dtypes`` (a jax dependency) is imported; the file is read on
@@ -188,7 +188,7 @@ def load_hf(root: pathlib.Path) -> common.Pretrained:
   heads = config["num_attention_heads"]
   flat = {}
   for file in sorted(root.glob("*.safetensors")):
-    for key, value in _read(file).items():
+    for key, value in read_tensors(file).items():
       if key.startswith(_TEXT_TOWER):
         continue
       flat.update(rename_key(key, value, heads))

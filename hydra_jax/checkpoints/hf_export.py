@@ -98,8 +98,8 @@ def _layer_scale(flat: dict, depth: int, *, keep: bool) -> dict:
   return flat
 
 
-def _to_torch(name: str, leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
-  """One ViT param (module name, leaf) -> (HF leaf, torch layout); the inverse of hf._convert."""
+def to_torch(name: str, leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+  """One ViT param (module name, leaf) -> (HF leaf, torch layout); the inverse of hf.to_flax."""
   if "LayerScale" in name:
     return "lambda1", value
   if "LayerNorm" in name or name.endswith("encoder_norm"):
@@ -133,13 +133,13 @@ def _tensors(flat: dict, family: str, arch: str) -> dict[str, np.ndarray]:
     elif path == MAP + "probe":
       out[prefix + "head.probe"] = value
     elif name.startswith(MAP + ATT) and not name.endswith("/out"):  # torch packs q, k, v
-      packed.setdefault(leaf, {})[name.rsplit("/", 1)[1]] = _to_torch(name, leaf, value)[1]
+      packed.setdefault(leaf, {})[name.rsplit("/", 1)[1]] = to_torch(name, leaf, value)[1]
     elif name.startswith(BLOCK):
       block, module = name[len(BLOCK):].split("/", 1)
-      hf_leaf, array = _to_torch(name, leaf, value)
+      hf_leaf, array = to_torch(name, leaf, value)
       out[f"{prefix}{layer}.{block}.{FAMILY_BLOCK[family][module]}.{hf_leaf}"] = array
     else:
-      hf_leaf, array = _to_torch(name, leaf, value)
+      hf_leaf, array = to_torch(name, leaf, value)
       module = FAMILY_TOP[family][name]
       out[("" if module == "classifier" else prefix) + f"{module}.{hf_leaf}"] = array
   for leaf, parts in packed.items():

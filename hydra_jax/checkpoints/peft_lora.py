@@ -263,7 +263,7 @@ def _saved_module(name: str, key: str, value: np.ndarray,
   if leaf not in ("weight", "bias"):
     raise ValueError(f"PEFT tensor {key} is neither a LoRA factor (lora_A / lora_B) nor a weight "
                      "or bias of a saved module; hydra_jax reads LoRA adapters only")
-  return [hf._convert(_vit_module(module, key), leaf, value, heads)]
+  return [hf.to_flax(_vit_module(module, key), leaf, value, heads)]
 
 
 def load_peft(directory, base: common.Pretrained) -> tuple[dict, spec_lib.AdapterSpec]:
@@ -295,7 +295,7 @@ def load_peft(directory, base: common.Pretrained) -> tuple[dict, spec_lib.Adapte
   spec_scaling = alpha / rank
   heads = {**ARCHITECTURE_DEFAULTS, **base.model}["num_heads"]
   factors, params, modules = {}, {}, []
-  for key, value in hf._read(root / FILES[1]).items():
+  for key, value in hf.read_tensors(root / FILES[1]).items():
     name = key.removeprefix(_PEFT_PREFIX)
     m = _LORA_KEY.fullmatch(name)
     if m and (m[3] == "weight" or m[2] == "B"):  # lora_bias: the bias after B is b

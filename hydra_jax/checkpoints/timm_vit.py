@@ -1,0 +1,377 @@
+"""timm ``VisionTransformer`` checkpoints, both ways.
+
+Read: a timm Hub directory (``config.json`` naming an ``architecture``, and ``model.safetensors``:
+what ``timm`` downloads and ``push_to_hub`` / ``save_for_hf`` write), or a bare state-dict
+``.safetensors`` file (``patch_embed.proj.weight``, ``blocks.0.attn.qkv.weight``, ...). Write
+(``save_timm``): such a directory, which PyTorch loads with
+``timm.create_model("local-dir:DIR", pretrained=True)``.
+
+Names: ``cls_token`` -> cls, ``reg_token`` -> registers, ``pos_embed`` -> pos_embedding,
+``patch_embed.proj`` -> embedding, ``blocks.i.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2,
+mlp.fc1, mlp.fc2, ls2.gamma}`` -> block i's LayerNorm_0, query/key/value (packed in that order
+along qkv's output), out, LayerScale_0, LayerNorm_1, Dense_0, Dense_1, LayerScale_1; ``norm`` ->
+encoder_norm, ``head`` -> head; ``attn_pool.{latent, q, kv, proj, norm, mlp}`` -> MAPHead_0's
+probe, query, key/value (packed), out, LayerNorm_0, MlpBlock_0.
+
+Position embeddings: timm's ``no_embed_class`` models add theirs to the patch tokens only (their
+class token gets a zero entry here); the others also hold entries for the class token and the
+registers (a register's entry is a constant: it is added into the register token). Pools:
+"token" -> "tok", "avg" -> "gap" (both leave the class token and registers out), "map" -> "map";
+timm's MAP head reads the patch tokens only unless ``pool_include_prefix``, hydra_jax's reads every
+token, so a MAP head over a model with a class token or registers needs it.
+
+The tensors do not say the head count, exact or tanh GELU, the LayerNorm eps or the pooling; timm
+takes them from the architecture. Here they come from ``config.json``'s ``model_args`` first, then
+``timm_architectures.json`` (every architecture of timm's registry this ViT computes exactly, as
+``scripts/timm_architectures.py`` read it), else timm's defaults with a warning naming each
+(64-wide heads, exact GELU, eps 1e-6, pool "token" with a class token, "avg" without).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import pathlib
+import re
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from hydra_jax.checkpoints import common, hf, hf_export
+from hydra_jax.checkpoints.hf import ATT, MAP, MLP
+from hydra_jax.models import ARCHITECTURE_DEFAULTS
+
+ARCHITECTURES = pathlib.Path(__file__).with_name("timm_architectures.json")
+WEIGHTS = "model.safetensors"
+FILES = ("config.json", WEIGHTS)
+# The timm architecture whose entrypoint ``save_timm`` names; its model_args override every field.
+EXPORT_ARCHITECTURE = "vit_base_patch16_224"
+TIMM_LN_EPS = 1e-6  # timm's VisionTransformer LayerNorm (not configurable from a config file)
+POOLS = {"token": "tok", "avg": "gap", "map": "map"}
+_ACTS = {"gelu": False, "gelu_tanh": True}  # timm act_layer name -> gelu_approximate
+_UNSUPPORTED = {  # a key fragment -> the timm feature hydra_jax's ViT does not compute
+    "norm_pre.": "pre_norm (a LayerNorm before the blocks, as CLIP has)",
+    "fc_norm.": "fc_norm (a LayerNorm after the pooling)",
+    "dist_token": "a distillation token (DeiT distilled)",
+    "head_dist.": "a distillation head (DeiT distilled)",
+    ".q_norm.": "qk_norm", ".k_norm.": "qk_norm",
+    ".attn.norm.": "scale_attn_norm", ".mlp.norm.": "scale_mlp_norm",
+    ".mlp.fc1_g.": "a gated MLP (SwiGLU / GeGLU)", ".mlp.fc1_x.": "a gated MLP (SwiGLU / GeGLU)",
+    "patch_embed.norm.": "a patch-embedding norm", "patch_embed.backbone.": "a hybrid CNN stem",
+    "attn_pool.pos_embed": "a position embedding in the MAP head",
+}
+_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias|gamma)")
+_BLOCK_MODULES = {"norm1": "LayerNorm_0", "attn.proj": ATT + "out", "ls1": "LayerScale_0",
+                  "norm2": "LayerNorm_1", "mlp.fc1": MLP + "Dense_0", "mlp.fc2": MLP + "Dense_1",
+                  "ls2": "LayerScale_1"}
+_TOP = {"patch_embed.proj": "embedding", "norm": "Transformer/encoder_norm", "head": "head",
+        "attn_pool.q": MAP + ATT + "query", "attn_pool.proj": MAP + ATT + "out",
+        "attn_pool.norm": MAP + "LayerNorm_0", "attn_pool.mlp.fc1": MAP + MLP + "Dense_0",
+        "attn_pool.mlp.fc2": MAP + MLP + "Dense_1"}
+_PACKED = {"attn.qkv": ("query", "key", "value"), "attn_pool.kv": ("key", "value")}
+_TIMM_MODULES = {**{v: k for k, v in _BLOCK_MODULES.items()}, **{v: k for k, v in _TOP.items()}}
+
+
+@functools.cache
+def architectures() -> dict[str, dict]:
+  """timm architecture -> the fields its tensors do not record (``timm_architectures.json``)."""
+  return json.loads(ARCHITECTURES.read_text())["architectures"]
+
+
+def _config(root: pathlib.Path) -> dict | None:
+  """A timm ``config.json`` in ``root`` (one naming an ``architecture``), else None."""
+  file = root / "config.json"
+  if not file.is_file():
+    return None
+  config = json.loads(file.read_text())
+  return config if "architecture" in config and "model_type" not in config else None
+
+
+def timm_source(path: pathlib.Path) -> tuple[pathlib.Path, dict | None] | None:
+  """(weights file, its config.json or None) when ``path`` is a timm checkpoint, else None.
+
+  Raises:
+    ValueError: a timm directory without ``model.safetensors``.
+  """
+  if path.is_dir():
+    if (config := _config(path)) is None:
+      return None
+    if not (path / WEIGHTS).is_file():
+      raise ValueError(f"{path}: a timm directory without {WEIGHTS} (hydra_jax reads no torch "
+                       "pickles: convert pytorch_model.bin with safetensors.torch.save_file)")
+    return path / WEIGHTS, config
+  if path.suffix != ".safetensors":
+    return None
+  if (config := _config(path.parent)) is not None:
+    return path, config
+  with safe_open(str(path), "np") as f:
+    return (path, None) if "patch_embed.proj.weight" in f.keys() else None  # noqa: SIM118
+
+
+def _fields(config: dict | None, width: int, class_token: bool, has_head: bool,
+            source: str) -> dict:
+  """num_heads, gelu_approximate, ln_eps, pool, pool_include_prefix, no_embed_class (None: infer
+  from the shapes) and img_size (None: unknown) of the timm model, by the rule in the docstring."""
+  args = dict((config or {}).get("model_args") or {})
+  if config and "global_pool" in config:
+    args.setdefault("global_pool", config["global_pool"])
+  row = architectures().get(config["architecture"], {}) if config else {}
+  act = args.get("act_layer")
+  if act is None and "gelu" in row:
+    act = "gelu_tanh" if row["gelu"] == "tanh" else "gelu"
+  if act is not None and act not in _ACTS:
+    raise ValueError(f"{source}: timm act_layer {act!r} is not supported; expected one of "
+                     f"{tuple(_ACTS)}")
+  pool = args.get("global_pool", row.get("global_pool"))
+  assumed = []
+  if "num_heads" not in args and "num_heads" not in row:
+    assumed.append(f"num_heads={width // 64} (64-wide heads)")
+  if act is None:
+    assumed.append("exact GELU")
+  if pool is None:
+    pool = "token" if class_token else "avg"
+    assumed.append(f"global_pool={pool!r}")
+  if assumed:
+    what = (f"architecture {config['architecture']!r} is not one of timm's that hydra_jax knows"
+            if config else "no timm config.json beside it")
+    logging.warning("%s: %s; assuming timm's defaults: %s", source, what, ", ".join(assumed))
+  if pool not in POOLS and (pool != "" or has_head):  # "": every token out, no head
+    raise ValueError(f"{source}: timm global_pool {pool!r} is not supported; expected one of "
+                     f"{tuple(POOLS)} ('' only without a head)")
+  size = args.get("img_size") or ((config or {}).get("pretrained_cfg") or {}).get(
+      "input_size", [None])[1:] or None
+  return dict(
+      num_heads=args.get("num_heads", row.get("num_heads", width // 64)),
+      gelu_approximate=_ACTS[act or "gelu"], ln_eps=row.get("ln_eps", TIMM_LN_EPS),
+      pool=POOLS.get(pool, "tok" if class_token else "gap"),  # "": pooled for a new head
+      pool_include_prefix=bool(args.get("pool_include_prefix",
+                                        row.get("pool_include_prefix", False))),
+      no_embed_class=args.get("no_embed_class", row.get("no_embed_class")),
+      img_size=None if size is None else tuple(np.broadcast_to(size, 2).tolist()))
+
+
+def _rename(key: str, value: np.ndarray, heads: int) -> list[tuple[str, np.ndarray]]:
+  """One timm tensor -> its (ViT path, array) pairs; unknown keys pass through for the check."""
+  if key in ("cls_token", "reg_token", "pos_embed"):
+    return [(key, value)]  # placed by _position
+  if key == "attn_pool.latent":
+    return [(MAP + "probe", value)]
+  block = _BLOCK.fullmatch(key)
+  module, _, leaf = key.rpartition(".")
+  if block:
+    module, leaf = block.group(2), block.group(3)
+  prefix = f"{hf_export.BLOCK}{block.group(1)}/" if block else ""
+  if module in _PACKED:
+    base = prefix + (ATT if block else MAP + ATT)
+    names = _PACKED[module]
+    return [hf.to_flax(base + n, leaf, part, heads)
+            for n, part in zip(names, np.split(value, len(names)), strict=True)]
+  if block and module in _BLOCK_MODULES:
+    return [hf.to_flax(prefix + _BLOCK_MODULES[module], leaf, value, heads)]
+  if not block and module in _TOP:
+    return [hf.to_flax(_TOP[module], leaf, value, heads)]
+  return [(key, value)]
+
+
+def _square(n: int) -> bool:
+  return n >= 1 and math.isqrt(n) ** 2 == n
+
+
+def _position(flat: dict, no_embed_class: bool | None, grid_tokens: int | None,
+              source: str) -> dict:
+  """Places timm's class token, registers and position embedding as the ViT holds them.
+
+  Whether the position embedding has entries for the class token and registers is, unless
+  given, read off its length: against ``grid_tokens`` when the image size is known, else as
+  whichever of (with, without) leaves a square patch grid (with, timm's default, when both do).
+  """
+  pos = flat.pop("pos_embed", None)
+  if pos is None:
+    raise ValueError(f"{source}: no pos_embed (a timm model without a learned position "
+                     "embedding is not supported)")
+  cls = flat.pop("cls_token", None)
+  registers = flat.pop("reg_token", None)
+  num_cls = 0 if cls is None else 1
+  prefix = num_cls + (0 if registers is None else registers.shape[1])
+  if no_embed_class is None and grid_tokens is not None:
+    no_embed_class = bool(prefix) and pos.shape[1] == grid_tokens
+  elif no_embed_class is None:
+    no_embed_class = bool(prefix) and _square(pos.shape[1]) and not _square(pos.shape[1] - prefix)
+  if no_embed_class:
+    pos = np.concatenate([np.zeros((1, prefix, pos.shape[-1]), pos.dtype), pos], axis=1)
+  if registers is not None:
+    flat["registers"] = registers + pos[:, num_cls:prefix]
+  if cls is not None:
+    flat["cls"] = cls
+  flat["pos_embedding"] = np.concatenate([pos[:, :num_cls], pos[:, prefix:]], axis=1)
+  return flat
+
+
+def load_timm(weights: pathlib.Path, config: dict | None) -> common.Pretrained:
+  """A timm state dict (and its config.json, if any) -> ``Pretrained`` (not yet finalized)."""
+  source = str(weights.parent if config else weights)
+  tensors = hf.read_tensors(weights)
+  for key in tensors:
+    for fragment, feature in _UNSUPPORTED.items():
+      if fragment in key:
+        raise ValueError(f"{source}: {key!r} belongs to {feature}, which hydra_jax's ViT does "
+                         "not compute")
+  if "patch_embed.proj.weight" not in tensors:
+    raise ValueError(f"{source}: no 'patch_embed.proj.weight'; expected a timm VisionTransformer")
+  width = tensors["patch_embed.proj.weight"].shape[0]
+  fields = _fields(config, width, "cls_token" in tensors, "head.weight" in tensors, source)
+  heads = fields["num_heads"]
+  flat = {}
+  for key, value in tensors.items():
+    flat.update(_rename(key, value, heads))
+  for path in [k for k in flat if k.endswith(f"{ATT}query/kernel")]:  # qkv_bias=False
+    for name in ("query", "key", "value"):
+      flat.setdefault(path.replace("query/kernel", f"{name}/bias"),
+                      np.zeros((heads, width // heads), np.float32))
+  patch = flat["embedding/kernel"].shape[0]
+  grid = None if fields["img_size"] is None else tuple(s // patch for s in fields["img_size"])
+  flat = _position(flat, fields["no_embed_class"], grid and grid[0] * grid[1], source)
+  if fields["pool"] == "map" and ("cls" in flat or "registers" in flat) and not fields[
+      "pool_include_prefix"]:
+    raise ValueError(f"{source}: timm's MAP head here reads only the patch tokens "
+                     "(pool_include_prefix=False); hydra_jax's reads the class token and registers "
+                     "too")
+  extra = {}
+  if grid is not None and grid[0] * grid[1] == flat["pos_embedding"].shape[1] - int("cls" in flat):
+    extra["posemb_grid"] = grid
+  model = common.infer_model(flat, source, ln_eps=fields["ln_eps"], pool=fields["pool"],
+                             gelu_approximate=fields["gelu_approximate"], **extra)
+  pretrained = ((config or {}).get("pretrained_cfg") or {})
+  if "mean" in pretrained and "std" in pretrained:
+    mean, std = tuple(pretrained["mean"]), tuple(pretrained["std"])
+  else:
+    logging.warning("%s: no mean/std recorded; assuming timm's ViT default 0.5 / 0.5", source)
+    mean = std = common.HALF
+  return common.Pretrained(traverse_util.unflatten_dict(flat, sep="/"), model, mean, std,
+                           f"timm:{source}")
+
+
+def _model_args(model: dict, num_classes: int | None) -> dict:
+  """timm VisionTransformer arguments computing ``ViT(**model)``."""
+  pool = {v: k for k, v in POOLS.items()}.get(model["pool"])
+  if pool is None:
+    raise ValueError(f"timm has no pool {model['pool']!r}; export a model pooled 'tok', 'gap' "
+                     "or 'map'")
+  if model.get("representation_size"):
+    raise ValueError("timm's VisionTransformer has no pre_logits layer (representation_size="
+                     f"{model['representation_size']}); load with drop_pre_logits=True first")
+  width, mlp = model["width"], model["mlp_dim"]
+  ratio = mlp / width
+  if int(width * ratio) != mlp:  # timm builds int(width * mlp_ratio) hidden units
+    ratio = (mlp + 0.5) / width
+  p, (gh, gw) = model["patch_size"], model["posemb_grid"]
+  prefix = int(model["class_token"]) + model.get("num_registers", 0)
+  return dict(
+      img_size=gh * p if gh == gw else [gh * p, gw * p], patch_size=p, embed_dim=width,
+      depth=model["depth"], num_heads=model["num_heads"], mlp_ratio=ratio, qkv_bias=True,
+      class_token=model["class_token"], reg_tokens=model.get("num_registers", 0),
+      no_embed_class=False, global_pool=pool, fc_norm=False, pre_norm=False,
+      init_values=1.0 if model["layer_scale"] else None,
+      act_layer="gelu_tanh" if model["gelu_approximate"] else "gelu",
+      pool_include_prefix=pool == "map" and prefix > 0, num_classes=num_classes or 0)
+
+
+def _tensors(flat: dict, model: dict) -> dict[str, np.ndarray]:
+  """The ViT's flat params -> timm's state dict."""
+  out, packed = {}, {}
+  num_cls = int(model["class_token"])
+  width = flat["embedding/kernel"].shape[-1]
+  registers = model.get("num_registers", 0)
+  for path, value in flat.items():
+    name, _, leaf = path.rpartition("/")
+    if path in ("cls", "registers", "pos_embedding"):
+      continue
+    if path == MAP + "probe":
+      out["attn_pool.latent"] = value
+      continue
+    torch_leaf, array = hf_export.to_torch(name, leaf, value)
+    torch_leaf = "gamma" if torch_leaf == "lambda1" else torch_leaf
+    block, module = "", name
+    if name.startswith(hf_export.BLOCK):
+      index, module = name[len(hf_export.BLOCK):].split("/", 1)
+      block = f"blocks.{index}."
+    part = module.rpartition("/")[2]
+    if part in ("query", "key", "value"):  # timm packs q, k, v (the MAP head: k, v)
+      if block or part != "query":
+        target = f"{block}attn.qkv" if block else "attn_pool.kv"
+        packed.setdefault(f"{target}.{torch_leaf}", {})[part] = array
+      else:
+        out[f"attn_pool.q.{torch_leaf}"] = array
+      continue
+    out[f"{block}{_TIMM_MODULES[module]}.{torch_leaf}"] = array
+  for key, parts in packed.items():
+    out[key] = np.concatenate([parts[n] for n in ("query", "key", "value") if n in parts])
+  pos = flat["pos_embedding"]
+  out["pos_embed"] = np.concatenate(
+      [pos[:, :num_cls], np.zeros((1, registers, width), pos.dtype), pos[:, num_cls:]], axis=1)
+  if num_cls:
+    out["cls_token"] = flat["cls"]
+  if registers:
+    out["reg_token"] = flat["registers"]
+  return out
+
+
+def save_timm(directory, pretrained: common.Pretrained, *, labels: Sequence[str] | None = None,
+              dtype: str = "float32") -> str:
+  """Writes ``pretrained`` (e.g. a merged fine-tune) as a timm directory.
+
+  ``timm.create_model("local-dir:DIR", pretrained=True)`` builds timm's VisionTransformer from
+  ``config.json`` (``architecture`` is timm's ``vit_base_patch16_224`` entrypoint; ``model_args``
+  give every field) and loads ``model.safetensors`` into it.
+
+  Args:
+    directory: the directory to write; an earlier export there is replaced.
+    pretrained: params in the ViT layout and the model fields describing them.
+    labels: class names (``label_names``), one per head output.
+    dtype: tensor dtype in the file, one of ``hf_export.DTYPES``.
+
+  Returns:
+    The architecture written to ``config.json``.
+
+  Raises:
+    ValueError: a model timm's VisionTransformer does not compute ("tok+gap" pooling, a
+      pre_logits layer), or a bad ``labels`` / ``dtype``.
+  """
+  if dtype not in hf_export.DTYPES:
+    raise ValueError(f"unknown dtype {dtype!r}; expected one of {hf_export.DTYPES}")
+  flat = {k: np.asarray(v, np.float32)
+          for k, v in traverse_util.flatten_dict(pretrained.params, sep="/").items()}
+  model = {**ARCHITECTURE_DEFAULTS, **pretrained.model}
+  num_classes = flat["head/kernel"].shape[-1] if "head/kernel" in flat else None
+  args = _model_args(model, num_classes)
+  if labels is not None and (num_classes is None or len(labels) != num_classes):
+    raise ValueError(f"labels has {len(labels)} names; the model has "
+                     f"{num_classes or 'no'} head outputs")
+  if model["ln_eps"] != TIMM_LN_EPS:
+    logging.warning("timm's VisionTransformer normalises with LayerNorm eps %g; this model's is "
+                    "%g (outputs differ in the last digits)", TIMM_LN_EPS, model["ln_eps"])
+  h, w = model["posemb_grid"][0] * args["patch_size"], model["posemb_grid"][1] * args["patch_size"]
+  config = dict(
+      architecture=EXPORT_ARCHITECTURE, num_classes=num_classes or 0, num_features=model["width"],
+      global_pool=args["global_pool"], model_args=args,
+      pretrained_cfg=dict(input_size=[3, h, w], fixed_input_size=True, interpolation="bicubic",
+                          crop_pct=1.0, crop_mode="center", mean=list(pretrained.mean),
+                          std=list(pretrained.std), num_classes=num_classes or 0,
+                          first_conv="patch_embed.proj", classifier="head"))
+  if labels is not None:
+    config["label_names"] = list(labels)
+  tensors = {k: np.ascontiguousarray(v.astype(jnp.dtype(dtype)))
+             for k, v in _tensors(flat, model).items()}
+
+  def write(tmp: pathlib.Path) -> None:
+    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+  hf_export.write_dir(directory, FILES, write)
+  return EXPORT_ARCHITECTURE

@@ -1,0 +1,89 @@
+"""Writes hydra_jax/checkpoints/timm_architectures.json from the installed timm's registry.
+
+A timm checkpoint's tensors do not record the head count, the GELU variant, the LayerNorm eps or
+the pooling; timm takes them from the architecture's name. This lists, for every registered
+architecture whose model hydra_jax's ViT computes exactly (timm's VisionTransformer with plain
+blocks, a learned position embedding, an MLP with exact or tanh GELU, no pre-norm, fc_norm, q/k
+norm or patch-embedding norm), the fields the loader cannot read off the tensors. Each model is
+built on torch's meta device (no memory, no weights): about five minutes for timm 1.0.
+
+  pip install --no-deps timm && python scripts/timm_architectures.py
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+from timm_import import import_timm  # noqa: E402
+
+OUT = pathlib.Path(__file__).resolve().parents[1] / "hydra_jax/checkpoints/timm_architectures.json"
+
+
+def _identity(module) -> bool:
+  return module is None or isinstance(module, nn.Identity)
+
+
+def describe(model, timm) -> dict | None:
+  """The loader's fields of a timm model, or None when hydra_jax's ViT cannot compute it."""
+  from timm.layers import AttentionPoolLatent, GELUTanh, Mlp, PatchEmbed
+  from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+  if type(model) is not VisionTransformer or type(model.patch_embed) is not PatchEmbed:
+    return None
+  if model.pos_embed is None or not _identity(model.patch_embed.norm):
+    return None
+  if not (_identity(model.norm_pre) and _identity(model.fc_norm)) or _identity(model.norm):
+    return None
+  block = model.blocks[0]
+  if type(block) is not Block or type(block.attn) is not Attention or type(block.mlp) is not Mlp:
+    return None
+  if not all(_identity(m) for m in (block.attn.q_norm, block.attn.k_norm, block.attn.norm,
+                                    block.mlp.norm)):
+    return None
+  act = type(block.mlp.act)
+  if act is GELUTanh or (act is nn.GELU and block.mlp.act.approximate == "tanh"):
+    gelu = "tanh"
+  elif act is nn.GELU and block.mlp.act.approximate == "none":
+    gelu = "exact"
+  else:
+    return None
+  if not all(isinstance(n, nn.LayerNorm) for n in (block.norm1, block.norm2, model.norm)):
+    return None  # timm's LayerNorm subclasses nn.LayerNorm (same function)
+  pool = model.global_pool
+  if model.attn_pool is not None:
+    head = model.attn_pool
+    if (type(head) is not AttentionPoolLatent or head.pos_embed is not None or head.latent_len != 1
+        or head.mlp is None or not _identity(head.q_norm) or _identity(head.q)):
+      return None
+  elif pool not in ("token", "avg", ""):
+    return None
+  return dict(num_heads=block.attn.num_heads, gelu=gelu, ln_eps=block.norm1.eps,
+              global_pool=pool, pool_include_prefix=bool(model.pool_include_prefix),
+              no_embed_class=bool(model.no_embed_class))
+
+
+def main() -> None:
+  timm = import_timm()
+  table = {}
+  for name in timm.list_models():
+    try:
+      with torch.device("meta"):
+        model = timm.create_model(name)
+    except Exception as e:  # a few entrypoints need extra packages or arguments
+      print(f"skipped {name}: {type(e).__name__}: {e}", file=sys.stderr)
+      continue
+    if (row := describe(model, timm)) is not None:
+      table[name] = row
+  OUT.write_text(json.dumps({"timm": timm.__version__, "architectures": table}, indent=0,
+                            sort_keys=True) + "\n")
+  print(f"{len(table)} architectures from timm {timm.__version__} -> {OUT}")
+
+
+if __name__ == "__main__":
+  main()

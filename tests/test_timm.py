@@ -1,0 +1,221 @@
+"""timm format: directories timm itself writes (``save_for_hf``, its Hub layout) and bare state
+dicts load and compute timm's logits; ``save_timm`` directories load in timm
+(``create_model("local-dir:...")``) and compute the ViT's; timm models the ViT does not compute
+are refused by name."""
+
+import json
+import logging
+
+import jax
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file as save_torch
+from timm_import import import_timm
+
+from hydra_jax import checkpoints, export
+from hydra_jax.checkpoints import timm_vit
+from hydra_jax.models import ViT
+
+timm = import_timm()
+
+
+def _timm(name: str, seed: int = 0, **kwargs):
+  """timm's ``name`` built with ``kwargs``, every param random (norms and layer scales too)."""
+  torch.manual_seed(seed)
+  model = timm.create_model(name, pretrained=False, **kwargs).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.normal_(0.0, 0.1)
+  return model
+
+
+def _images(model_or_hw, batch: int = 2) -> np.ndarray:
+  h, w = model_or_hw if isinstance(model_or_hw, tuple) else model_or_hw.patch_embed.img_size
+  return np.random.default_rng(1).normal(size=(batch, h, w, 3)).astype(np.float32)
+
+
+def _timm_logits(model, images):
+  with torch.no_grad():
+    return model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+
+
+def _ours(pre, images):
+  return np.asarray(checkpoints.build_model(pre).apply({"params": pre.params}, images))
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _save_for_hf(model, path):
+  timm.models.save_for_hf(model, str(path), safe_serialization=True)
+  return path
+
+
+# name, create_model kwargs, what the case covers
+HUB_CASES = {
+    "vit_tiny": ("vit_tiny_patch16_224", dict(img_size=32, depth=2, num_classes=5)),
+    # 16 heads of 48 (the 64-wide rule would give 12): only the architecture table knows
+    "vit_base_gap": ("vit_base_patch16_gap_224", dict(img_size=32, depth=1, num_classes=3)),
+    # no_embed_class position embedding, 4 registers, LayerScale, no head
+    "dinov2_reg4": ("vit_small_patch14_reg4_dinov2", dict(img_size=28, depth=1, num_classes=0)),
+    "siglip_map": ("vit_base_patch16_siglip_224", dict(img_size=32, depth=1, num_classes=3)),
+    "siglip2_tanh_gelu": ("vit_base_patch32_siglip_256", dict(img_size=64, depth=1, num_classes=2)),
+    # registers with position-embedding entries, a non-square grid, no q/k/v biases, LayerScale
+    "registers_embed_class": ("vit_tiny_patch16_224", dict(
+        img_size=(32, 48), depth=1, num_classes=3, reg_tokens=2, qkv_bias=False,
+        init_values=0.5)),
+    # a MAP head over the class token too
+    "map_include_prefix": ("vit_tiny_patch16_224", dict(
+        img_size=32, depth=1, num_classes=3, global_pool="map", pool_include_prefix=True)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HUB_CASES))
+def test_timm_directory_loads_and_computes_timms_logits(case, tmp_path):
+  name, kwargs = HUB_CASES[case]
+  model = _timm(name, **kwargs)
+  pre = checkpoints.load(_save_for_hf(model, tmp_path / "timm"))
+  images = _images(model)
+  assert _rel(_ours(pre, images), _timm_logits(model, images)) < 1e-5
+  assert pre.model["num_heads"] == model.blocks[0].attn.num_heads
+  assert pre.mean == tuple(model.pretrained_cfg["mean"])
+
+
+def test_architecture_table_fields_match_timm():
+  """A sample of the generated table checked against the installed timm's own models."""
+  table = timm_vit.architectures()
+  for name in ("vit_base_patch16_224", "vit_huge_patch14_224", "vit_so400m_patch14_siglip_224",
+               "vit_base_patch32_siglip_256", "vit_small_patch14_reg4_dinov2",
+               "vit_base_patch16_gap_224", "deit3_small_patch16_224"):
+    with torch.device("meta"):
+      model = timm.create_model(name)
+    row = table[name]
+    block = model.blocks[0]
+    assert row["num_heads"] == block.attn.num_heads, name
+    assert row["ln_eps"] == block.norm1.eps, name
+    assert row["global_pool"] == model.global_pool, name
+    assert row["no_embed_class"] == model.no_embed_class, name
+    assert (row["gelu"] == "tanh") == (type(block.mlp.act).__name__ == "GELUTanh"
+                                       or getattr(block.mlp.act, "approximate", "") == "tanh")
+  assert "vit_base_patch16_clip_224" not in table  # pre_norm: not computed by the ViT
+
+
+def test_bare_state_dict_loads_with_timms_defaults_and_says_so(tmp_path, caplog):
+  model = _timm("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=4, embed_dim=128,
+                num_heads=2)
+  file = tmp_path / "weights.safetensors"
+  save_torch(model.state_dict(), str(file))
+  with caplog.at_level(logging.WARNING):
+    pre = checkpoints.load(file)
+  assert "num_heads=2" in caplog.text and "exact GELU" in caplog.text
+  images = _images(model)
+  assert _rel(_ours(pre, images), _timm_logits(model, images)) < 1e-5
+
+
+REFUSED = {
+    "pre_norm": ("vit_base_patch16_clip_224", dict(img_size=32, depth=1), "pre_norm"),
+    "fc_norm": ("vit_tiny_patch16_224", dict(img_size=32, depth=1, global_pool="avg",
+                                             fc_norm=True), "fc_norm"),
+    "distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, depth=1), "distillation"),
+    "map_patches_only": ("vit_tiny_patch16_224", dict(img_size=32, depth=1, global_pool="map"),
+                         "pool_include_prefix"),
+    "quick_gelu": ("vit_tiny_patch16_224", dict(img_size=32, depth=1, act_layer="quick_gelu"),
+                   "quick_gelu"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_timm_models_the_vit_does_not_compute_are_refused_by_name(case, tmp_path):
+  name, kwargs, message = REFUSED[case]
+  path = _save_for_hf(_timm(name, **kwargs), tmp_path / "timm")
+  with pytest.raises(ValueError, match=message):
+    checkpoints.load(path)
+
+
+def test_timm_directory_without_safetensors_is_refused(tmp_path):
+  model = _timm("vit_tiny_patch16_224", img_size=32, depth=1)
+  timm.models.save_for_hf(model, str(tmp_path), safe_serialization=False)  # pytorch_model.bin
+  with pytest.raises(ValueError, match="without model.safetensors"):
+    checkpoints.load(tmp_path)
+
+
+TINY = dict(patch_size=4, width=32, depth=2, mlp_dim=64, num_heads=4, posemb_grid=(4, 4))
+EXPORTS = {  # ViT fields, head classes
+    "tok": (dict(pool="tok"), 3),
+    "gap_no_class_token": (dict(pool="gap", class_token=False), 3),
+    "map": (dict(pool="map", class_token=False, gelu_approximate=True), 3),
+    "map_over_class_token": (dict(pool="map"), 3),
+    "registers_layer_scale": (dict(pool="gap", num_registers=3, layer_scale=True), 3),
+    "non_square_no_head": (dict(pool="tok", posemb_grid=(3, 5), mlp_dim=72), None),
+}
+
+
+def _pretrained(fields: dict, num_classes, seed: int = 0) -> checkpoints.Pretrained:
+  model = dict(TINY, **fields)
+  gh, gw = model["posemb_grid"]
+  variables = ViT(num_classes=num_classes, **model).init(
+      jax.random.key(0), np.zeros((1, 4 * gh, 4 * gw, 3), np.float32))
+  leaves, tree = jax.tree.flatten(variables["params"])
+  rng = np.random.default_rng(seed)
+  params = jax.tree.unflatten(
+      tree, [rng.normal(size=x.shape).astype(np.float32) * 0.2 for x in leaves])
+  return checkpoints.Pretrained(params, model, (0.5, 0.4, 0.3), (0.2, 0.3, 0.4), "test")
+
+
+def _load_in_timm(path):
+  model = timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+  return model
+
+
+@pytest.mark.parametrize("case", sorted(EXPORTS))
+def test_save_timm_loads_in_timm_and_computes_the_vits_function(case, tmp_path):
+  fields, num_classes = EXPORTS[case]
+  pre = _pretrained(fields, num_classes)
+  assert checkpoints.save_timm(tmp_path / "out", pre) == timm_vit.EXPORT_ARCHITECTURE
+  model = _load_in_timm(tmp_path / "out")
+  gh, gw = pre.model["posemb_grid"]
+  images = _images((4 * gh, 4 * gw))
+  assert _rel(_timm_logits(model, images), _ours(pre, images)) < 1e-5
+  assert tuple(model.pretrained_cfg["mean"]) == pre.mean
+  back = checkpoints.load(tmp_path / "out")  # and hydra_jax reads its own export back
+  assert _rel(_ours(back, images), _ours(pre, images)) < 1e-6
+  assert back.model["posemb_grid"] == (gh, gw)
+
+
+def test_save_timm_of_a_hf_eps_model_warns_and_stays_close(tmp_path, caplog):
+  pre = _pretrained(dict(pool="tok", ln_eps=1e-12), 3)
+  with caplog.at_level(logging.WARNING):
+    checkpoints.save_timm(tmp_path / "out", pre, labels=["a", "b", "c"], dtype="float32")
+  assert "eps" in caplog.text
+  model = _load_in_timm(tmp_path / "out")
+  images = _images((16, 16))
+  assert _rel(_timm_logits(model, images), _ours(pre, images)) < 1e-5
+  assert json.loads((tmp_path / "out/config.json").read_text())["label_names"] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(pool="tok+gap"), "no pool 'tok\\+gap'"),
+    (dict(pool="tok", representation_size=8), "pre_logits"),
+])
+def test_save_timm_refuses_what_timm_does_not_compute(fields, message, tmp_path):
+  with pytest.raises(ValueError, match=message):
+    checkpoints.save_timm(tmp_path / "out", _pretrained(fields, 3))
+  assert not (tmp_path / "out").exists()
+
+
+def test_save_timm_refuses_labels_that_do_not_fit_the_head(tmp_path):
+  with pytest.raises(ValueError, match="labels has 2 names"):
+    checkpoints.save_timm(tmp_path / "out", _pretrained(dict(pool="tok"), 3), labels=["a", "b"])
+
+
+def test_export_cli_writes_a_timm_directory_in_bfloat16(tmp_path):
+  pre = _pretrained(dict(pool="tok"), 3)
+  checkpoints.save(tmp_path / "merged.safetensors", pre)
+  export.main([str(tmp_path / "merged.safetensors"), "--timm", str(tmp_path / "timm"),
+               "--dtype", "bfloat16"])
+  model = _load_in_timm(tmp_path / "timm")
+  images = _images((16, 16))
+  assert _rel(_timm_logits(model.float(), images), _ours(pre, images)) < 2e-2
