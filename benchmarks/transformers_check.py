@@ -1,66 +1,97 @@
-"""A finished run's merged model, exported to Hugging Face transformers, scored in PyTorch.
+"""A finished run's merged model, exported to PyTorch (transformers or timm), scored there.
 
   python benchmarks/transformers_check.py --workdir /tmp/h
   python benchmarks/transformers_check.py --workdir /tmp/l --peft   # a LoRA run, through PEFT
+  python benchmarks/transformers_check.py --workdir /tmp/h --timm   # timm's VisionTransformer
 
 Writes ``<workdir>/export/hf`` from ``export/merged.safetensors`` (``python -m hydra_jax.export``),
 loads it with ``AutoModelForImageClassification`` and ``AutoImageProcessor`` and scores the run's
 test split (its ``data.test_limit`` first images) from the raw images, then prints the accuracy
 beside the run's own ``results.json``. With ``--peft`` it writes ``<workdir>/export/peft``
 (``--peft`` of the export CLI: the base model and a PEFT adapter) and scores
-``PeftModel.from_pretrained(base, lora)`` instead. Needs torch, transformers and peft
-(requirements-test.txt).
+``PeftModel.from_pretrained(base, lora)`` instead. With ``--timm`` it writes
+``<workdir>/export/timm`` and scores ``timm.create_model("local-dir:...", pretrained=True)``; the
+images are resized (PIL bicubic) and normalised as its ``pretrained_cfg`` says by hand, since
+timm's transforms need torchvision, which has no CPU build here. Needs torch, transformers, peft
+and timm (requirements-test*.txt).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
+import sys
 
 import ml_collections
 import numpy as np
 import peft
+import PIL.Image
 import torch
 import transformers
 
 from hydra_jax import build, export
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+from timm_import import import_timm  # noqa: E402
+
+
+def _timm_pixels(images, cfg) -> torch.Tensor:
+  """uint8 HWC images -> timm's input: bicubic resize to cfg's input size, then (x - mean) / std."""
+  _, h, w = cfg["input_size"]
+  x = np.stack([np.asarray(PIL.Image.fromarray(im).resize((w, h), PIL.Image.BICUBIC))
+                for im in images]).astype(np.float32) / 255
+  x = (x - np.asarray(cfg["mean"], np.float32)) / np.asarray(cfg["std"], np.float32)
+  return torch.from_numpy(x.transpose(0, 3, 1, 2))
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True, help="a finished train.py run")
   p.add_argument("--batch", type=int, default=200)
-  p.add_argument("--peft", action="store_true", help="score the LoRA run through PEFT instead")
+  kind = p.add_mutually_exclusive_group()
+  kind.add_argument("--peft", action="store_true", help="score the LoRA run through PEFT instead")
+  kind.add_argument("--timm", action="store_true", help="score the model in timm instead")
   args = p.parse_args()
   workdir = pathlib.Path(args.workdir)
-  if args.peft:
-    out = workdir / "export" / "peft"
-    export.main([str(workdir), "--peft", str(out)])
-    hf_dir = out / "base"
-    model = transformers.AutoModelForImageClassification.from_pretrained(hf_dir)
-    model = peft.PeftModel.from_pretrained(model, out / "lora").eval()
+  merged = str(workdir / "export" / "merged.safetensors")
+  if args.timm:
+    out = workdir / "export" / "timm"
+    export.main([merged, "--timm", str(out)])
+    timm = import_timm()
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    name = f"timm {type(model).__name__}"
+    preprocess = functools.partial(_timm_pixels, cfg=model.pretrained_cfg)
   else:
-    hf_dir = workdir / "export" / "hf"
-    export.main([str(workdir / "export" / "merged.safetensors"), "--hf", str(hf_dir)])
-    model = transformers.AutoModelForImageClassification.from_pretrained(hf_dir).eval()
+    if args.peft:
+      out = workdir / "export" / "peft"
+      export.main([str(workdir), "--peft", str(out)])
+      hf_dir = out / "base"
+      model = transformers.AutoModelForImageClassification.from_pretrained(hf_dir)
+      model = peft.PeftModel.from_pretrained(model, out / "lora").eval()
+      name = f"{type(model.get_base_model()).__name__} + PEFT LoRA"
+    else:
+      hf_dir = workdir / "export" / "hf"
+      export.main([merged, "--hf", str(hf_dir)])
+      model = transformers.AutoModelForImageClassification.from_pretrained(hf_dir).eval()
+      name = type(model).__name__
+    processor = transformers.AutoImageProcessor.from_pretrained(hf_dir)
+    preprocess = lambda images: processor(images=images, return_tensors="pt")["pixel_values"]  # noqa: E731
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   source = build.open_source(config.data, config.data.test_split)
   count = min(len(source), config.data.test_limit or len(source))
-  processor = transformers.AutoImageProcessor.from_pretrained(hf_dir)
   correct = 0
   for start in range(0, count, args.batch):
     items = [source[i] for i in range(start, min(start + args.batch, count))]
     images = [np.repeat(x["image"], 3, -1) if x["image"].shape[-1] == 1 else x["image"]
               for x in items]
-    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-      predicted = model(pixel_values=pixels).logits.argmax(-1).numpy()
-    correct += int((predicted == np.array([x["label"] for x in items])).sum())
+      output = model(preprocess(images))
+    logits = output if isinstance(output, torch.Tensor) else output.logits
+    correct += int((logits.argmax(-1).numpy() == np.array([x["label"] for x in items])).sum())
   ours = json.loads((workdir / "results.json").read_text())["test_accuracy"]
-  name = (f"{type(model.get_base_model()).__name__} + PEFT LoRA" if args.peft
-          else type(model).__name__)
-  print(json.dumps({"model": name, "test_images": count, "transformers_accuracy": correct / count,
+  print(json.dumps({"model": name, "test_images": count, "pytorch_accuracy": correct / count,
                     "hydra_jax_accuracy": ours}))
 
 

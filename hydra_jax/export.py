@@ -19,6 +19,7 @@ A LoRA run's adapters and head convert to a Hugging Face PEFT adapter (``checkpo
 written beside its base model as transformers loads it:
 
   python -m hydra_jax.export /tmp/run --peft /tmp/run/export/peft   # .../peft/base, .../peft/lora
+  python -m hydra_jax.export /tmp/run --peft /tmp/run/export/peft --peft-target timm
 """
 
 from __future__ import annotations
@@ -83,15 +84,17 @@ def load_adapters(path: str | pathlib.Path):
 
 def save_peft_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
                   transformers_version: str | None = None, labels: Sequence[str] | None = None,
-                  dtype: str = "float32") -> str:
+                  dtype: str = "float32", target: str = "transformers") -> str:
   """A finished LoRA run as ``out/base`` (``save_hf`` of its base model) and ``out/lora`` (PEFT).
 
   The base is rebuilt from the run's ``config.json`` as the run built it (checkpoint, image size,
   pooling, a fresh head); the adapters and head come from ``export/adapters.safetensors``. In
   PyTorch: ``PeftModel.from_pretrained(AutoModelForImageClassification.from_pretrained(
-  out/"base"), out/"lora")``. Both are written into one directory renamed into place, so ``out``
-  never pairs a new adapter with an old base. ``labels`` / ``dtype``: the base's (``save_hf``).
-  Returns the transformers class.
+  out/"base"), out/"lora")``. With ``target="timm"`` the base is a timm directory (``save_timm``)
+  and the adapter names timm's modules: ``PeftModel.from_pretrained(timm.create_model(
+  "local-dir:" + out/"base", pretrained=True), out/"lora")``. Both are written into one directory
+  renamed into place, so ``out`` never pairs a new adapter with an old base. ``labels`` /
+  ``dtype``: the base's. Returns the class the adapter applies to.
   """
   workdir, out = pathlib.Path(workdir), pathlib.Path(out).expanduser()
   files = [workdir / "config.json", workdir / "export" / "adapters.safetensors"]
@@ -104,13 +107,17 @@ def save_peft_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
   _, base = build.build_model(config, build.model_rng(config))
   archs = []
 
+  timm = target == "timm"
+
   def write(tmp: pathlib.Path) -> None:
     archs.append(checkpoints.save_peft(
         tmp / "lora", trainable, spec, base, transformers_version=transformers_version,
-        base_model_name_or_path=str((out / "base").resolve())))
-    checkpoints.save_hf(tmp / "base", base, labels=labels, dtype=dtype)
+        base_model_name_or_path=str((out / "base").resolve()), target=target))
+    save = checkpoints.save_timm if timm else checkpoints.save_hf
+    save(tmp / "base", base, labels=labels, dtype=dtype)
 
-  files = tuple(f"base/{f}" for f in checkpoints.hf_export.FILES) + tuple(
+  base_files = checkpoints.timm_vit.FILES if timm else checkpoints.hf_export.FILES
+  files = tuple(f"base/{f}" for f in base_files) + tuple(
       f"lora/{f}" for f in checkpoints.peft_lora.FILES)
   checkpoints.hf_export.write_dir(out, files, write)
   return archs[0]
@@ -132,13 +139,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                  help="tensor dtype of the model (with --peft: of base/; the adapter is float32)")
   p.add_argument("--labels", default=None, help="class names, comma-separated "
                  "(--hf default: LABEL_i)")
+  p.add_argument("--peft-target", default="transformers",
+                 choices=checkpoints.peft_lora.TARGETS, help="--peft: the base model's library "
+                 "(timm: base/ is a timm directory, the adapter names timm's modules)")
   p.add_argument("--transformers-version", default=None, help="--peft: write the module names "
                  "of this transformers version (default: the installed one)")
   args = p.parse_args(argv)
   labels = args.labels.split(",") if args.labels else None
   if args.peft:
     arch = save_peft_run(args.source, args.peft, transformers_version=args.transformers_version,
-                         labels=labels, dtype=args.dtype)
+                         labels=labels, dtype=args.dtype, target=args.peft_target)
     print(f"wrote {args.peft}/base ({arch}) and {args.peft}/lora (PEFT LoRA)")
     return
   save, directory = (checkpoints.save_timm, args.timm) if args.timm else (checkpoints.save_hf,

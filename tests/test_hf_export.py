@@ -12,10 +12,10 @@ import peft
 import pytest
 import torch
 import transformers
+from lora_runs import as_if_trained, finished_lora_run
 from safetensors.numpy import load_file, save_file
 
-from configs import default
-from hydra_jax import adapters, build, checkpoints, export
+from hydra_jax import adapters, checkpoints, export
 from hydra_jax.checkpoints import hf_export, peft_lora
 from hydra_jax.models import ViT
 
@@ -214,16 +214,10 @@ _EVERY_LINEAR = (r"Transformer/encoderblock_\d+/"
                  r"(MultiHeadDotProductAttention_0/(query|key|value|out)|MlpBlock_0/Dense_(0|1))",)
 
 
-def _as_if_trained(tree, seed: int):
-  """Every leaf random and non-zero, as after training."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda x: rng.normal(size=np.shape(x)).astype(np.float32) * 0.3, tree)
-
-
 def _lora_run(pre, spec, seed: int):
   """(trainable, hydra_jax logits) of LoRA adapters and a head trained on ``pre``."""
-  trainable = _as_if_trained({"adapters": adapters.init(spec, pre.params, jax.random.key(seed)),
-                              "params": {"head": pre.params["head"]}}, seed)
+  trainable = as_if_trained({"adapters": adapters.init(spec, pre.params, jax.random.key(seed)),
+                             "params": {"head": pre.params["head"]}}, seed)
   params = {**pre.params, "head": trainable["params"]["head"]}
   logits, _ = adapters.apply_intercepted(checkpoints.build_model(pre), params,
                                          trainable["adapters"], spec, _images())
@@ -279,7 +273,7 @@ def test_peft_on_siglips_map_head(tmp_path):
                     gelu_approximate=True)
   mlp = adapters.AdapterSpec(kind="lora", targets=(r"Transformer/.*/query",
                                                   r"MAPHead_0/MlpBlock_0/Dense_.*"))
-  factors = _as_if_trained(adapters.init(mlp, pre.params, jax.random.key(0)), 5)
+  factors = as_if_trained(adapters.init(mlp, pre.params, jax.random.key(0)), 5)
   ours, _ = adapters.apply_intercepted(checkpoints.build_model(pre), pre.params, factors, mlp,
                                        _images(), method="features")
   checkpoints.save_hf(tmp_path / "base", pre)
@@ -366,7 +360,7 @@ def test_peft_module_names_follow_the_transformers_version(fields, arch, version
   """Names as each version's modeling code defines them (read from the released sources)."""
   pre = _pretrained(seed=12, num_classes=None if arch == "SiglipVisionModel" else 3, **fields)
   spec = adapters.AdapterSpec(kind="lora")
-  trainable = {"adapters": _as_if_trained(adapters.init(spec, pre.params, jax.random.key(0)), 2)}
+  trainable = {"adapters": as_if_trained(adapters.init(spec, pre.params, jax.random.key(0)), 2)}
   assert checkpoints.save_peft(tmp_path / "lora", trainable, spec, pre,
                                transformers_version=version) == arch
   config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
@@ -449,14 +443,10 @@ def test_load_peft_names_a_base_that_does_not_fit(tmp_path):
 
 def test_export_cli_writes_a_lora_run_for_peft(tmp_path):
   """A run's workdir -> base/ + lora/; peft computes what the run's adapters compute."""
-  config = default.get_testing_config()
-  config.adapter.kind = "lora"
-  (tmp_path / "run").mkdir()
-  (tmp_path / "run" / "config.json").write_text(config.to_json_best_effort(indent=2))
-  _, base = build.build_model(config, build.model_rng(config))
-  spec = adapters.spec_from_config(config.adapter)
-  trainable, ours = _lora_run(base, spec, seed=4)
-  export.save_adapters(tmp_path / "run" / "export" / "adapters.safetensors", trainable, spec)
+  base, trainable, spec = finished_lora_run(tmp_path / "run", seed=4)
+  ours, _ = adapters.apply_intercepted(checkpoints.build_model(base),
+                                       {**base.params, **trainable["params"]},
+                                       trainable["adapters"], spec, _images())
   export.main([str(tmp_path / "run"), "--peft", str(tmp_path / "peft"), "--labels",
                ",".join(f"c{i}" for i in range(10))])
   assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["base", "lora"]

@@ -1,19 +1,21 @@
 """timm format: directories timm itself writes (``save_for_hf``, its Hub layout) and bare state
 dicts load and compute timm's logits; ``save_timm`` directories load in timm
 (``create_model("local-dir:...")``) and compute the ViT's; timm models the ViT does not compute
-are refused by name."""
+are refused by name. PEFT LoRA on timm models, both ways."""
 
 import json
 import logging
 
 import jax
 import numpy as np
+import peft
 import pytest
 import torch
+from lora_runs import as_if_trained, finished_lora_run
 from safetensors.torch import save_file as save_torch
 from timm_import import import_timm
 
-from hydra_jax import checkpoints, export
+from hydra_jax import adapters, assets, checkpoints, export
 from hydra_jax.checkpoints import timm_vit
 from hydra_jax.models import ViT
 
@@ -219,3 +221,85 @@ def test_export_cli_writes_a_timm_directory_in_bfloat16(tmp_path):
   model = _load_in_timm(tmp_path / "timm")
   images = _images((16, 16))
   assert _rel(_timm_logits(model.float(), images), _ours(pre, images)) < 2e-2
+
+
+def test_real_backbone_exports_to_timm_and_computes_the_same_features(tmp_path):
+  """The bundled pre-trained ViT-S/14 (DINOv2 layout: LayerScale, real attention patterns),
+  pooled by its class token at 112 px, through timm: the same features."""
+  pre = checkpoints.load(assets.default_backbone(), pool="tok", image_size=112)
+  checkpoints.save_timm(tmp_path / "timm", pre)
+  model = _load_in_timm(tmp_path / "timm")
+  assert model.num_classes == 0 and model.blocks[0].ls1.gamma.shape == (384,)
+  images = _images((112, 112))
+  assert _rel(_timm_logits(model, images), _ours(pre, images)) < 1e-5
+
+
+# PEFT LoRA on timm: timm packs a block's q/k/v in one nn.Linear (``attn.qkv``)
+
+def _lora_logits(pre, trainable, spec, images):
+  params = {**pre.params, **trainable.get("params", {})}
+  logits, _ = adapters.apply_intercepted(checkpoints.build_model(pre), params,
+                                         trainable["adapters"], spec, images)
+  return np.asarray(logits)
+
+
+_LINEAR = r"(MultiHeadDotProductAttention_0/(query|key|value|out)|MlpBlock_0/Dense_(0|1))"
+PEFT_CASES = {  # ViT fields, the spec's targets and bias, adapted layers read back
+    "query_value_only": (dict(pool="tok"), (r"Transformer/.*/(query|value)",), True, 4),
+    "every_linear_map_registers": (
+        dict(pool="map", num_registers=2, layer_scale=True),
+        (rf"Transformer/encoderblock_\d+/{_LINEAR}", rf"MAPHead_0/{_LINEAR}"), False, 18),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PEFT_CASES))
+def test_peft_on_timm_computes_the_factored_model(case, tmp_path):
+  """peft on the save_timm model == hydra_jax's LoRA; load_peft reads it back, q/k/v unpacked."""
+  fields, targets, bias, layers = PEFT_CASES[case]
+  pre = _pretrained(fields, 3, seed=2)
+  spec = adapters.AdapterSpec(kind="lora", targets=targets, rank=4, alpha=6.0, bias=bias)
+  trainable = as_if_trained({"adapters": adapters.init(spec, pre.params, jax.random.key(1)),
+                             "params": {"head": pre.params["head"]}}, 1)
+  images = _images((16, 16))
+  ours = _lora_logits(pre, trainable, spec, images)
+  checkpoints.save_timm(tmp_path / "base", pre)
+  assert checkpoints.save_peft(tmp_path / "lora", trainable, spec, pre,
+                               target="timm") == "VisionTransformer"
+  model = peft.PeftModel.from_pretrained(_load_in_timm(tmp_path / "base"), tmp_path / "lora")
+  assert _rel(_timm_logits(model.eval(), images), ours) < 1e-5
+  back, back_spec = checkpoints.load_peft(tmp_path / "lora", checkpoints.load(tmp_path / "base"))
+  assert len(back_spec.targets) == layers  # a q/k/v part left at zero is not adapted
+  assert _rel(_lora_logits(pre, back, back_spec, images), ours) < 1e-5
+
+
+def test_load_peft_reads_what_peft_trains_on_timm(tmp_path):
+  """The usual PyTorch recipe (peft LoRA on timm's qkv, per-layer ranks, lora_bias, a saved
+  head) read into hydra_jax: the same logits."""
+  vit = _timm("vit_small_patch14_reg4_dinov2", img_size=28, depth=2, num_classes=4)
+  pre = checkpoints.load(_save_for_hf(vit, tmp_path / "base"))
+  config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["qkv", "fc2", "attn.proj"],
+                           rank_pattern={"fc2": 2}, lora_bias=True, modules_to_save=["head"],
+                           init_lora_weights=False)
+  model = peft.get_peft_model(vit, config)
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if "lora_B.bias" in name or "modules_to_save" in name:
+        param.normal_(0, 0.3)
+  model.eval().save_pretrained(tmp_path / "lora")
+  images = _images(vit)
+  theirs = _timm_logits(model, images)
+  trainable, spec = checkpoints.load_peft(tmp_path / "lora", pre)
+  block = trainable["adapters"]["Transformer"]["encoderblock_1"]
+  assert sorted(block["MultiHeadDotProductAttention_0"]) == ["key", "out", "query", "value"]
+  assert block["MlpBlock_0"]["Dense_1"]["A"].shape == (1536, 2) and spec.bias
+  assert _rel(_lora_logits(pre, trainable, spec, images), theirs) < 1e-5
+
+
+def test_export_cli_writes_a_lora_run_for_peft_on_timm(tmp_path):
+  base, trainable, spec = finished_lora_run(tmp_path / "run", seed=3)
+  export.main([str(tmp_path / "run"), "--peft", str(tmp_path / "peft"), "--peft-target", "timm"])
+  model = peft.PeftModel.from_pretrained(_load_in_timm(tmp_path / "peft" / "base"),
+                                         tmp_path / "peft" / "lora")
+  images = _images((16, 16))
+  ours = _lora_logits(base, trainable, spec, images)
+  assert _rel(_timm_logits(model.eval(), images), ours) < 1e-5

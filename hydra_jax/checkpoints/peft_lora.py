@@ -16,6 +16,11 @@ back out onto a base with LayerScale). Layers of other ranks (e.g. after ``adapt
 zero-padded to the largest rank, which changes nothing. SigLIP's MAP-head attention is a torch
 ``MultiheadAttention``, which never runs a LoRA on its ``out_proj``: refused both ways.
 
+On timm's VisionTransformer (``save_peft(..., target="timm")`` for the model ``save_timm``
+writes; ``load_peft`` of an adapter naming ``blocks.i.attn.qkv``, ...) a block's query, key and
+value are one packed ``attn.qkv`` layer: its LoRA is theirs with A concatenated and B
+block-diagonal, and reads back as three LoRAs sharing A (a part whose B is zero is left out).
+
 PEFT names modules as the running transformers model does, and transformers renamed them (the
 checkpoint files kept the old names): ViT's attention became ``attention.q_proj`` / ``k_proj`` /
 ``v_proj`` / ``o_proj`` and its MLP ``mlp.fc1`` / ``fc2`` in blocks ``layers.i`` in 5.9 (before:
@@ -41,12 +46,13 @@ from safetensors.numpy import save_file
 
 from hydra_jax.adapters import spec as spec_lib
 from hydra_jax.adapters import transform
-from hydra_jax.checkpoints import common, hf, hf_export
+from hydra_jax.checkpoints import common, hf, hf_export, timm_vit
 from hydra_jax.checkpoints.hf import ATT, FAMILY_BLOCK, FAMILY_TOP, MAP, MLP
 from hydra_jax.checkpoints.hf_export import BLOCK as _BLOCK
 from hydra_jax.models import ARCHITECTURE_DEFAULTS
 
 FILES = ("adapter_config.json", "adapter_model.safetensors")
+TARGETS = ("transformers", "timm")
 _LINEAR_BLOCK = (ATT + "query", ATT + "key", ATT + "value", ATT + "out", MLP + "Dense_0",
                  MLP + "Dense_1")
 # (SigLIP's MAP head is a torch.nn.MultiheadAttention: it reads out_proj.weight directly, so a
@@ -111,23 +117,44 @@ def module_name(path: str, family: str, arch: str, version: tuple[int, int]) -> 
 def _layer_scale(base: common.Pretrained, layer_path: tuple[str, ...], family: str):
   """The LayerScale after a block's out / Dense_1 layer where transformers' ``family`` has none
   (``save_hf`` folds it into the layer there, so the layer's lora_B carries it too); else None."""
-  if family == "dinov2" or not "/".join(layer_path).startswith(_BLOCK):
+  if family in ("dinov2", "timm") or not "/".join(layer_path).startswith(_BLOCK):
     return None
   scale = {"out": "LayerScale_0", "Dense_1": "LayerScale_1"}.get(layer_path[-1])
   block = base.params[layer_path[0]][layer_path[1]]
   return np.asarray(block[scale]["scale"]) if scale in block else None
 
 
-def _padded(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-  """A (d_in, r), B (r, d_out) with zero columns / rows up to ``rank`` (the same product)."""
-  pad = rank - a.shape[1]
-  return np.pad(a, ((0, 0), (0, pad))), np.pad(b, ((0, pad), (0, 0)))
+def _packed(parts: tuple[str, ...], got: dict, rank: int):
+  """One PEFT module's A (d_in, rank), B (rank, d_out) and lora_B bias from the factors ``got``
+  of the ViT layers ``parts`` it packs: A concatenated, B block-diagonal (a part without factors
+  gets zero columns), zero-padded to ``rank`` (the same product)."""
+  d_in = next(iter(got.values()))[0].shape[0]
+  width = next(iter(got.values()))[1].shape[1]  # packed parts have equal widths
+  a = np.zeros((d_in, rank), np.float32)
+  b = np.zeros((rank, width * len(parts)), np.float32)
+  bias = np.zeros(width * len(parts), np.float32)
+  row = 0
+  for i, part in enumerate(parts):
+    if part in got:
+      pa, pb, pbias = got[part]
+      r = pa.shape[1]
+      a[:, row:row + r] = pa
+      b[row:row + r, i * width:(i + 1) * width] = pb
+      bias[i * width:(i + 1) * width] = pbias
+      row += r
+  return a, b, bias
 
 
 def save_peft(directory, trainable, spec: spec_lib.AdapterSpec, base: common.Pretrained, *,
               transformers_version: str | None = None,
-              base_model_name_or_path: str | None = None) -> str:
+              base_model_name_or_path: str | None = None, target: str = "transformers") -> str:
   """Writes LoRA adapters (and a trained head) as a PEFT adapter directory.
+
+  For ``target="timm"`` the adapter applies to timm's VisionTransformer as ``save_timm(base)``
+  writes it: a block's adapted query / key / value share timm's packed ``attn.qkv`` (the MAP
+  head's key / value its ``attn_pool.kv``), as one LoRA of their ranks summed (A concatenated,
+  B block-diagonal, zeros for a part not adapted); every module is zero-padded to the largest
+  such rank (the same product).
 
   Args:
     directory: the directory to write (an earlier PEFT export there is replaced).
@@ -138,9 +165,10 @@ def save_peft(directory, trainable, spec: spec_lib.AdapterSpec, base: common.Pre
       model to load them onto (with a head when the adapters or the base have one).
     transformers_version: the version whose module names to write (see the module docstring).
     base_model_name_or_path: recorded in ``adapter_config.json`` (where the base model lives).
+    target: "transformers" (the model ``save_hf`` writes) or "timm" (``save_timm``).
 
   Returns:
-    The transformers class the adapter applies to.
+    The transformers class (timm: "VisionTransformer") the adapter applies to.
 
   Raises:
     ValueError: not LoRA, trained params besides the head, or a layer PEFT cannot adapt.
@@ -155,25 +183,40 @@ def save_peft(directory, trainable, spec: spec_lib.AdapterSpec, base: common.Pre
   if extra:
     raise ValueError(f"trained params {extra} besides the head: a PEFT export carries the LoRA "
                      "factors and the head only (export the merged model with save_hf instead)")
+  if target not in TARGETS:
+    raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
   model = {**ARCHITECTURE_DEFAULTS, **base.model}
-  family, arch = hf_export.target(model, has_head="head" in base.params or bool(trained))
+  has_head = "head" in base.params or bool(trained)
+  if target == "timm":
+    timm_vit.model_args(model, 1 if has_head else None)  # refuses what timm does not compute
+    family, arch = "timm", "VisionTransformer"
+  else:
+    family, arch = hf_export.target(model, has_head=has_head)
   layers = list(transform.adapted_layers(base.params, trainable.get("adapters", {}), spec))
   if not layers and not trained:
     raise ValueError("nothing to export: the adapters tree is empty and no head is trained")
-  rank = max((f["A"].shape[-1] for _, _, f in layers), default=spec.rank)
-  tensors, targets, with_bias = {}, [], any("a" in f or "b" in f for _, _, f in layers)
+  modules = {}  # PEFT module -> its ViT layers (packed in timm) and each one's (A, B, bias)
   for layer, _, f in layers:
-    name = module_name(layer.name, family, arch, version)
-    a, b = _padded(np.asarray(f["A"], np.float32), np.asarray(f["B"], np.float32), rank)
-    bias = np.asarray(f["a"], np.float32) @ np.asarray(f["B"], np.float32) if "a" in f else 0.0
+    if family == "timm":
+      name, parts = timm_vit.timm_module(layer.name)
+    else:
+      name, parts = module_name(layer.name, family, arch, version), (layer.name,)
+    a, b = np.asarray(f["A"], np.float32), np.asarray(f["B"], np.float32)
+    bias = np.asarray(f["a"], np.float32) @ b if "a" in f else np.zeros(b.shape[1], np.float32)
     bias = bias + (np.asarray(f["b"], np.float32) if "b" in f else 0.0)
     if (scale := _layer_scale(base, layer.path, family)) is not None:
       b, bias = b * scale, bias * scale  # s (x A B + c) = x A (B s) + c s
+    modules.setdefault(name, (parts, {}))[1][layer.name] = (a, b, bias)
+  rank = max((sum(a.shape[1] for a, _, _ in got.values()) for _, got in modules.values()),
+             default=spec.rank)
+  tensors, targets, with_bias = {}, [], any("a" in f or "b" in f for _, _, f in layers)
+  for name, (parts, got) in modules.items():
+    a, b, bias = _packed(parts, got, rank)
     key = _PEFT_PREFIX + name
     tensors[key + ".lora_A.weight"] = a.T
     tensors[key + ".lora_B.weight"] = b.T
     if with_bias:
-      tensors[key + ".lora_B.bias"] = np.broadcast_to(bias, (layer.d_out,)).astype(np.float32)
+      tensors[key + ".lora_B.bias"] = bias
     targets.append(name)
   if trained:
     head = {**{k.split("/")[-1]: np.asarray(v) for k, v in
@@ -181,14 +224,15 @@ def save_peft(directory, trainable, spec: spec_lib.AdapterSpec, base: common.Pre
             **{k.split("/")[-1]: np.asarray(v) for k, v in trained.items()}}
     if "head" in [layer.name for layer, _, _ in layers]:
       raise ValueError("the head is both LoRA-adapted and trained; PEFT keeps one or the other")
-    tensors[_PEFT_PREFIX + "classifier.weight"] = head["kernel"].T
-    tensors[_PEFT_PREFIX + "classifier.bias"] = head["bias"]
+    head_module = "head" if family == "timm" else "classifier"
+    tensors[f"{_PEFT_PREFIX}{head_module}.weight"] = head["kernel"].T
+    tensors[f"{_PEFT_PREFIX}{head_module}.bias"] = head["bias"]
   config = dict(
       peft_type="LORA", task_type=None, base_model_name_or_path=base_model_name_or_path,
       r=int(rank), lora_alpha=float(spec.scaling * rank), lora_dropout=float(spec.dropout),
       target_modules=targets, bias="none", lora_bias=with_bias, use_rslora=False,
       use_dora=False, fan_in_fan_out=False, init_lora_weights=True, inference_mode=True,
-      modules_to_save=["classifier"] if trained else None, rank_pattern={}, alpha_pattern={})
+      modules_to_save=[head_module] if trained else None, rank_pattern={}, alpha_pattern={})
   tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
 
   def write(tmp: pathlib.Path) -> None:
@@ -211,8 +255,26 @@ def _vit_module(module: str, key: str) -> str:
                    "hydra_jax knows")
 
 
+def _timm_named(module: str) -> bool:
+  """Whether a LoRA module name is timm's VisionTransformer's (transformers' never are)."""
+  return module == "head" or module.startswith(("blocks.", "attn_pool."))
+
+
+def _vit_paths(module: str, key: str, family: str | None) -> tuple[str, ...]:
+  """A PEFT module -> the ViT layers it holds (several where timm packs q/k/v)."""
+  if family != "timm":
+    return (_vit_module(module, key),)
+  try:
+    return timm_vit.vit_layers(module)
+  except ValueError as e:
+    raise ValueError(f"PEFT tensor {key}: {e}") from None
+
+
 def _naming_family(modules: list[str]) -> str | None:
-  """The transformers family whose module names ``modules`` use, where the names tell."""
+  """The family ("timm" or a transformers one) whose module names ``modules`` use, where the
+  names tell."""
+  if any(_timm_named(m) for m in modules):
+    return "timm"
   for module in modules:
     if module.startswith(("dinov2.", "dinov2_with_registers.")) or re.search(
         r"(^|\.)encoder\.layer\.\d+\.(mlp\.fc|attention\.[qkvo]_proj)", module):
@@ -252,10 +314,16 @@ def _read_config(path: pathlib.Path) -> dict:
   return config
 
 
-def _saved_module(name: str, key: str, value: np.ndarray,
-                  heads: int) -> list[tuple[str, np.ndarray]]:
+def _saved_module(name: str, key: str, value: np.ndarray, heads: int,
+                  family: str | None) -> list[tuple[str, np.ndarray]]:
   """A ``modules_to_save`` tensor -> ViT (path, array) pairs (the checkpoint loader's names, else
   the running model's)."""
+  if family == "timm":
+    pairs = timm_vit.rename(name, value, heads)
+    if pairs == [(name, value)]:
+      raise ValueError(f"PEFT tensor {key} is not a param of timm's VisionTransformer that "
+                       "hydra_jax knows")
+    return pairs
   pairs = hf.rename_key(name, value, heads)
   if not (len(pairs) == 1 and pairs[0][0] == hf._PREFIX.sub("", name)):  # the loader knew it
     return pairs
@@ -294,25 +362,44 @@ def load_peft(directory, base: common.Pretrained) -> tuple[dict, spec_lib.Adapte
   alpha = float(config.get("lora_alpha", 8)) * (math.sqrt(rank) if rslora else 1.0)
   spec_scaling = alpha / rank
   heads = {**ARCHITECTURE_DEFAULTS, **base.model}["num_heads"]
-  factors, params, modules = {}, {}, []
+  lora, saved = {}, {}
   for key, value in hf.read_tensors(root / FILES[1]).items():
     name = key.removeprefix(_PEFT_PREFIX)
     m = _LORA_KEY.fullmatch(name)
     if m and (m[3] == "weight" or m[2] == "B"):  # lora_bias: the bias after B is b
-      path = _vit_module(m[1], key)
-      why = {"embedding": "the patch embedding is a convolution",
-             MAP + ATT + "out": "torch's MultiheadAttention reads out_proj.weight without "
-                                "running the LoRA (PEFT computes the base model there)"}
-      if path in why:
-        raise ValueError(f"PEFT tensor {key}: LoRA on {path} is not supported: {why[path]}")
-      factors.setdefault(path, {})["b" if m[3] == "bias" else m[2]] = (
-          value if m[3] == "bias" else value.T)
-      modules.append(m[1])
-      continue
-    params.update(_saved_module(name, key, value, heads))
-  if not factors:
+      lora.setdefault(m[1], {})["b" if m[3] == "bias" else m[2]] = (key, value)
+    else:
+      saved[name] = (key, value)
+  if not lora:
     raise ValueError(f"PEFT adapter {root} holds no lora_A / lora_B weights")
-  family = _naming_family(modules)
+  family = _naming_family(list(lora))
+  why = {"embedding": "the patch embedding is a convolution",  # (transformers' modules)
+         MAP + ATT + "out": "torch's MultiheadAttention reads out_proj.weight without running "
+                            "the LoRA (PEFT computes the base model there)"}
+  factors = {}
+  for module, tensors in lora.items():
+    key = next(iter(tensors.values()))[0]
+    packed = _vit_paths(module, key, family)
+    if family != "timm" and packed[0] in why:
+      raise ValueError(f"PEFT tensor {key}: LoRA on {packed[0]} is not supported: "
+                       f"{why[packed[0]]}")
+    parts = {}
+    for leaf, (key, value) in tensors.items():  # B and b split along the packed outputs
+      if leaf != "A" and value.shape[0] % len(packed):
+        raise ValueError(f"PEFT tensor {key}: {value.shape[0]} outputs do not split into the "
+                         f"{len(packed)} layers timm packs in {module}")
+      split = [value] * len(packed) if leaf == "A" else np.split(value, len(packed))
+      for path, part in zip(packed, split, strict=True):
+        parts.setdefault(path, {})[leaf] = part if leaf == "b" else part.T
+    if len(packed) > 1:  # a packed part PEFT's LoRA leaves at zero is not adapted here
+      zero = [p for p in packed if not np.any(parts[p].get("B", 0)) and not np.any(
+          parts[p].get("b", 0))]
+      for path in zero if len(zero) < len(packed) else []:
+        del parts[path]
+    factors.update(parts)
+  params = {}
+  for name, (key, value) in saved.items():
+    params.update(_saved_module(name, key, value, heads, family))
   if family is None:  # names both ViT and DINOv2 use: the family the base exports to
     model = {**ARCHITECTURE_DEFAULTS, **base.model}
     family = hf_export.target(model, has_head="head" in base.params)[0]

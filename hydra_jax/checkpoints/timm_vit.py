@@ -156,7 +156,7 @@ def _fields(config: dict | None, width: int, class_token: bool, has_head: bool,
       img_size=None if size is None else tuple(np.broadcast_to(size, 2).tolist()))
 
 
-def _rename(key: str, value: np.ndarray, heads: int) -> list[tuple[str, np.ndarray]]:
+def rename(key: str, value: np.ndarray, heads: int) -> list[tuple[str, np.ndarray]]:
   """One timm tensor -> its (ViT path, array) pairs; unknown keys pass through for the check."""
   if key in ("cls_token", "reg_token", "pos_embed"):
     return [(key, value)]  # placed by _position
@@ -229,7 +229,7 @@ def load_timm(weights: pathlib.Path, config: dict | None) -> common.Pretrained:
   heads = fields["num_heads"]
   flat = {}
   for key, value in tensors.items():
-    flat.update(_rename(key, value, heads))
+    flat.update(rename(key, value, heads))
   for path in [k for k in flat if k.endswith(f"{ATT}query/kernel")]:  # qkv_bias=False
     for name in ("query", "key", "value"):
       flat.setdefault(path.replace("query/kernel", f"{name}/bias"),
@@ -257,7 +257,48 @@ def load_timm(weights: pathlib.Path, config: dict | None) -> common.Pretrained:
                            f"timm:{source}")
 
 
-def _model_args(model: dict, num_classes: int | None) -> dict:
+def timm_module(path: str) -> tuple[str, tuple[str, ...]]:
+  """A ViT linear layer -> (its timm ``nn.Linear``, the ViT layers packed there in order).
+
+  A block's query / key / value share ``blocks.i.attn.qkv``, the MAP head's key / value
+  ``attn_pool.kv``; every other layer is alone in its module.
+
+  Raises:
+    ValueError: ``path`` is not one of the ViT's linear layers in timm.
+  """
+  module, _, part = path.rpartition("/")
+  if path.startswith(hf_export.BLOCK):
+    index, rest = path[len(hf_export.BLOCK):].split("/", 1)
+    if rest in (ATT + "query", ATT + "key", ATT + "value"):
+      return f"blocks.{index}.attn.qkv", tuple(f"{module}/{n}" for n in _PACKED["attn.qkv"])
+    if rest in _BLOCK_MODULES.values() and "Layer" not in rest:
+      return f"blocks.{index}.{_TIMM_MODULES[rest]}", (path,)
+  elif path in (MAP + ATT + "key", MAP + ATT + "value"):
+    return "attn_pool.kv", tuple(f"{module}/{n}" for n in _PACKED["attn_pool.kv"])
+  elif path in _TIMM_MODULES and "Layer" not in path and path not in ("embedding",
+                                                                       "Transformer/encoder_norm"):
+    return _TIMM_MODULES[path], (path,)
+  raise ValueError(f"layer {path} is not a torch.nn.Linear in timm's VisionTransformer; expected "
+                   "a block's query, key, value, out, Dense_0 or Dense_1, the head, or a MAP-head "
+                   "linear layer")
+
+
+def vit_layers(module: str) -> tuple[str, ...]:
+  """A timm ``nn.Linear`` module name -> the ViT layers it holds (several where timm packs)."""
+  block = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
+  if block and block[2] == "attn.qkv":
+    return tuple(f"{hf_export.BLOCK}{block[1]}/{ATT}{n}" for n in _PACKED["attn.qkv"])
+  if block and block[2] in _BLOCK_MODULES and not block[2].startswith(("norm", "ls")):
+    return (f"{hf_export.BLOCK}{block[1]}/{_BLOCK_MODULES[block[2]]}",)
+  if module == "attn_pool.kv":
+    return tuple(f"{MAP}{ATT}{n}" for n in _PACKED["attn_pool.kv"])
+  if module in _TOP and module not in ("patch_embed.proj", "norm", "attn_pool.norm"):
+    return (_TOP[module],)
+  raise ValueError(f"module {module!r} is not a linear layer of timm's VisionTransformer "
+                   "hydra_jax knows")
+
+
+def model_args(model: dict, num_classes: int | None) -> dict:
   """timm VisionTransformer arguments computing ``ViT(**model)``."""
   pool = {v: k for k, v in POOLS.items()}.get(model["pool"])
   if pool is None:
@@ -349,7 +390,7 @@ def save_timm(directory, pretrained: common.Pretrained, *, labels: Sequence[str]
           for k, v in traverse_util.flatten_dict(pretrained.params, sep="/").items()}
   model = {**ARCHITECTURE_DEFAULTS, **pretrained.model}
   num_classes = flat["head/kernel"].shape[-1] if "head/kernel" in flat else None
-  args = _model_args(model, num_classes)
+  args = model_args(model, num_classes)
   if labels is not None and (num_classes is None or len(labels) != num_classes):
     raise ValueError(f"labels has {len(labels)} names; the model has "
                      f"{num_classes or 'no'} head outputs")
