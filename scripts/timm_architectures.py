@@ -56,6 +56,11 @@ def describe(model, timm) -> dict | None:
   if not all(isinstance(n, nn.LayerNorm) for n in (block.norm1, block.norm2, model.norm)):
     return None  # timm's LayerNorm subclasses nn.LayerNorm (same function)
   pool = model.global_pool
+  # hydra_jax's "map" reads the class token and registers, its "gap" leaves them out
+  if model.num_prefix_tokens and model.attn_pool is not None and not model.pool_include_prefix:
+    return None
+  if model.num_prefix_tokens and pool == "avg" and model.pool_include_prefix:
+    return None
   if model.attn_pool is not None:
     head = model.attn_pool
     if (type(head) is not AttentionPoolLatent or head.pos_embed is not None or head.latent_len != 1

@@ -103,6 +103,43 @@ def test_architecture_table_fields_match_timm():
     assert (row["gelu"] == "tanh") == (type(block.mlp.act).__name__ == "GELUTanh"
                                        or getattr(block.mlp.act, "approximate", "") == "tanh")
   assert "vit_base_patch16_clip_224" not in table  # pre_norm: not computed by the ViT
+  assert "vit_so150m_patch16_reg4_map_256" not in table  # MAP head over the patches only
+
+
+def test_architecture_outside_the_table_reads_its_config(tmp_path, caplog):
+  """No table row: heads from model_args, the position-embedding layout from the image size
+  (registers and a class token without entries: 9 positions, and 9 - 5 is a square too)."""
+  model = _timm("vit_small_patch14_reg4_dinov2", img_size=42, depth=1, num_classes=2,
+                num_heads=6)
+  path = _save_for_hf(model, tmp_path / "timm")
+  config = json.loads((path / "config.json").read_text())
+  (path / "config.json").write_text(json.dumps(dict(config, architecture="my_own_vit")))
+  with caplog.at_level(logging.WARNING):
+    pre = checkpoints.load(path)
+  assert "my_own_vit" in caplog.text and "exact GELU" in caplog.text
+  images = _images(model)
+  assert _rel(_ours(pre, images), _timm_logits(model, images)) < 1e-5
+  (path / "config.json").unlink()  # a bare file cannot tell: it says which reading it took
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    checkpoints.load(path / "model.safetensors")
+  assert "with and without" in caplog.text
+
+
+def test_bare_map_head_file_pools_with_it(tmp_path):
+  model = _timm("vit_base_patch16_siglip_224", img_size=32, depth=1, num_classes=3)
+  save_torch(model.state_dict(), str(tmp_path / "siglip.safetensors"))
+  pre = checkpoints.load(tmp_path / "siglip.safetensors")
+  assert pre.model["pool"] == "map"
+  images = _images(model)
+  assert _rel(_ours(pre, images), _timm_logits(model, images)) < 1e-5
+
+
+def test_bare_non_square_file_asks_for_the_config(tmp_path):
+  model = _timm("vit_tiny_patch16_224", img_size=(32, 48), depth=1)
+  save_torch(model.state_dict(), str(tmp_path / "w.safetensors"))
+  with pytest.raises(ValueError, match="model_args.img_size"):
+    checkpoints.load(tmp_path / "w.safetensors")
 
 
 def test_bare_state_dict_loads_with_timms_defaults_and_says_so(tmp_path, caplog):
@@ -126,6 +163,14 @@ REFUSED = {
                          "pool_include_prefix"),
     "quick_gelu": ("vit_tiny_patch16_224", dict(img_size=32, depth=1, act_layer="quick_gelu"),
                    "quick_gelu"),
+    "avg_over_class_token": ("vit_tiny_patch16_224", dict(
+        img_size=32, depth=1, global_pool="avg", fc_norm=False, pool_include_prefix=True),
+        "averages the class token"),
+    "packed_swiglu": ("vit_giant_patch14_dinov2", dict(img_size=28, depth=1), "SwiGLU"),
+    "no_final_norm": ("vit_tiny_patch16_224", dict(img_size=32, depth=1, final_norm=False),
+                      "final_norm=False"),
+    "parallel_blocks": ("vit_small_patch16_18x2_224", dict(img_size=32, depth=1),
+                        "parallel blocks"),
 }
 
 

@@ -65,6 +65,7 @@ _UNSUPPORTED = {  # a key fragment -> the timm feature hydra_jax's ViT does not 
     ".mlp.fc1_g.": "a gated MLP (SwiGLU / GeGLU)", ".mlp.fc1_x.": "a gated MLP (SwiGLU / GeGLU)",
     "patch_embed.norm.": "a patch-embedding norm", "patch_embed.backbone.": "a hybrid CNN stem",
     "attn_pool.pos_embed": "a position embedding in the MAP head",
+    ".attns.": "parallel blocks", ".ffns.": "parallel blocks",
 }
 _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias|gamma)")
 _BLOCK_MODULES = {"norm1": "LayerNorm_0", "attn.proj": ATT + "out", "ls1": "LayerScale_0",
@@ -114,10 +115,10 @@ def timm_source(path: pathlib.Path) -> tuple[pathlib.Path, dict | None] | None:
     return (path, None) if "patch_embed.proj.weight" in f.keys() else None  # noqa: SIM118
 
 
-def _fields(config: dict | None, width: int, class_token: bool, has_head: bool,
-            source: str) -> dict:
+def _fields(config: dict | None, width: int, tensors: dict, source: str) -> dict:
   """num_heads, gelu_approximate, ln_eps, pool, pool_include_prefix, no_embed_class (None: infer
   from the shapes) and img_size (None: unknown) of the timm model, by the rule in the docstring."""
+  class_token, has_head = "cls_token" in tensors, "head.weight" in tensors
   args = dict((config or {}).get("model_args") or {})
   if config and "global_pool" in config:
     args.setdefault("global_pool", config["global_pool"])
@@ -134,16 +135,22 @@ def _fields(config: dict | None, width: int, class_token: bool, has_head: bool,
     assumed.append(f"num_heads={width // 64} (64-wide heads)")
   if act is None:
     assumed.append("exact GELU")
-  if pool is None:
+  if pool is None and "attn_pool.latent" in tensors:
+    pool = "map"  # the only pool with a MAP head
+  elif pool is None:
     pool = "token" if class_token else "avg"
     assumed.append(f"global_pool={pool!r}")
   if assumed:
-    what = (f"architecture {config['architecture']!r} is not one of timm's that hydra_jax knows"
-            if config else "no timm config.json beside it")
+    what = (f"architecture {config['architecture']!r} is not among the timm architectures "
+            "hydra_jax's ViT computes (timm_architectures.json)" if config
+            else "no timm config.json beside it")
     logging.warning("%s: %s; assuming timm's defaults: %s", source, what, ", ".join(assumed))
   if pool not in POOLS and (pool != "" or has_head):  # "": every token out, no head
     raise ValueError(f"{source}: timm global_pool {pool!r} is not supported; expected one of "
                      f"{tuple(POOLS)} ('' only without a head)")
+  if pool == "":
+    logging.warning("%s: timm global_pool '' puts out every token; hydra_jax's ViT pools them "
+                    "(%s) for the head you give it", source, "tok" if class_token else "gap")
   size = args.get("img_size") or ((config or {}).get("pretrained_cfg") or {}).get(
       "input_size", [None])[1:] or None
   return dict(
@@ -203,6 +210,10 @@ def _position(flat: dict, no_embed_class: bool | None, grid_tokens: int | None,
     no_embed_class = bool(prefix) and pos.shape[1] == grid_tokens
   elif no_embed_class is None:
     no_embed_class = bool(prefix) and _square(pos.shape[1]) and not _square(pos.shape[1] - prefix)
+    if prefix and _square(pos.shape[1]) and _square(pos.shape[1] - prefix):
+      logging.warning("%s: pos_embed's %d entries fit a square grid with and without entries for "
+                      "the %d class / register tokens; read as with (timm's default). A timm "
+                      "config.json with the image size decides", source, pos.shape[1], prefix)
   if no_embed_class:
     pos = np.concatenate([np.zeros((1, prefix, pos.shape[-1]), pos.dtype), pos], axis=1)
   if registers is not None:
@@ -225,7 +236,15 @@ def load_timm(weights: pathlib.Path, config: dict | None) -> common.Pretrained:
   if "patch_embed.proj.weight" not in tensors:
     raise ValueError(f"{source}: no 'patch_embed.proj.weight'; expected a timm VisionTransformer")
   width = tensors["patch_embed.proj.weight"].shape[0]
-  fields = _fields(config, width, "cls_token" in tensors, "head.weight" in tensors, source)
+  fields = _fields(config, width, tensors, source)
+  fc1, fc2 = (tensors.get(f"blocks.0.mlp.{n}.weight") for n in ("fc1", "fc2"))
+  if fc1 is not None and fc2 is not None and fc1.shape[0] != fc2.shape[1]:
+    raise ValueError(f"{source}: blocks.0.mlp.fc1 puts out {fc1.shape[0]} features and fc2 reads "
+                     f"{fc2.shape[1]}: a packed gated MLP (SwiGLU), which hydra_jax's ViT does not "
+                     "compute")
+  if "norm.weight" not in tensors:
+    raise ValueError(f"{source}: no final 'norm' (timm's final_norm=False), which hydra_jax's ViT "
+                     "always has")
   heads = fields["num_heads"]
   flat = {}
   for key, value in tensors.items():
@@ -237,14 +256,22 @@ def load_timm(weights: pathlib.Path, config: dict | None) -> common.Pretrained:
   patch = flat["embedding/kernel"].shape[0]
   grid = None if fields["img_size"] is None else tuple(s // patch for s in fields["img_size"])
   flat = _position(flat, fields["no_embed_class"], grid and grid[0] * grid[1], source)
-  if fields["pool"] == "map" and ("cls" in flat or "registers" in flat) and not fields[
-      "pool_include_prefix"]:
+  prefix = "cls" in flat or "registers" in flat
+  if prefix and fields["pool"] == "map" and not fields["pool_include_prefix"]:
     raise ValueError(f"{source}: timm's MAP head here reads only the patch tokens "
                      "(pool_include_prefix=False); hydra_jax's reads the class token and registers "
                      "too")
+  if prefix and fields["pool"] == "gap" and fields["pool_include_prefix"]:
+    raise ValueError(f"{source}: timm's avg pool here averages the class token and registers in "
+                     "(pool_include_prefix=True); hydra_jax's 'gap' averages the patch tokens only")
   extra = {}
-  if grid is not None and grid[0] * grid[1] == flat["pos_embedding"].shape[1] - int("cls" in flat):
+  patches = flat["pos_embedding"].shape[1] - int("cls" in flat)
+  if grid is not None and grid[0] * grid[1] == patches:
     extra["posemb_grid"] = grid
+  elif not _square(patches):
+    raise ValueError(f"{source}: {patches} patch positions make no square grid; a timm "
+                     "config.json beside the weights giving model_args.img_size or "
+                     "pretrained_cfg.input_size tells the grid")
   model = common.infer_model(flat, source, ln_eps=fields["ln_eps"], pool=fields["pool"],
                              gelu_approximate=fields["gelu_approximate"], **extra)
   pretrained = ((config or {}).get("pretrained_cfg") or {})
