@@ -3,17 +3,20 @@
   python benchmarks/transformers_check.py --workdir /tmp/h
   python benchmarks/transformers_check.py --workdir /tmp/l --peft   # a LoRA run, through PEFT
   python benchmarks/transformers_check.py --workdir /tmp/h --timm   # timm's VisionTransformer
+  python benchmarks/transformers_check.py --workdir /tmp/lg --peft --timm   # PEFT on timm
 
 Writes ``<workdir>/export/hf`` from ``export/merged.safetensors`` (``python -m hydra_jax.export``),
 loads it with ``AutoModelForImageClassification`` and ``AutoImageProcessor`` and scores the run's
 test split (its ``data.test_limit`` first images) from the raw images, then prints the accuracy
 beside the run's own ``results.json``. With ``--peft`` it writes ``<workdir>/export/peft``
 (``--peft`` of the export CLI: the base model and a PEFT adapter) and scores
-``PeftModel.from_pretrained(base, lora)`` instead. With ``--timm`` it writes
-``<workdir>/export/timm`` and scores ``timm.create_model("local-dir:...", pretrained=True)``; the
-images are resized (PIL bicubic) and normalised as its ``pretrained_cfg`` says by hand, since
-timm's transforms need torchvision, which has no CPU build here. Needs torch, transformers, peft
-and timm (requirements-test*.txt).
+``PeftModel.from_pretrained(base, lora)`` instead. With ``--timm`` the model is timm's
+(``<workdir>/export/timm``, or with ``--peft`` ``export/peft_timm``), built by
+``timm.create_model("local-dir:...", pretrained=True)``; the images are resized (PIL bicubic) and
+normalised as its ``pretrained_cfg`` says by hand, since timm's transforms need torchvision, which
+has no CPU build here. The model must be one timm computes (pooled "tok", "gap" or "map": the
+default run's "tok+gap" is not; ``--config.model.pool=gap`` runs one that is). Needs torch,
+transformers, peft and timm (requirements-test*.txt).
 """
 
 from __future__ import annotations
@@ -50,34 +53,31 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True, help="a finished train.py run")
   p.add_argument("--batch", type=int, default=200)
-  kind = p.add_mutually_exclusive_group()
-  kind.add_argument("--peft", action="store_true", help="score the LoRA run through PEFT instead")
-  kind.add_argument("--timm", action="store_true", help="score the model in timm instead")
+  p.add_argument("--peft", action="store_true", help="score the LoRA run through PEFT instead")
+  p.add_argument("--timm", action="store_true", help="score it in timm instead of transformers")
   args = p.parse_args()
   workdir = pathlib.Path(args.workdir)
-  merged = str(workdir / "export" / "merged.safetensors")
+  library = "timm" if args.timm else "hf"
+  if args.peft:  # the run's base model and its adapter
+    out = workdir / "export" / ("peft_timm" if args.timm else "peft")
+    export.main([str(workdir), "--peft", str(out), "--peft-target",
+                 "timm" if args.timm else "transformers"])
+    base_dir = out / "base"
+  else:  # the merged model
+    base_dir = workdir / "export" / library
+    export.main([str(workdir / "export" / "merged.safetensors"), f"--{library}", str(base_dir)])
   if args.timm:
-    out = workdir / "export" / "timm"
-    export.main([merged, "--timm", str(out)])
-    timm = import_timm()
-    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
-    name = f"timm {type(model).__name__}"
+    model = import_timm().create_model(f"local-dir:{base_dir}", pretrained=True)
     preprocess = functools.partial(_timm_pixels, cfg=model.pretrained_cfg)
   else:
-    if args.peft:
-      out = workdir / "export" / "peft"
-      export.main([str(workdir), "--peft", str(out)])
-      hf_dir = out / "base"
-      model = transformers.AutoModelForImageClassification.from_pretrained(hf_dir)
-      model = peft.PeftModel.from_pretrained(model, out / "lora").eval()
-      name = f"{type(model.get_base_model()).__name__} + PEFT LoRA"
-    else:
-      hf_dir = workdir / "export" / "hf"
-      export.main([merged, "--hf", str(hf_dir)])
-      model = transformers.AutoModelForImageClassification.from_pretrained(hf_dir).eval()
-      name = type(model).__name__
-    processor = transformers.AutoImageProcessor.from_pretrained(hf_dir)
+    model = transformers.AutoModelForImageClassification.from_pretrained(base_dir)
+    processor = transformers.AutoImageProcessor.from_pretrained(base_dir)
     preprocess = lambda images: processor(images=images, return_tensors="pt")["pixel_values"]  # noqa: E731
+  name = f"{'timm ' if args.timm else ''}{type(model).__name__}"
+  if args.peft:
+    model = peft.PeftModel.from_pretrained(model, out / "lora")
+    name += " + PEFT LoRA"
+  model.eval()
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   source = build.open_source(config.data, config.data.test_split)
   count = min(len(source), config.data.test_limit or len(source))

@@ -215,9 +215,16 @@ _EVERY_LINEAR = (r"Transformer/encoderblock_\d+/"
 
 
 def _lora_run(pre, spec, seed: int):
-  """(trainable, hydra_jax logits) of LoRA adapters and a head trained on ``pre``."""
+  """(trainable, hydra_jax logits) of LoRA adapters and a head trained on ``pre``; block 0's
+  value layer has half the rank (as after ``adapters.add``: PEFT's ``rank_pattern``)."""
   trainable = as_if_trained({"adapters": adapters.init(spec, pre.params, jax.random.key(seed)),
                              "params": {"head": pre.params["head"]}}, seed)
+  value = trainable["adapters"]["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"][
+      "value"]
+  half = spec.rank // 2
+  value["A"], value["B"] = value["A"][:, :half], value["B"][:half]
+  if "a" in value:  # the bias after A
+    value["a"] = value["a"][:half]
   params = {**pre.params, "head": trainable["params"]["head"]}
   logits, _ = adapters.apply_intercepted(checkpoints.build_model(pre), params,
                                          trainable["adapters"], spec, _images())

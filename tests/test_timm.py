@@ -12,6 +12,7 @@ import peft
 import pytest
 import torch
 from lora_runs import as_if_trained, finished_lora_run
+from safetensors.numpy import load_file
 from safetensors.torch import save_file as save_torch
 from timm_import import import_timm
 
@@ -348,3 +349,45 @@ def test_export_cli_writes_a_lora_run_for_peft_on_timm(tmp_path):
   images = _images((16, 16))
   ours = _lora_logits(base, trainable, spec, images)
   assert _rel(_timm_logits(model.eval(), images), ours) < 1e-5
+
+
+def test_peft_on_timm_mixed_ranks_round_trip_unchanged(tmp_path):
+  """Layers of other ranks go to PEFT's rank_pattern; save -> load -> save gives the same file
+  (each packed part keeps only its own rank columns), and a LoRA not yet trained reads back
+  whole (PEFT adapts all of q/k/v)."""
+  pre = _pretrained(dict(pool="tok"), 3, seed=4)
+  spec = adapters.AdapterSpec(kind="lora", targets=(r"Transformer/.*/(query|value|Dense_1)",),
+                              rank=4, alpha=6.0)
+  fresh = {"adapters": adapters.init(spec, pre.params, jax.random.key(0))}
+  trainable = as_if_trained(fresh, 5)
+  dense = trainable["adapters"]["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_1"]
+  dense["A"], dense["B"] = dense["A"][:, :2], dense["B"][:2]  # as adapters.add or a rank_pattern
+  images = _images((16, 16))
+  ours = _lora_logits(pre, trainable, spec, images)
+  checkpoints.save_timm(tmp_path / "base", pre)
+  checkpoints.save_peft(tmp_path / "lora", trainable, spec, pre, target="timm")
+  config = json.loads((tmp_path / "lora/adapter_config.json").read_text())
+  assert config["r"] == 8 and config["rank_pattern"] == {
+      r"blocks\.0\.mlp\.fc2": 2, r"blocks\.1\.mlp\.fc2": 4}
+  model = peft.PeftModel.from_pretrained(_load_in_timm(tmp_path / "base"), tmp_path / "lora")
+  assert _rel(_timm_logits(model.eval(), images), ours) < 1e-5
+  back, back_spec = checkpoints.load_peft(tmp_path / "lora", pre)
+  assert back["adapters"]["Transformer"]["encoderblock_1"]["MultiHeadDotProductAttention_0"][
+      "query"]["A"].shape == (32, 4)
+  checkpoints.save_peft(tmp_path / "again", back, back_spec, pre, target="timm")
+  first, second = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("lora", "again"))
+  assert first.keys() == second.keys()
+  for key in first:
+    np.testing.assert_allclose(second[key], first[key], rtol=1e-6, atol=1e-7, err_msg=key)
+  checkpoints.save_peft(tmp_path / "fresh", fresh, spec, pre, target="timm")
+  _, fresh_spec = checkpoints.load_peft(tmp_path / "fresh", pre)
+  assert len(fresh_spec.targets) == 2 * 3 + 2  # q, k, v whole in each block, and fc2
+
+
+def test_load_peft_on_timm_refuses_the_patch_embedding_by_name(tmp_path):
+  vit = _timm("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=2)
+  pre = checkpoints.load(_save_for_hf(vit, tmp_path / "base"))
+  model = peft.get_peft_model(vit, peft.LoraConfig(r=2, target_modules=["qkv", "proj"]))
+  model.save_pretrained(tmp_path / "lora")
+  with pytest.raises(ValueError, match="patch embedding, a convolution"):
+    checkpoints.load_peft(tmp_path / "lora", pre)

@@ -12,14 +12,17 @@ is LoRA's dropout. Factor biases (``AdapterSpec(bias=True)``) fold exactly into
 ``lora_B.bias = a B + b`` (PEFT's ``lora_bias``). A trained head is a ``modules_to_save``
 classifier. Where ``save_hf`` folds LayerScale into the attention-out / MLP-out layer (a
 non-DINOv2 class), the same scale multiplies that layer's ``lora_B`` (``load_peft`` divides it
-back out onto a base with LayerScale). Layers of other ranks (e.g. after ``adapters.add``) are
-zero-padded to the largest rank, which changes nothing. SigLIP's MAP-head attention is a torch
+back out onto a base with LayerScale). PEFT's ``r`` is the largest layer rank; layers of other
+ranks (e.g. after ``adapters.add``) go to ``rank_pattern``, their B scaled by their rank / ``r``
+(PEFT scales each layer by ``lora_alpha`` / its own rank). SigLIP's MAP-head attention is a torch
 ``MultiheadAttention``, which never runs a LoRA on its ``out_proj``: refused both ways.
 
 On timm's VisionTransformer (``save_peft(..., target="timm")`` for the model ``save_timm``
 writes; ``load_peft`` of an adapter naming ``blocks.i.attn.qkv``, ...) a block's query, key and
 value are one packed ``attn.qkv`` layer: its LoRA is theirs with A concatenated and B
-block-diagonal, and reads back as three LoRAs sharing A (a part whose B is zero is left out).
+block-diagonal. On load each part keeps the rank columns its B uses (a ``save_peft`` export reads
+back as it was written; a PEFT-trained qkv LoRA becomes three sharing A); a part whose B and bias
+are zero is not adapted, unless every part is (an untrained LoRA: PEFT adapts all three).
 
 PEFT names modules as the running transformers model does, and transformers renamed them (the
 checkpoint files kept the old names): ViT's attention became ``attention.q_proj`` / ``k_proj`` /
@@ -124,12 +127,13 @@ def _layer_scale(base: common.Pretrained, layer_path: tuple[str, ...], family: s
   return np.asarray(block[scale]["scale"]) if scale in block else None
 
 
-def _packed(parts: tuple[str, ...], got: dict, rank: int):
-  """One PEFT module's A (d_in, rank), B (rank, d_out) and lora_B bias from the factors ``got``
-  of the ViT layers ``parts`` it packs: A concatenated, B block-diagonal (a part without factors
-  gets zero columns), zero-padded to ``rank`` (the same product)."""
+def _packed(parts: tuple[str, ...], got: dict):
+  """One PEFT module's A (d_in, r), B (r, d_out) and lora_B bias from the factors ``got`` of the
+  ViT layers ``parts`` it packs (r: their ranks summed): A concatenated, B block-diagonal (a part
+  without factors gets zero columns)."""
   d_in = next(iter(got.values()))[0].shape[0]
   width = next(iter(got.values()))[1].shape[1]  # packed parts have equal widths
+  rank = sum(pa.shape[1] for pa, _, _ in got.values())
   a = np.zeros((d_in, rank), np.float32)
   b = np.zeros((rank, width * len(parts)), np.float32)
   bias = np.zeros(width * len(parts), np.float32)
@@ -153,8 +157,7 @@ def save_peft(directory, trainable, spec: spec_lib.AdapterSpec, base: common.Pre
   For ``target="timm"`` the adapter applies to timm's VisionTransformer as ``save_timm(base)``
   writes it: a block's adapted query / key / value share timm's packed ``attn.qkv`` (the MAP
   head's key / value its ``attn_pool.kv``), as one LoRA of their ranks summed (A concatenated,
-  B block-diagonal, zeros for a part not adapted); every module is zero-padded to the largest
-  such rank (the same product).
+  B block-diagonal, zeros for a part not adapted).
 
   Args:
     directory: the directory to write (an earlier PEFT export there is replaced).
@@ -176,7 +179,7 @@ def save_peft(directory, trainable, spec: spec_lib.AdapterSpec, base: common.Pre
   if spec.kind != "lora":
     raise ValueError(f"PEFT has no {spec.kind!r} adapter; only kind 'lora' exports to PEFT "
                      "(merge the adapters and export the model with save_hf instead)")
-  version = _version(transformers_version)
+  version = _version(transformers_version) if target == "transformers" else None
   trainable = jax.device_get(trainable)
   trained = traverse_util.flatten_dict(trainable.get("params", {}), sep="/")
   extra = sorted({k.rsplit("/", 1)[0] for k in trained} - {"head"})
@@ -207,16 +210,17 @@ def save_peft(directory, trainable, spec: spec_lib.AdapterSpec, base: common.Pre
     if (scale := _layer_scale(base, layer.path, family)) is not None:
       b, bias = b * scale, bias * scale  # s (x A B + c) = x A (B s) + c s
     modules.setdefault(name, (parts, {}))[1][layer.name] = (a, b, bias)
-  rank = max((sum(a.shape[1] for a, _, _ in got.values()) for _, got in modules.values()),
-             default=spec.rank)
+  packed = {name: _packed(parts, got) for name, (parts, got) in modules.items()}
+  ranks = {name: a.shape[1] for name, (a, _, _) in packed.items()}
+  rank = max(ranks.values(), default=spec.rank)
   tensors, targets, with_bias = {}, [], any("a" in f or "b" in f for _, _, f in layers)
-  for name, (parts, got) in modules.items():
-    a, b, bias = _packed(parts, got, rank)
+  for name, (a, b, bias) in packed.items():
+    down = ranks[name] / rank  # PEFT scales a module by lora_alpha / its own rank
     key = _PEFT_PREFIX + name
     tensors[key + ".lora_A.weight"] = a.T
-    tensors[key + ".lora_B.weight"] = b.T
+    tensors[key + ".lora_B.weight"] = (b * down).T
     if with_bias:
-      tensors[key + ".lora_B.bias"] = bias
+      tensors[key + ".lora_B.bias"] = bias * down
     targets.append(name)
   if trained:
     head = {**{k.split("/")[-1]: np.asarray(v) for k, v in
@@ -232,7 +236,8 @@ def save_peft(directory, trainable, spec: spec_lib.AdapterSpec, base: common.Pre
       r=int(rank), lora_alpha=float(spec.scaling * rank), lora_dropout=float(spec.dropout),
       target_modules=targets, bias="none", lora_bias=with_bias, use_rslora=False,
       use_dora=False, fan_in_fan_out=False, init_lora_weights=True, inference_mode=True,
-      modules_to_save=[head_module] if trained else None, rank_pattern={}, alpha_pattern={})
+      modules_to_save=[head_module] if trained else None, alpha_pattern={},
+      rank_pattern={re.escape(n): r for n, r in ranks.items() if r != rank})
   tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
 
   def write(tmp: pathlib.Path) -> None:
@@ -257,7 +262,26 @@ def _vit_module(module: str, key: str) -> str:
 
 def _timm_named(module: str) -> bool:
   """Whether a LoRA module name is timm's VisionTransformer's (transformers' never are)."""
-  return module == "head" or module.startswith(("blocks.", "attn_pool."))
+  return module == "head" or module.startswith(("blocks.", "attn_pool.", "patch_embed."))
+
+
+def _unpacked(parts: dict) -> dict:
+  """The layers of one packed PEFT module, each keeping only the rank columns its B uses.
+
+  A ``save_peft`` export's A holds each layer's columns side by side (B block-diagonal): this
+  gives them back. A part whose B rows and bias are all zero is not adapted; where every part is
+  zero (a LoRA not yet trained), all are kept whole, as PEFT adapts all of them.
+  """
+  used = {p: np.any(f["B"] != 0, axis=1) for p, f in parts.items()}
+  if not any(u.any() for u in used.values()):
+    return parts
+  out = {}
+  for path, f in parts.items():
+    if used[path].any():
+      out[path] = dict(f, A=f["A"][:, used[path]], B=f["B"][used[path]])
+    elif np.any(f.get("b", 0)):  # a bias alone: kept with its full (unused) rank
+      out[path] = f
+  return out
 
 
 def _vit_paths(module: str, key: str, family: str | None) -> tuple[str, ...]:
@@ -383,19 +407,17 @@ def load_peft(directory, base: common.Pretrained) -> tuple[dict, spec_lib.Adapte
     if family != "timm" and packed[0] in why:
       raise ValueError(f"PEFT tensor {key}: LoRA on {packed[0]} is not supported: "
                        f"{why[packed[0]]}")
-    parts = {}
+    rank_m = tensors["A"][1].shape[0] if "A" in tensors else None  # PEFT scales by alpha / it
+    parts = {path: {"r": rank_m} for path in packed}
     for leaf, (key, value) in tensors.items():  # B and b split along the packed outputs
       if leaf != "A" and value.shape[0] % len(packed):
         raise ValueError(f"PEFT tensor {key}: {value.shape[0]} outputs do not split into the "
                          f"{len(packed)} layers timm packs in {module}")
       split = [value] * len(packed) if leaf == "A" else np.split(value, len(packed))
       for path, part in zip(packed, split, strict=True):
-        parts.setdefault(path, {})[leaf] = part if leaf == "b" else part.T
-    if len(packed) > 1:  # a packed part PEFT's LoRA leaves at zero is not adapted here
-      zero = [p for p in packed if not np.any(parts[p].get("B", 0)) and not np.any(
-          parts[p].get("b", 0))]
-      for path in zero if len(zero) < len(packed) else []:
-        del parts[path]
+        parts[path][leaf] = np.array(part if leaf == "b" else part.T)  # each its own copy
+    if len(packed) > 1 and "A" in tensors and "B" in tensors:
+      parts = _unpacked(parts)
     factors.update(parts)
   params = {}
   for name, (key, value) in saved.items():
@@ -405,10 +427,10 @@ def load_peft(directory, base: common.Pretrained) -> tuple[dict, spec_lib.Adapte
     family = hf_export.target(model, has_head="head" in base.params)[0]
   adapters = {}
   for path, f in factors.items():
+    r = f.pop("r")
     if set(f) - {"b"} != {"A", "B"}:
       raise ValueError(f"PEFT adapter {root}: layer {path} has {sorted(f)}; expected lora_A "
                        "and lora_B weights")
-    r = f["A"].shape[1]
     layer_scaling = float(config.get("lora_alpha", 8)) / (math.sqrt(r) if rslora else r)
     up = np.full(f["B"].shape[-1], layer_scaling / spec_scaling, np.float32)
     if (scale := _layer_scale(base, tuple(path.split("/")), family)) is not None:

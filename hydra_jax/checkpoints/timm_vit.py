@@ -321,6 +321,10 @@ def vit_layers(module: str) -> tuple[str, ...]:
     return tuple(f"{MAP}{ATT}{n}" for n in _PACKED["attn_pool.kv"])
   if module in _TOP and module not in ("patch_embed.proj", "norm", "attn_pool.norm"):
     return (_TOP[module],)
+  if module == "patch_embed.proj":
+    raise ValueError("patch_embed.proj is the patch embedding, a convolution: hydra_jax's LoRA "
+                     "adapts linear layers (target timm's 'attn.proj', not 'proj', which also "
+                     "matches it)")
   raise ValueError(f"module {module!r} is not a linear layer of timm's VisionTransformer "
                    "hydra_jax knows")
 
