@@ -106,7 +106,6 @@ def save_peft_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
   trainable, spec = load_adapters(files[1])
   _, base = build.build_model(config, build.model_rng(config))
   archs = []
-
   timm = target == "timm"
 
   def write(tmp: pathlib.Path) -> None:

@@ -284,30 +284,33 @@ def load_timm(weights: pathlib.Path, config: dict | None) -> common.Pretrained:
                            f"timm:{source}")
 
 
-def timm_module(path: str) -> tuple[str, tuple[str, ...]]:
-  """A ViT linear layer -> (its timm ``nn.Linear``, the ViT layers packed there in order).
-
-  A block's query / key / value share ``blocks.i.attn.qkv``, the MAP head's key / value
-  ``attn_pool.kv``; every other layer is alone in its module.
-
-  Raises:
-    ValueError: ``path`` is not one of the ViT's linear layers in timm.
-  """
-  module, _, part = path.rpartition("/")
+def _timm_place(path: str) -> tuple[str, tuple[str, ...]] | None:
+  """A ViT module -> (its timm module, the ViT modules packed there in order); None: timm has no
+  such module. A block's query / key / value share ``blocks.i.attn.qkv``, the MAP head's key /
+  value ``attn_pool.kv``; every other module is alone in its timm module."""
+  module = path.rpartition("/")[0]
   if path.startswith(hf_export.BLOCK):
     index, rest = path[len(hf_export.BLOCK):].split("/", 1)
     if rest in (ATT + "query", ATT + "key", ATT + "value"):
       return f"blocks.{index}.attn.qkv", tuple(f"{module}/{n}" for n in _PACKED["attn.qkv"])
-    if rest in _BLOCK_MODULES.values() and "Layer" not in rest:
-      return f"blocks.{index}.{_TIMM_MODULES[rest]}", (path,)
-  elif path in (MAP + ATT + "key", MAP + ATT + "value"):
+    return (f"blocks.{index}.{_TIMM_MODULES[rest]}", (path,)) if rest in _TIMM_MODULES else None
+  if path in (MAP + ATT + "key", MAP + ATT + "value"):
     return "attn_pool.kv", tuple(f"{module}/{n}" for n in _PACKED["attn_pool.kv"])
-  elif path in _TIMM_MODULES and "Layer" not in path and path not in ("embedding",
-                                                                       "Transformer/encoder_norm"):
-    return _TIMM_MODULES[path], (path,)
-  raise ValueError(f"layer {path} is not a torch.nn.Linear in timm's VisionTransformer; expected "
-                   "a block's query, key, value, out, Dense_0 or Dense_1, the head, or a MAP-head "
-                   "linear layer")
+  return (_TIMM_MODULES[path], (path,)) if path in _TIMM_MODULES else None
+
+
+def timm_module(path: str) -> tuple[str, tuple[str, ...]]:
+  """A ViT linear layer -> (its timm ``nn.Linear``, the ViT layers packed there in order).
+
+  Raises:
+    ValueError: ``path`` is not one of the ViT's linear layers in timm.
+  """
+  place = _timm_place(path)
+  if place is None or "Layer" in path or path in ("embedding", "Transformer/encoder_norm"):
+    raise ValueError(f"layer {path} is not a torch.nn.Linear in timm's VisionTransformer; "
+                     "expected a block's query, key, value, out, Dense_0 or Dense_1, the head, or "
+                     "a MAP-head linear layer")
+  return place
 
 
 def vit_layers(module: str) -> tuple[str, ...]:
@@ -368,22 +371,14 @@ def _tensors(flat: dict, model: dict) -> dict[str, np.ndarray]:
       out["attn_pool.latent"] = value
       continue
     torch_leaf, array = hf_export.to_torch(name, leaf, value)
-    torch_leaf = "gamma" if torch_leaf == "lambda1" else torch_leaf
-    block, module = "", name
-    if name.startswith(hf_export.BLOCK):
-      index, module = name[len(hf_export.BLOCK):].split("/", 1)
-      block = f"blocks.{index}."
-    part = module.rpartition("/")[2]
-    if part in ("query", "key", "value"):  # timm packs q, k, v (the MAP head: k, v)
-      if block or part != "query":
-        target = f"{block}attn.qkv" if block else "attn_pool.kv"
-        packed.setdefault(f"{target}.{torch_leaf}", {})[part] = array
-      else:
-        out[f"attn_pool.q.{torch_leaf}"] = array
-      continue
-    out[f"{block}{_TIMM_MODULES[module]}.{torch_leaf}"] = array
-  for key, parts in packed.items():
-    out[key] = np.concatenate([parts[n] for n in ("query", "key", "value") if n in parts])
+    module, parts = _timm_place(name)
+    key = f"{module}.{'gamma' if torch_leaf == 'lambda1' else torch_leaf}"
+    if len(parts) > 1:  # timm packs q, k, v (the MAP head: k, v) along the output
+      packed.setdefault(key, (parts, {}))[1][name] = array
+    else:
+      out[key] = array
+  for key, (parts, arrays) in packed.items():
+    out[key] = np.concatenate([arrays[p] for p in parts])
   pos = flat["pos_embedding"]
   out["pos_embed"] = np.concatenate(
       [pos[:, :num_cls], np.zeros((1, registers, width), pos.dtype), pos[:, num_cls:]], axis=1)
