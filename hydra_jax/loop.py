@@ -228,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _train_loop(config, runner, ckpt, writer, batches, validate, start=start,
               steps_per_epoch=steps_per_epoch, rng=jax.random.fold_in(rng, 2))
   results = _final(config, runner, spec, model, pre, val_src, test_src, workdir)
-  writer.write(results["steps"], results)
+  writer.write(results["steps"], results)  # the line holding "steps" (metrics.RESULTS_KEY)
   writer.close()
   return results
 

@@ -9,20 +9,25 @@ import time
 
 import tqdm
 
+RESULTS_KEY = "steps"  # only the final results line (``train_and_evaluate``'s) holds it
 
-def _step_of(line: str) -> int | None:
-  """The step of a metrics.jsonl line; None for a torn (half-written) line."""
+
+def _kept(line: str, resume_step: int) -> bool:
+  """Whether a resumed run keeps a metrics.jsonl line: one logged at or before its checkpoint,
+  not torn (half-written) and not the final results (a rerun writes those again)."""
   try:
-    return int(json.loads(line)["step"])
+    record = json.loads(line)
+    return int(record["step"]) <= resume_step and RESULTS_KEY not in record
   except (ValueError, KeyError, TypeError):
-    return None
+    return False
 
 
 class MetricWriter:
   """Appends ``{"step": s, **scalars}`` lines to ``metrics.jsonl`` and TensorBoard scalars.
 
   ``resume_step``: a run resumed from that checkpoint drops the lines an interrupted run wrote
-  after it (they are written again), so every step appears once.
+  after it and an earlier final results line (they are written again), so every step appears
+  once and a finished run run again ends with one results line.
   """
 
   def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True,
@@ -35,7 +40,7 @@ class MetricWriter:
     path = workdir / "metrics.jsonl"
     if resume_step is not None and path.exists():
       kept = [line for line in path.read_text().splitlines(keepends=True)
-              if (step := _step_of(line)) is not None and step <= resume_step]
+              if _kept(line, resume_step)]
       tmp = path.with_name(path.name + ".tmp")
       tmp.write_text("".join(kept))
       os.replace(tmp, path)

@@ -3,9 +3,10 @@
 A timm checkpoint's tensors do not record the head count, the GELU variant, the LayerNorm eps or
 the pooling; timm takes them from the architecture's name. This lists, for every registered
 architecture whose model hydra_jax's ViT computes exactly (timm's VisionTransformer with plain
-blocks, a learned position embedding, an MLP with exact or tanh GELU, no pre-norm, fc_norm, q/k
-norm or patch-embedding norm), the fields the loader cannot read off the tensors. Each model is
-built on torch's meta device (no memory, no weights): about five minutes for timm 1.0.
+blocks, a learned position embedding, an MLP with exact or tanh GELU, one final LayerNorm before
+or after the pooling, no pre-norm, q/k norm or patch-embedding norm), the fields the loader
+cannot read off the tensors. Each model is built on torch's meta device (no memory, no weights):
+about six minutes for timm 1.0.
 
   pip install --no-deps timm && python scripts/timm_architectures.py
 """
@@ -38,8 +39,8 @@ def describe(model, timm) -> dict | None:
     return None
   if model.pos_embed is None or not _identity(model.patch_embed.norm):
     return None
-  if not (_identity(model.norm_pre) and _identity(model.fc_norm)) or _identity(model.norm):
-    return None
+  if not _identity(model.norm_pre) or _identity(model.norm) == _identity(model.fc_norm):
+    return None  # one final norm, on the tokens (norm) or on the pooled features (fc_norm)
   block = model.blocks[0]
   if type(block) is not Block or type(block.attn) is not Attention or type(block.mlp) is not Mlp:
     return None
@@ -53,7 +54,8 @@ def describe(model, timm) -> dict | None:
     gelu = "exact"
   else:
     return None
-  if not all(isinstance(n, nn.LayerNorm) for n in (block.norm1, block.norm2, model.norm)):
+  final = model.fc_norm if _identity(model.norm) else model.norm
+  if not all(isinstance(n, nn.LayerNorm) for n in (block.norm1, block.norm2, final)):
     return None  # timm's LayerNorm subclasses nn.LayerNorm (same function)
   pool = model.global_pool
   # hydra_jax's "map" reads the class token and registers, its "gap" leaves them out

@@ -165,6 +165,7 @@ def test_bfloat16_export_and_replacing_an_export(tmp_path):
     (dict(pool="tok", representation_size=8), True, "pre_logits"),
     (dict(pool="map"), False, "MAP head over a class-token model"),
     (dict(pool="tok", num_registers=4), True, "register tokens exist in transformers only in"),
+    (dict(pool="gap", class_token=False, fc_norm=True), True, "fc_norm .* export to timm"),
 ])
 def test_models_without_a_transformers_class_are_refused(fields, has_head, match):
   model = dict(dict(class_token=True, representation_size=None, layer_scale=False), **fields)

@@ -70,6 +70,9 @@ HUB_CASES = {
     "registers_embed_class": ("vit_tiny_patch16_224", dict(
         img_size=(32, 48), depth=1, num_classes=3, reg_tokens=2, qkv_bias=False,
         init_values=0.5)),
+    # fc_norm: the final LayerNorm on the averaged patch tokens; registers, no class token
+    "reg4_gap_fc_norm": ("vit_little_patch16_reg4_gap_256", dict(img_size=32, depth=1,
+                                                                 num_classes=3)),
     # a MAP head over the class token too
     "map_include_prefix": ("vit_tiny_patch16_224", dict(
         img_size=32, depth=1, num_classes=3, global_pool="map", pool_include_prefix=True)),
@@ -85,6 +88,19 @@ def test_timm_directory_loads_and_computes_timms_logits(case, tmp_path):
   assert _rel(_ours(pre, images), _timm_logits(model, images)) < 1e-5
   assert pre.model["num_heads"] == model.blocks[0].attn.num_heads
   assert pre.mean == tuple(model.pretrained_cfg["mean"])
+  assert pre.model["fc_norm"] == (not isinstance(model.fc_norm, torch.nn.Identity))
+
+
+def test_fc_norm_model_refuses_a_pool_of_two_features(tmp_path):
+  model = _timm("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=3, global_pool="avg")
+  path = _save_for_hf(model, tmp_path / "timm")  # timm's avg pool puts fc_norm after it
+  with pytest.raises(ValueError, match="pool='tok\\+gap' concatenates two features.*model.pool"):
+    checkpoints.load(path, pool="tok+gap")
+  pre = checkpoints.load(path, pool="tok")  # the class token, normed by fc_norm as in timm
+  assert pre.model["fc_norm"] and pre.model["pool"] == "tok"
+  model.global_pool = "token"
+  images = _images(model)
+  assert _rel(_ours(pre, images), _timm_logits(model, images)) < 1e-5
 
 
 def test_architecture_table_fields_match_timm():
@@ -92,7 +108,8 @@ def test_architecture_table_fields_match_timm():
   table = timm_vit.architectures()
   for name in ("vit_base_patch16_224", "vit_huge_patch14_224", "vit_so400m_patch14_siglip_224",
                "vit_base_patch32_siglip_256", "vit_small_patch14_reg4_dinov2",
-               "vit_base_patch16_gap_224", "deit3_small_patch16_224"):
+               "vit_base_patch16_gap_224", "deit3_small_patch16_224",
+               "vit_little_patch16_reg4_gap_256"):
     with torch.device("meta"):
       model = timm.create_model(name)
     row = table[name]
@@ -157,8 +174,6 @@ def test_bare_state_dict_loads_with_timms_defaults_and_says_so(tmp_path, caplog)
 
 REFUSED = {
     "pre_norm": ("vit_base_patch16_clip_224", dict(img_size=32, depth=1), "pre_norm"),
-    "fc_norm": ("vit_tiny_patch16_224", dict(img_size=32, depth=1, global_pool="avg",
-                                             fc_norm=True), "fc_norm"),
     "distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, depth=1), "distillation"),
     "map_patches_only": ("vit_tiny_patch16_224", dict(img_size=32, depth=1, global_pool="map"),
                          "pool_include_prefix"),
@@ -197,6 +212,8 @@ EXPORTS = {  # ViT fields, head classes
     "map": (dict(pool="map", class_token=False, gelu_approximate=True), 3),
     "map_over_class_token": (dict(pool="map"), 3),
     "registers_layer_scale": (dict(pool="gap", num_registers=3, layer_scale=True), 3),
+    "fc_norm_gap": (dict(pool="gap", fc_norm=True, num_registers=2), 3),
+    "fc_norm_tok_no_head": (dict(pool="tok", fc_norm=True), None),
     "non_square_no_head": (dict(pool="tok", posemb_grid=(3, 5), mlp_dim=72), None),
 }
 

@@ -116,6 +116,11 @@ def test_resume_after_kill_matches_uninterrupted(reference_run, tmp_path):
   loss_steps = lambda w: [x["step"] for x in map(json.loads, (  # noqa: E731
       w / "metrics.jsonl").read_text().splitlines()) if "loss" in x]
   assert loss_steps(tmp_path) == loss_steps(reference_run[0])  # each step once
+  first = json.loads((tmp_path / "results.json").read_text())
+  again = train_and_evaluate(_testing_config(checkpoint_every=2), str(tmp_path))  # finished
+  assert again["steps"] == 8 and again["test_accuracy"] == first["test_accuracy"]
+  lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [x["step"] for x in lines if metrics.RESULTS_KEY in x] == [8]  # one results line
 
 
 def test_a_run_starts_from_given_adapters(reference_run, tmp_path):
@@ -158,6 +163,15 @@ def test_metrics_of_a_resumed_run_hold_each_step_once(tmp_path):
   lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
   assert lines[3]["loss"] == 14.0
+  writer = metrics.MetricWriter(tmp_path, resume_step=6)
+  writer.write(6, {metrics.RESULTS_KEY: 6, "test_accuracy": 0.5})  # the run's final line
+  writer.close()
+  writer = metrics.MetricWriter(tmp_path, resume_step=6)  # the finished run, run again
+  writer.write(6, {metrics.RESULTS_KEY: 6, "test_accuracy": 0.5})
+  writer.close()
+  lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6, 6]
+  assert [metrics.RESULTS_KEY in x for x in lines].count(True) == 1
 
 
 @pytest.mark.parametrize("field,value", [("seed", 1), ("batch_size", 8)])

@@ -1,4 +1,5 @@
-"""The ViT's padded attention path (what cuDNN runs) and its rematerialisation policies."""
+"""The ViT's padded attention path (what cuDNN runs), its rematerialisation policies, input
+normalisation, stochastic depth and fc_norm."""
 
 import types
 
@@ -132,3 +133,36 @@ def test_drop_path_only_with_its_rng(remat):
   assert vit.train_rngs(jax.random.key(2), train=False) == {}
   with pytest.raises(ValueError, match="drop_path 1.0 must be in"):
     ViT(**kw, drop_path=1.0).init(jax.random.key(0), images[:1])
+
+
+def _layer_norm(x, norm):
+  mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  return (x - mean) / jnp.sqrt(var + 1e-6) * norm["scale"] + norm["bias"]
+
+
+@pytest.mark.parametrize("pool", ["tok", "gap"])
+def test_fc_norm_normalises_the_pooled_features_instead_of_the_tokens(pool):
+  """fc_norm=True: the same blocks, whose tokens stay unnormed, and one LayerNorm
+  (``pooled_norm``) on the pooled vector."""
+  images, params = _setup()
+  params["Transformer"]["encoder_norm"] = {  # not the identity: LN(LN(x)) would pass too
+      "scale": 1.0 + 0.5 * jax.random.normal(jax.random.key(5), (32,)),
+      "bias": 0.5 * jax.random.normal(jax.random.key(6), (32,))}
+  plain_tokens = ViT(**KW).apply({"params": params}, images, method="encode")
+  head = {"kernel": params["head"]["kernel"][:32], "bias": params["head"]["bias"]}
+  transformer = dict(params["Transformer"])
+  encoder_norm = transformer.pop("encoder_norm")
+  norm = {"scale": 1.0 + 0.1 * jax.random.normal(jax.random.key(3), (32,)),
+          "bias": 0.1 * jax.random.normal(jax.random.key(4), (32,))}
+  ours = {**params, "Transformer": transformer, "head": head, "pooled_norm": norm}
+  model = ViT(**dict(KW, pool=pool), fc_norm=True)
+  shapes = lambda tree: jax.tree.map(jnp.shape, tree)  # noqa: E731
+  assert shapes(model.init(jax.random.key(1), images)["params"]) == shapes(ours)
+  tokens = model.apply({"params": ours}, images, method="encode")
+  np.testing.assert_allclose(_layer_norm(tokens, encoder_norm), plain_tokens, rtol=1e-5,
+                             atol=1e-5)
+  pooled = tokens[:, 0] if pool == "tok" else tokens[:, 1:].mean(axis=1)
+  want = _layer_norm(pooled, norm) @ head["kernel"] + head["bias"]
+  np.testing.assert_allclose(model.apply({"params": ours}, images), want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="fc_norm=True normalises one pooled feature"):
+    ViT(**KW, fc_norm=True).init(jax.random.key(1), images)

@@ -104,7 +104,7 @@ def infer_model(flat: Mapping[str, np.ndarray], source: str, **fields) -> dict:
       num_registers=flat["registers"].shape[1] if "registers" in flat else 0,
       pool="map" if "MAPHead_0/probe" in flat else "tok" if class_token else "gap",
       representation_size=None if pre_logits is None else pre_logits.shape[1],
-      layer_scale=f"{block}/LayerScale_0/scale" in flat)
+      layer_scale=f"{block}/LayerScale_0/scale" in flat, fc_norm="pooled_norm/scale" in flat)
   model.update(fields)
   return model
 
@@ -185,6 +185,10 @@ def finalize(raw: Pretrained, *, num_classes=None, reset_head=False, image_size=
     if pool == "map" and "MAPHead_0" not in params:
       raise ValueError("pool='map' needs the checkpoint's MAP head (MAPHead_0, as SigLIP files "
                        f"have); {raw.source} has none: pool with 'tok', 'gap' or 'tok+gap'")
+    if pool == "tok+gap" and model.get("fc_norm"):
+      raise ValueError(f"pool='tok+gap' concatenates two features; {raw.source} normalises one "
+                       "pooled feature (fc_norm, as timm's avg-pooled models do): pool with "
+                       "'tok', 'gap' or 'map' (config: model.pool)")
     if pool != model["pool"] and model.get("representation_size") and not drop_pre_logits:
       raise ValueError(f"pool={pool!r} changes the features that pre_logits (the i21k files' tanh "
                        f"layer, pooled {model['pool']!r}) reads; drop it with "

@@ -105,11 +105,16 @@ def hf_dir(path: pathlib.Path) -> pathlib.Path | None:
   return root
 
 
+def is_layer_norm(name: str) -> bool:
+  """Whether the ViT module ``name`` is a LayerNorm (leaves scale, bias; torch weight, bias)."""
+  return "LayerNorm" in name or name.endswith(("encoder_norm", "pooled_norm"))
+
+
 def to_flax(name: str, leaf: str, value: np.ndarray, heads: int) -> tuple[str, np.ndarray]:
   """One torch tensor -> (flax path, array)."""
   if leaf in ("lambda1", "gamma"):  # HF, timm LayerScale
     return f"{name}/scale", value
-  if "LayerNorm" in name or name.endswith("encoder_norm"):
+  if is_layer_norm(name):
     return f"{name}/{'scale' if leaf == 'weight' else 'bias'}", value
   if name == "embedding":
     return f"{name}/{'kernel' if leaf == 'weight' else 'bias'}", (

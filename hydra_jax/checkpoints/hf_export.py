@@ -33,7 +33,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import save_file
 
-from hydra_jax.checkpoints import common
+from hydra_jax.checkpoints import common, hf
 from hydra_jax.checkpoints.hf import ATT, FAMILY_BLOCK, FAMILY_TOP, MAP, MLP
 from hydra_jax.models import ARCHITECTURE_DEFAULTS
 
@@ -52,6 +52,9 @@ def target(model: dict, *, has_head: bool) -> tuple[str, str]:
     ValueError: the model has no transformers counterpart (its pooling or pre-logits layer).
   """
   pool, cls, rep = model["pool"], model["class_token"], model.get("representation_size")
+  if model.get("fc_norm"):
+    raise ValueError("fc_norm (the final LayerNorm after the pooling, as timm's avg-pooled models "
+                     "have) exists in no transformers vision model: export to timm instead")
   if model.get("num_registers"):
     if cls and not rep and (pool == "tok+gap" if has_head else pool != "map"):
       return "dinov2", ("Dinov2WithRegistersForImageClassification" if has_head
@@ -102,7 +105,7 @@ def to_torch(name: str, leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
   """One ViT param (module name, leaf) -> (HF leaf, torch layout); the inverse of hf.to_flax."""
   if "LayerScale" in name:
     return "lambda1", value
-  if "LayerNorm" in name or name.endswith("encoder_norm"):
+  if hf.is_layer_norm(name):
     return ("weight" if leaf == "scale" else "bias"), value
   if name == "embedding":  # flax (p, p, C, D) -> torch conv (D, C, p, p)
     return ("weight", value.transpose(3, 2, 0, 1)) if leaf == "kernel" else ("bias", value)

@@ -10,8 +10,9 @@ Names: ``cls_token`` -> cls, ``reg_token`` -> registers, ``pos_embed`` -> pos_em
 ``patch_embed.proj`` -> embedding, ``blocks.i.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2,
 mlp.fc1, mlp.fc2, ls2.gamma}`` -> block i's LayerNorm_0, query/key/value (packed in that order
 along qkv's output), out, LayerScale_0, LayerNorm_1, Dense_0, Dense_1, LayerScale_1; ``norm`` ->
-encoder_norm, ``head`` -> head; ``attn_pool.{latent, q, kv, proj, norm, mlp}`` -> MAPHead_0's
-probe, query, key/value (packed), out, LayerNorm_0, MlpBlock_0.
+encoder_norm, ``fc_norm`` (the final norm after the pooling) -> pooled_norm, ``head`` -> head;
+``attn_pool.{latent, q, kv, proj, norm, mlp}`` -> MAPHead_0's probe, query, key/value (packed),
+out, LayerNorm_0, MlpBlock_0.
 
 Position embeddings: timm's ``no_embed_class`` models add theirs to the patch tokens only (their
 class token gets a zero entry here); the others also hold entries for the class token and the
@@ -57,7 +58,6 @@ POOLS = {"token": "tok", "avg": "gap", "map": "map"}
 _ACTS = {"gelu": False, "gelu_tanh": True}  # timm act_layer name -> gelu_approximate
 _UNSUPPORTED = {  # a key fragment -> the timm feature hydra_jax's ViT does not compute
     "norm_pre.": "pre_norm (a LayerNorm before the blocks, as CLIP has)",
-    "fc_norm.": "fc_norm (a LayerNorm after the pooling)",
     "dist_token": "a distillation token (DeiT distilled)",
     "head_dist.": "a distillation head (DeiT distilled)",
     ".q_norm.": "qk_norm", ".k_norm.": "qk_norm",
@@ -71,7 +71,8 @@ _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias|gamma)")
 _BLOCK_MODULES = {"norm1": "LayerNorm_0", "attn.proj": ATT + "out", "ls1": "LayerScale_0",
                   "norm2": "LayerNorm_1", "mlp.fc1": MLP + "Dense_0", "mlp.fc2": MLP + "Dense_1",
                   "ls2": "LayerScale_1"}
-_TOP = {"patch_embed.proj": "embedding", "norm": "Transformer/encoder_norm", "head": "head",
+_TOP = {"patch_embed.proj": "embedding", "norm": "Transformer/encoder_norm",
+        "fc_norm": "pooled_norm", "head": "head",
         "attn_pool.q": MAP + ATT + "query", "attn_pool.proj": MAP + ATT + "out",
         "attn_pool.norm": MAP + "LayerNorm_0", "attn_pool.mlp.fc1": MAP + MLP + "Dense_0",
         "attn_pool.mlp.fc2": MAP + MLP + "Dense_1"}
@@ -242,9 +243,9 @@ def load_timm(weights: pathlib.Path, config: dict | None) -> common.Pretrained:
     raise ValueError(f"{source}: blocks.0.mlp.fc1 puts out {fc1.shape[0]} features and fc2 reads "
                      f"{fc2.shape[1]}: a packed gated MLP (SwiGLU), which hydra_jax's ViT does not "
                      "compute")
-  if "norm.weight" not in tensors:
-    raise ValueError(f"{source}: no final 'norm' (timm's final_norm=False), which hydra_jax's ViT "
-                     "always has")
+  if "norm.weight" not in tensors and "fc_norm.weight" not in tensors:
+    raise ValueError(f"{source}: no final 'norm' nor 'fc_norm' (timm's final_norm=False), which "
+                     "hydra_jax's ViT always has")
   heads = fields["num_heads"]
   flat = {}
   for key, value in tensors.items():
@@ -306,7 +307,7 @@ def timm_module(path: str) -> tuple[str, tuple[str, ...]]:
     ValueError: ``path`` is not one of the ViT's linear layers in timm.
   """
   place = _timm_place(path)
-  if place is None or "Layer" in path or path in ("embedding", "Transformer/encoder_norm"):
+  if place is None or "Layer" in path or hf.is_layer_norm(path) or path == "embedding":
     raise ValueError(f"layer {path} is not a torch.nn.Linear in timm's VisionTransformer; "
                      "expected a block's query, key, value, out, Dense_0 or Dense_1, the head, or "
                      "a MAP-head linear layer")
@@ -322,7 +323,7 @@ def vit_layers(module: str) -> tuple[str, ...]:
     return (f"{hf_export.BLOCK}{block[1]}/{_BLOCK_MODULES[block[2]]}",)
   if module == "attn_pool.kv":
     return tuple(f"{MAP}{ATT}{n}" for n in _PACKED["attn_pool.kv"])
-  if module in _TOP and module not in ("patch_embed.proj", "norm", "attn_pool.norm"):
+  if module in _TOP and not hf.is_layer_norm(_TOP[module]) and module != "patch_embed.proj":
     return (_TOP[module],)
   if module == "patch_embed.proj":
     raise ValueError("patch_embed.proj is the patch embedding, a convolution: hydra_jax's LoRA "
@@ -351,7 +352,7 @@ def model_args(model: dict, num_classes: int | None) -> dict:
       img_size=gh * p if gh == gw else [gh * p, gw * p], patch_size=p, embed_dim=width,
       depth=model["depth"], num_heads=model["num_heads"], mlp_ratio=ratio, qkv_bias=True,
       class_token=model["class_token"], reg_tokens=model.get("num_registers", 0),
-      no_embed_class=False, global_pool=pool, fc_norm=False, pre_norm=False,
+      no_embed_class=False, global_pool=pool, fc_norm=bool(model.get("fc_norm")), pre_norm=False,
       init_values=1.0 if model["layer_scale"] else None,
       act_layer="gelu_tanh" if model["gelu_approximate"] else "gelu",
       pool_include_prefix=pool == "map" and prefix > 0, num_classes=num_classes or 0)

@@ -12,8 +12,9 @@ Param tree ('/'-paths)::
   Transformer/encoderblock_{i}/LayerScale_{0,1}/scale (D,)  only with layer_scale=True (DINOv2)
   Transformer/encoderblock_{i}/LayerNorm_1
   Transformer/encoderblock_{i}/MlpBlock_0/Dense_{0,1}
-  Transformer/encoder_norm
+  Transformer/encoder_norm                      only with fc_norm=False
   MAPHead_0/{probe, MultiHeadDotProductAttention_0, LayerNorm_0, MlpBlock_0}   only with pool="map"
+  pooled_norm/{scale,bias}                      only with fc_norm=True (timm's gap models)
   pre_logits/{kernel,bias}                      only with representation_size (i21k files)
   head/{kernel,bias}                            only with num_classes
 
@@ -212,6 +213,7 @@ class _Encoder(nn.Module):
   ln_eps: float = 1e-6
   remat: str = "none"
   drop_path: float = 0.0
+  final_norm: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -224,6 +226,8 @@ class _Encoder(nn.Module):
       rate = self.drop_path * i / max(self.depth - 1, 1)
       x = block_cls(**self.block, ln_eps=self.ln_eps, drop_path=rate, dtype=self.dtype,
                     param_dtype=self.param_dtype, name=f"encoderblock_{i}")(x)
+    if not self.final_norm:
+      return x
     return nn.LayerNorm(epsilon=self.ln_eps, name="encoder_norm", dtype=self.dtype,
                         param_dtype=self.param_dtype)(x)
 
@@ -243,6 +247,9 @@ class ViT(nn.Module):
       "map" (multihead attention pooling over all tokens, SigLIP's head: ``MAPHead_0``).
     representation_size: width of the tanh ``pre_logits`` layer of the original i21k files.
     layer_scale: DINOv2's per-channel scales on both residual branches.
+    fc_norm: the final LayerNorm normalises the pooled features (``pooled_norm``) instead of
+      every token (``Transformer/encoder_norm``): timm's ``fc_norm``, which its avg-pooled
+      models have. Not with pool "tok+gap" (two features side by side).
     ln_eps: LayerNorm epsilon (1e-6 Google and DINOv2, 1e-12 Hugging Face ViT).
     gelu_approximate: tanh GELU (Google files) instead of the exact erf GELU.
     attention: "xla" (runs everywhere), "cudnn" (GPU flash attention, padded to 16 tokens; bf16
@@ -269,6 +276,7 @@ class ViT(nn.Module):
   pool: str = "tok"
   representation_size: int | None = None
   layer_scale: bool = False
+  fc_norm: bool = False
   ln_eps: float = 1e-6
   gelu_approximate: bool = False
   attention: str = "auto"
@@ -295,6 +303,9 @@ class ViT(nn.Module):
       raise ValueError(f"num_registers must be >= 0; got {self.num_registers}")
     if "tok" in self.pool and not self.class_token:
       raise ValueError(f"pool={self.pool!r} needs class_token=True")
+    if self.fc_norm and self.pool == "tok+gap":
+      raise ValueError("fc_norm=True normalises one pooled feature; pool 'tok+gap' concatenates "
+                       "two: pool with 'tok', 'gap' or 'map'")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     p, d = self.patch_size, self.width
     self.embedding = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", **kw)
@@ -309,7 +320,10 @@ class ViT(nn.Module):
     block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, layer_scale=self.layer_scale,
                  gelu_approximate=self.gelu_approximate,
                  attention=resolve_attention(self.attention, self.dtype))
-    self.Transformer = _Encoder(self.depth, block, self.ln_eps, remat, self.drop_path, **kw)
+    self.Transformer = _Encoder(self.depth, block, self.ln_eps, remat, self.drop_path,
+                                final_norm=not self.fc_norm, **kw)
+    if self.fc_norm:
+      self.pooled_norm = nn.LayerNorm(epsilon=self.ln_eps, **kw)
     if self.pool == "map":
       self.MAPHead_0 = _MAPHead(self.num_heads, self.mlp_dim, self.ln_eps, self.gelu_approximate,
                                 **kw)
@@ -329,7 +343,8 @@ class ViT(nn.Module):
     return (images.astype(jnp.float32) / 255.0 - mean) / std
 
   def encode(self, images: jax.Array) -> jax.Array:
-    """(B, H, W, 3) images (normalised floats, or uint8 RGB) -> (B, T, D) final normed states."""
+    """(B, H, W, 3) images (normalised floats, or uint8 RGB) -> (B, T, D) final states (normed,
+    unless ``fc_norm``: then the norm follows the pooling)."""
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be (B, H, W, 3); got shape {images.shape}")
     if images.dtype == jnp.uint8:
@@ -357,6 +372,8 @@ class ViT(nn.Module):
               "tok+gap": lambda: jnp.concatenate([x[:, 0], patches.mean(axis=1)], -1),
               "map": lambda: self.MAPHead_0(x)}
     x = pooled[self.pool]()
+    if self.fc_norm:
+      x = self.pooled_norm(x)
     if self.representation_size:
       x = jnp.tanh(self.pre_logits(x))
     return x
@@ -373,7 +390,8 @@ class ViT(nn.Module):
 # are run-time choices), with the ViT's defaults for files and runs that recorded fewer.
 ARCHITECTURE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ViT) if f.name in (
     "patch_size", "width", "depth", "mlp_dim", "num_heads", "posemb_grid", "class_token",
-    "num_registers", "pool", "representation_size", "layer_scale", "ln_eps", "gelu_approximate")}
+    "num_registers", "pool", "representation_size", "layer_scale", "fc_norm", "ln_eps",
+    "gelu_approximate")}
 
 
 def param_count(tree) -> int:
