@@ -28,7 +28,8 @@ def _matmuls(model: ViT, image_size: int) -> list[tuple[str, float]]:
     b = f"Transformer/encoderblock_{i}/"
     att = b + "MultiHeadDotProductAttention_0/"
     out += [(att + name, 2.0 * t * d * d) for name in ("query", "key", "value", "out")]
-    out += [(att + "attention", 4.0 * t * t * d), (b + "MlpBlock_0/Dense_0", 2.0 * t * d * m),
+    out += [(att + "attention", 4.0 * t * t * d),
+            (b + "MlpBlock_0/Dense_0", 2.0 * t * d * m * (2 if model.swiglu else 1)),  # gate too
             (b + "MlpBlock_0/Dense_1", 2.0 * t * m * d)]
   if model.pool == "map":  # one probe token attends to all t tokens, then the head's MLP
     att = "MAPHead_0/MultiHeadDotProductAttention_0/"

@@ -3,10 +3,10 @@
 A timm checkpoint's tensors do not record the head count, the GELU variant, the LayerNorm eps or
 the pooling; timm takes them from the architecture's name. This lists, for every registered
 architecture whose model hydra_jax's ViT computes exactly (timm's VisionTransformer with plain
-blocks, a learned position embedding, an MLP with exact or tanh GELU, one final LayerNorm before
-or after the pooling, no pre-norm, q/k norm or patch-embedding norm), the fields the loader
-cannot read off the tensors. Each model is built on torch's meta device (no memory, no weights):
-about six minutes for timm 1.0.
+blocks, a learned position embedding, an MLP with exact or tanh GELU or timm's SwiGLUPacked, one
+final LayerNorm before or after the pooling, no pre-norm, q/k norm or patch-embedding norm), the
+fields the loader cannot read off the tensors. Each model is built on torch's meta device (no
+memory, no weights): about six minutes for timm 1.0.
 
   pip install --no-deps timm && python scripts/timm_architectures.py
 """
@@ -32,7 +32,7 @@ def _identity(module) -> bool:
 
 def describe(model, timm) -> dict | None:
   """The loader's fields of a timm model, or None when hydra_jax's ViT cannot compute it."""
-  from timm.layers import AttentionPoolLatent, GELUTanh, Mlp, PatchEmbed
+  from timm.layers import AttentionPoolLatent, GELUTanh, GluMlp, Mlp, PatchEmbed
   from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
   if type(model) is not VisionTransformer or type(model.patch_embed) is not PatchEmbed:
@@ -42,15 +42,22 @@ def describe(model, timm) -> dict | None:
   if not _identity(model.norm_pre) or _identity(model.norm) == _identity(model.fc_norm):
     return None  # one final norm, on the tokens (norm) or on the pooled features (fc_norm)
   block = model.blocks[0]
-  if type(block) is not Block or type(block.attn) is not Attention or type(block.mlp) is not Mlp:
+  if type(block) is not Block or type(block.attn) is not Attention:
+    return None
+  mlp = block.mlp
+  swiglu = (type(mlp) is GluMlp and type(mlp.act) is nn.SiLU and not mlp.gate_last
+            and mlp.chunk_dim == -1)  # timm's SwiGLUPacked
+  if type(mlp) is not Mlp and not swiglu:
     return None
   if not all(_identity(m) for m in (block.attn.q_norm, block.attn.k_norm, block.attn.norm,
                                     block.mlp.norm)):
     return None
-  act = type(block.mlp.act)
-  if act is GELUTanh or (act is nn.GELU and block.mlp.act.approximate == "tanh"):
+  act = type(mlp.act)
+  if swiglu:
+    gelu = "exact"  # unused: hydra_jax's MAP head would be GELU, but a SwiGLU model has none here
+  elif act is GELUTanh or (act is nn.GELU and mlp.act.approximate == "tanh"):
     gelu = "tanh"
-  elif act is nn.GELU and block.mlp.act.approximate == "none":
+  elif act is nn.GELU and mlp.act.approximate == "none":
     gelu = "exact"
   else:
     return None
@@ -70,9 +77,12 @@ def describe(model, timm) -> dict | None:
       return None
   elif pool not in ("token", "avg", ""):
     return None
-  return dict(num_heads=block.attn.num_heads, gelu=gelu, ln_eps=block.norm1.eps,
-              global_pool=pool, pool_include_prefix=bool(model.pool_include_prefix),
-              no_embed_class=bool(model.no_embed_class))
+  if swiglu and model.attn_pool is not None:
+    return None  # timm's MAP head MLP would be SiLU, hydra_jax's is GELU
+  row = dict(num_heads=block.attn.num_heads, gelu=gelu, ln_eps=block.norm1.eps,
+             global_pool=pool, pool_include_prefix=bool(model.pool_include_prefix),
+             no_embed_class=bool(model.no_embed_class))
+  return dict(row, mlp="swiglu") if swiglu else row
 
 
 def main() -> None:

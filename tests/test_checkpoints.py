@@ -117,6 +117,23 @@ def test_hf_dinov2_matches_torch(hf_dino, size):
   assert _rel(_apply(resampled, images, "encode"), ref) < 1e-5
 
 
+def test_hf_dinov2_giant_swiglu_matches_torch(tmp_path):
+  """DINOv2 giant's MLP (use_swiglu_ffn): the file packs [gate, value] in weights_in; 256 * 2/3
+  rounded up to a multiple of 8 gives 176 hidden units."""
+  config = transformers.Dinov2Config(mlp_ratio=4, use_swiglu_ffn=True, num_labels=3, **TINY)
+  model = _randomise(transformers.Dinov2ForImageClassification(config), seed=5)
+  path = _save_hf(model, tmp_path)
+  assert any(".mlp.weights_in." in k for k in load_file(str(path / "model.safetensors")))
+  pretrained = checkpoints.load(path)
+  assert pretrained.model["swiglu"] and pretrained.model["mlp_dim"] == 176
+  images = _images(16)
+  assert _rel(_apply(pretrained, images), _torch(model, images).logits) < 1e-5
+  config = json.loads((path / "config.json").read_text())
+  (path / "config.json").write_text(json.dumps(dict(config, use_swiglu_ffn=False)))
+  with pytest.raises(ValueError, match="use_swiglu_ffn=False but the MLP weights are packed"):
+    checkpoints.load(path)
+
+
 def test_hf_dinov2_classifier_is_tok_plus_gap(tmp_path):
   config = transformers.Dinov2Config(mlp_ratio=2, num_labels=3, **TINY)
   model = _randomise(transformers.Dinov2ForImageClassification(config), seed=4)

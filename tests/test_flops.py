@@ -60,10 +60,12 @@ def test_weight_grads_follow_the_path():
   assert dropout == ["head"]
 
 
-@pytest.mark.parametrize("pool,registers", [("tok", 0), ("map", 0), ("tok+gap", 8)])
-def test_forward_count_matches_xla_for_each_pooling(pool, registers):
+@pytest.mark.parametrize("pool,registers,swiglu", [
+    ("tok", 0, False), ("map", 0, False), ("tok+gap", 8, False), ("gap", 0, True)])
+def test_forward_count_matches_xla_for_each_pooling(pool, registers, swiglu):
   model = ViT(num_classes=10, width=64, depth=2, mlp_dim=128, num_heads=4, patch_size=8,
-              posemb_grid=(4, 4), pool=pool, class_token=pool != "map", num_registers=registers)
+              posemb_grid=(4, 4), pool=pool, class_token=pool != "map", num_registers=registers,
+              swiglu=swiglu)
   images = jnp.zeros((1, 32, 32, 3))
   params = model.init(jax.random.key(0), images)["params"]
   cost = jax.jit(model.apply).lower({"params": params}, images).compile().cost_analysis()

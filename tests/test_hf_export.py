@@ -75,6 +75,9 @@ CLASSIFIERS = {  # ViT fields -> the transformers class computing the same logit
                          "Dinov2WithRegistersForImageClassification"),
     "siglip": (dict(pool="gap", class_token=False, gelu_approximate=True),
                "SiglipForImageClassification"),
+    # DINOv2 giant's MLP: use_swiglu_ffn with mlp_ratio 3 (96 * 2/3 = 64 hidden units)
+    "dinov2_swiglu": (dict(pool="tok+gap", layer_scale=True, swiglu=True),
+                      "Dinov2ForImageClassification"),
 }
 
 
@@ -101,6 +104,8 @@ BACKBONES = {  # headless: ViT fields, the class, what to compare (ours, theirs)
                          ("encode", "last_hidden_state")),
     "vit_pre_logits": (dict(pool="tok", representation_size=24), "ViTModel",
                        ("features", "pooler_output")),
+    "swiglu_without_layer_scale": (dict(pool="tok", swiglu=True, mlp_dim=48), "Dinov2Model",
+                                   ("encode", "last_hidden_state")),
 }
 
 
@@ -166,6 +171,7 @@ def test_bfloat16_export_and_replacing_an_export(tmp_path):
     (dict(pool="map"), False, "MAP head over a class-token model"),
     (dict(pool="tok", num_registers=4), True, "register tokens exist in transformers only in"),
     (dict(pool="gap", class_token=False, fc_norm=True), True, "fc_norm .* export to timm"),
+    (dict(pool="tok", swiglu=True), True, "SwiGLU MLPs exist in transformers only in DINOv2"),
 ])
 def test_models_without_a_transformers_class_are_refused(fields, has_head, match):
   model = dict(dict(class_token=True, representation_size=None, layer_scale=False), **fields)
@@ -175,6 +181,8 @@ def test_models_without_a_transformers_class_are_refused(fields, has_head, match
 
 def test_bad_arguments_name_the_problem(tmp_path):
   pre = _pretrained(seed=7)
+  with pytest.raises(ValueError, match="none gives this model's 40 at width 32"):
+    checkpoints.save_hf(tmp_path / "a", _pretrained(7, pool="tok+gap", swiglu=True, mlp_dim=40))
   with pytest.raises(ValueError, match="labels has 2 names; the head has 3 classes"):
     checkpoints.save_hf(tmp_path / "a", pre, labels=["x", "y"])
   with pytest.raises(ValueError, match="labels has repeated names"):
@@ -397,6 +405,11 @@ def test_peft_export_refuses_what_peft_cannot_hold(tmp_path):
   with pytest.raises(ValueError, match="not a version like"):
     checkpoints.save_peft(tmp_path / "x", {"adapters": factors}, lora, pre,
                           transformers_version="latest")
+  swiglu = _pretrained(seed=13, pool="tok+gap", swiglu=True)
+  mlp = adapters.AdapterSpec(kind="lora", targets=(r"Transformer/.*/MlpBlock_0/Dense_1",))
+  with pytest.raises(ValueError, match="SwiGLU MLP's layers differently.*target='timm'"):
+    checkpoints.save_peft(tmp_path / "x", {"adapters": adapters.init(
+        mlp, swiglu.params, jax.random.key(0))}, mlp, swiglu)
   assert not (tmp_path / "x").exists()
 
 

@@ -73,6 +73,9 @@ HUB_CASES = {
     # fc_norm: the final LayerNorm on the averaged patch tokens; registers, no class token
     "reg4_gap_fc_norm": ("vit_little_patch16_reg4_gap_256", dict(img_size=32, depth=1,
                                                                  num_classes=3)),
+    # DINOv2 giant's packed SwiGLU MLP (fc1: 512 = [gate, value], fc2 reads 256), registers
+    "dinov2_giant_swiglu": ("vit_giant_patch14_reg4_dinov2", dict(
+        img_size=28, depth=1, embed_dim=96, num_heads=2, num_classes=3)),
     # a MAP head over the class token too
     "map_include_prefix": ("vit_tiny_patch16_224", dict(
         img_size=32, depth=1, num_classes=3, global_pool="map", pool_include_prefix=True)),
@@ -109,7 +112,7 @@ def test_architecture_table_fields_match_timm():
   for name in ("vit_base_patch16_224", "vit_huge_patch14_224", "vit_so400m_patch14_siglip_224",
                "vit_base_patch32_siglip_256", "vit_small_patch14_reg4_dinov2",
                "vit_base_patch16_gap_224", "deit3_small_patch16_224",
-               "vit_little_patch16_reg4_gap_256"):
+               "vit_little_patch16_reg4_gap_256", "vit_giant_patch14_dinov2"):
     with torch.device("meta"):
       model = timm.create_model(name)
     row = table[name]
@@ -118,6 +121,9 @@ def test_architecture_table_fields_match_timm():
     assert row["ln_eps"] == block.norm1.eps, name
     assert row["global_pool"] == model.global_pool, name
     assert row["no_embed_class"] == model.no_embed_class, name
+    assert (row.get("mlp") == "swiglu") == (type(block.mlp).__name__ == "GluMlp"), name
+    if row.get("mlp"):
+      continue  # a SwiGLU MLP has no GELU
     assert (row["gelu"] == "tanh") == (type(block.mlp.act).__name__ == "GELUTanh"
                                        or getattr(block.mlp.act, "approximate", "") == "tanh")
   assert "vit_base_patch16_clip_224" not in table  # pre_norm: not computed by the ViT
@@ -182,7 +188,8 @@ REFUSED = {
     "avg_over_class_token": ("vit_tiny_patch16_224", dict(
         img_size=32, depth=1, global_pool="avg", fc_norm=False, pool_include_prefix=True),
         "averages the class token"),
-    "packed_swiglu": ("vit_giant_patch14_dinov2", dict(img_size=28, depth=1), "SwiGLU"),
+    "unpacked_swiglu": ("vit_tiny_patch16_224", dict(
+        img_size=32, depth=1, mlp_layer=timm.layers.SwiGLU), "unpacked gated MLP"),
     "no_final_norm": ("vit_tiny_patch16_224", dict(img_size=32, depth=1, final_norm=False),
                       "final_norm=False"),
     "parallel_blocks": ("vit_small_patch16_18x2_224", dict(img_size=32, depth=1),
@@ -193,7 +200,12 @@ REFUSED = {
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_timm_models_the_vit_does_not_compute_are_refused_by_name(case, tmp_path):
   name, kwargs, message = REFUSED[case]
-  path = _save_for_hf(_timm(name, **kwargs), tmp_path / "timm")
+  model = _timm(name, **kwargs)
+  if "mlp_layer" in kwargs:  # save_for_hf cannot record a class argument: a bare state dict
+    path = tmp_path / "timm.safetensors"
+    save_torch(model.state_dict(), str(path))
+  else:
+    path = _save_for_hf(model, tmp_path / "timm")
   with pytest.raises(ValueError, match=message):
     checkpoints.load(path)
 
@@ -214,6 +226,7 @@ EXPORTS = {  # ViT fields, head classes
     "registers_layer_scale": (dict(pool="gap", num_registers=3, layer_scale=True), 3),
     "fc_norm_gap": (dict(pool="gap", fc_norm=True, num_registers=2), 3),
     "fc_norm_tok_no_head": (dict(pool="tok", fc_norm=True), None),
+    "swiglu_layer_scale": (dict(pool="gap", swiglu=True, layer_scale=True, num_registers=1), 3),
     "non_square_no_head": (dict(pool="tok", posemb_grid=(3, 5), mlp_dim=72), None),
 }
 
@@ -239,7 +252,8 @@ def _load_in_timm(path):
 def test_save_timm_loads_in_timm_and_computes_the_vits_function(case, tmp_path):
   fields, num_classes = EXPORTS[case]
   pre = _pretrained(fields, num_classes)
-  assert checkpoints.save_timm(tmp_path / "out", pre) == timm_vit.EXPORT_ARCHITECTURE
+  assert checkpoints.save_timm(tmp_path / "out", pre) == (
+      timm_vit.SWIGLU_ARCHITECTURE if fields.get("swiglu") else timm_vit.EXPORT_ARCHITECTURE)
   model = _load_in_timm(tmp_path / "out")
   gh, gw = pre.model["posemb_grid"]
   images = _images((4 * gh, 4 * gw))
@@ -312,6 +326,8 @@ PEFT_CASES = {  # ViT fields, the spec's targets and bias, adapted layers read b
     "every_linear_map_registers": (
         dict(pool="map", num_registers=2, layer_scale=True),
         (rf"Transformer/encoderblock_\d+/{_LINEAR}", rf"MAPHead_0/{_LINEAR}"), False, 18),
+    "swiglu_mlp": (dict(pool="gap", swiglu=True), (r"Transformer/.*/MlpBlock_0/Dense_\d",), True,
+                   4),
 }
 
 

@@ -166,3 +166,17 @@ def test_fc_norm_normalises_the_pooled_features_instead_of_the_tokens(pool):
   np.testing.assert_allclose(model.apply({"params": ours}, images), want, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="fc_norm=True normalises one pooled feature"):
     ViT(**KW, fc_norm=True).init(jax.random.key(1), images)
+
+
+def test_swiglu_mlp_gates_the_second_half_with_the_first():
+  """swiglu=True: Dense_0 puts out [gate, value] (2 x mlp_dim), Dense_1 reads silu(gate) * value."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 32))
+  mlp = vit._MlpBlock(24, swiglu=True)  # noqa: SLF001
+  params = mlp.init(jax.random.key(1), x)["params"]
+  assert params["Dense_0"]["kernel"].shape == (32, 48) and params["Dense_1"]["kernel"].shape == (
+      24, 32)
+  hidden = x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+  gate, value = hidden[..., :24], hidden[..., 24:]
+  want = (gate * jax.nn.sigmoid(gate) * value) @ params["Dense_1"]["kernel"] + \
+      params["Dense_1"]["bias"]
+  np.testing.assert_allclose(mlp.apply({"params": params}, x), want, rtol=1e-5, atol=1e-6)

@@ -80,7 +80,8 @@ def infer_model(flat: Mapping[str, np.ndarray], source: str, **fields) -> dict:
   """ViT fields read off the shapes of a converted flat tree; ``fields`` add or override.
 
   Heads come from the query kernel (D, H, Dh); the posemb grid is taken to be square unless
-  ``fields`` give ``posemb_grid`` (checked against the position embedding either way).
+  ``fields`` give ``posemb_grid`` (checked against the position embedding either way); an MLP
+  whose Dense_0 puts out twice what Dense_1 reads is SwiGLU (gate and value packed).
   """
   def get(path):
     if path not in flat:
@@ -95,10 +96,11 @@ def infer_model(flat: Mapping[str, np.ndarray], source: str, **fields) -> dict:
     raise ValueError(f"{source}: pos_embedding has {grid_tokens} grid tokens; expected "
                      f"{'a square' if 'posemb_grid' not in fields else grid}")
   pre_logits = flat.get("pre_logits/kernel")
+  mlp_dim = get(f"{block}/MlpBlock_0/Dense_1/kernel")[0]
   model = dict(
       patch_size=get("embedding/kernel")[0], width=get("embedding/kernel")[-1],
       depth=len({k.split("/")[1] for k in flat if k.startswith("Transformer/encoderblock_")}),
-      mlp_dim=get(f"{block}/MlpBlock_0/Dense_0/kernel")[1],
+      mlp_dim=mlp_dim, swiglu=get(f"{block}/MlpBlock_0/Dense_0/kernel")[1] == 2 * mlp_dim,
       num_heads=get(f"{block}/MultiHeadDotProductAttention_0/query/kernel")[1],
       posemb_grid=grid, class_token=class_token,
       num_registers=flat["registers"].shape[1] if "registers" in flat else 0,

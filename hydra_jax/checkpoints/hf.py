@@ -8,7 +8,8 @@ the attention output (H, Dh, D). ``pooler.dense`` (ViTModel's tanh layer on the 
 the original i21k ``pre_logits``) becomes ``pre_logits`` and ``classifier`` becomes ``head``; a
 DINOv2 classifier over [cls, mean patch] means pool "tok+gap". DINOv2's ``mask_token`` is only
 used for masked pre-training and is dropped. DINOv2 with registers (``dinov2_with_registers``) is
-DINOv2 plus ``embeddings.register_tokens``, the ViT's ``registers``. SigLIP
+DINOv2 plus ``embeddings.register_tokens``, the ViT's ``registers``; DINOv2 giant's SwiGLU MLP
+(``use_swiglu_ffn``: ``mlp.weights_in`` packs gate and value) is the ViT's ``swiglu``. SigLIP
 (``siglip_vision_model``, or the vision tower of a ``siglip`` model, whose text tower is dropped)
 has no class token; its attention-pooling head becomes ``MAPHead_0`` (pool "map"), the packed
 ``in_proj`` of that head split into query / key / value; ``SiglipForImageClassification``
@@ -56,6 +57,9 @@ FAMILY_BLOCK = {
                ATT + "value": "self_attn.v_proj", ATT + "out": "self_attn.out_proj",
                MLP + "Dense_0": "mlp.fc1", MLP + "Dense_1": "mlp.fc2"},
 }
+# DINOv2 with use_swiglu_ffn (giant): its files pack [gate, value] in weights_in, as the ViT's
+# swiglu Dense_0 (transformers 5 splits it into gate_proj / up_proj on load, packs it on save)
+SWIGLU_BLOCK = {MLP + "Dense_0": "mlp.weights_in", MLP + "Dense_1": "mlp.weights_out"}
 MAP = "MAPHead_0/"
 FAMILY_TOP = {
     "vit": {"Transformer/encoder_norm": "layernorm", "pre_logits": "pooler.dense",
@@ -68,7 +72,8 @@ FAMILY_TOP = {
                MAP + "LayerNorm_0": "head.layernorm",
                MAP + MLP + "Dense_0": "head.mlp.fc1", MAP + MLP + "Dense_1": "head.mlp.fc2"},
 }
-_BLOCK_MODULES = {hf: vit for names in FAMILY_BLOCK.values() for vit, hf in names.items()}
+_BLOCK_MODULES = {hf: vit for names in (*FAMILY_BLOCK.values(), SWIGLU_BLOCK)
+                  for vit, hf in names.items()}
 _TOP = {hf: vit for names in FAMILY_TOP.values() for vit, hf in names.items()}
 _TEXT_TOWER = ("text_model.", "logit_scale", "logit_bias")  # two-tower SigLIP: not the ViT
 _PREFIX = re.compile(r"^(vit|dinov2|dinov2_with_registers|vision_model)\.")
@@ -186,10 +191,10 @@ def load_hf(root: pathlib.Path) -> common.Pretrained:
   if model_type == "siglip":  # two towers: keep the vision one
     config = dict(config.get("vision_config") or {}, model_type="siglip")
   config = {**_DEFAULTS[FAMILY[model_type]], **config}
-  act = config["hidden_act"]
-  if act not in _GELUS or config.get("use_swiglu_ffn", False):
-    raise ValueError(f"{root}: unsupported MLP (hidden_act={act!r}, use_swiglu_ffn="
-                     f"{config.get('use_swiglu_ffn', False)}); expected one of {tuple(_GELUS)}")
+  act = config["hidden_act"]  # SwiGLU MLPs (use_swiglu_ffn) use SiLU whatever it says
+  if act not in _GELUS and not config.get("use_swiglu_ffn", False):
+    raise ValueError(f"{root}: unsupported MLP activation hidden_act={act!r}; expected one of "
+                     f"{tuple(_GELUS)} (or use_swiglu_ffn=True)")
   heads = config["num_attention_heads"]
   flat = {}
   for file in sorted(root.glob("*.safetensors")):
@@ -206,7 +211,7 @@ def load_hf(root: pathlib.Path) -> common.Pretrained:
   if "pre_logits/kernel" in flat and config.get("pooler_act", "tanh") != "tanh":
     raise ValueError(f"{root}: pooler_act {config['pooler_act']!r} is not supported; the "
                      "ViT's pre_logits layer is tanh")
-  fields = dict(ln_eps=float(config["layer_norm_eps"]), gelu_approximate=_GELUS[act])
+  fields = dict(ln_eps=float(config["layer_norm_eps"]), gelu_approximate=_GELUS.get(act, False))
   head = flat.get("head/kernel")
   if FAMILY[model_type] == "dinov2" and head is not None and (
       head.shape[0] == 2 * config["hidden_size"]):
@@ -215,6 +220,9 @@ def load_hf(root: pathlib.Path) -> common.Pretrained:
     fields["pool"] = "gap"
     flat = {k: v for k, v in flat.items() if not k.startswith(MAP)}
   model = common.infer_model(flat, str(root), **fields)
+  if model["swiglu"] != bool(config.get("use_swiglu_ffn", False)):
+    raise ValueError(f"{root}: config.json says use_swiglu_ffn={config.get('use_swiglu_ffn')} but "
+                     f"the MLP weights are {'packed SwiGLU' if model['swiglu'] else 'plain'}")
   mean, std = _normalisation(root, model_type)
   return common.Pretrained(traverse_util.unflatten_dict(flat, sep="/"), model, mean, std,
                            f"hf-{model_type}:{root}")

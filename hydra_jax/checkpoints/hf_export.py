@@ -34,7 +34,7 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from hydra_jax.checkpoints import common, hf
-from hydra_jax.checkpoints.hf import ATT, FAMILY_BLOCK, FAMILY_TOP, MAP, MLP
+from hydra_jax.checkpoints.hf import ATT, FAMILY_BLOCK, FAMILY_TOP, MAP, MLP, SWIGLU_BLOCK
 from hydra_jax.models import ARCHITECTURE_DEFAULTS
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -49,8 +49,20 @@ def target(model: dict, *, has_head: bool) -> tuple[str, str]:
   """(family, transformers class) computing the same function as ``ViT(**model)``.
 
   Raises:
-    ValueError: the model has no transformers counterpart (its pooling or pre-logits layer).
+    ValueError: the model has no transformers counterpart (its pooling, pre-logits layer, final
+      norm or SwiGLU MLP).
   """
+  family, arch = _target(model, has_head=has_head)
+  if model.get("swiglu") and family != "dinov2":
+    if arch == "ViTModel" and not model.get("representation_size"):
+      return "dinov2", "Dinov2Model"  # LayerScale of ones
+    raise ValueError("SwiGLU MLPs exist in transformers only in DINOv2 (use_swiglu_ffn): a class "
+                     f"token, no pre_logits, and a head over pool 'tok+gap' or no head (got "
+                     f"pool={model['pool']!r}{', a head' if has_head else ''}): export to timm")
+  return family, arch
+
+
+def _target(model: dict, *, has_head: bool) -> tuple[str, str]:
   pool, cls, rep = model["pool"], model["class_token"], model.get("representation_size")
   if model.get("fc_norm"):
     raise ValueError("fc_norm (the final LayerNorm after the pooling, as timm's avg-pooled models "
@@ -118,9 +130,10 @@ def to_torch(name: str, leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
   return "weight", value.T  # flax (in, out) -> torch (out, in)
 
 
-def _tensors(flat: dict, family: str, arch: str) -> dict[str, np.ndarray]:
+def _tensors(flat: dict, family: str, arch: str, swiglu: bool) -> dict[str, np.ndarray]:
   """The ViT's flat params -> HF state dict names and layouts of ``arch``."""
   prefix = PREFIX.get(arch, "")
+  block_names = {**FAMILY_BLOCK[family], **(SWIGLU_BLOCK if swiglu else {})}
   layer = "encoder.layers" if family == "siglip" else "encoder.layer"
   out, packed = {}, {}
   for path, value in flat.items():
@@ -140,7 +153,7 @@ def _tensors(flat: dict, family: str, arch: str) -> dict[str, np.ndarray]:
     elif name.startswith(BLOCK):
       block, module = name[len(BLOCK):].split("/", 1)
       hf_leaf, array = to_torch(name, leaf, value)
-      out[f"{prefix}{layer}.{block}.{FAMILY_BLOCK[family][module]}.{hf_leaf}"] = array
+      out[f"{prefix}{layer}.{block}.{block_names[module]}.{hf_leaf}"] = array
     else:
       hf_leaf, array = to_torch(name, leaf, value)
       module = FAMILY_TOP[family][name]
@@ -166,11 +179,15 @@ def _config(family: str, arch: str, model: dict, num_classes: int | None,
                 patch_size=model["patch_size"], layer_norm_eps=model["ln_eps"],
                 hidden_act="gelu_pytorch_tanh" if model["gelu_approximate"] else "gelu")
   if family == "dinov2":
-    if mlp % width:
+    if model.get("swiglu"):
+      ratio = _swiglu_ratio(width, mlp)
+    elif mlp % width:
       raise ValueError(f"DINOv2 configs take an integer mlp_ratio; mlp_dim {mlp} is not a "
                        f"multiple of the width {width}")
-    config.update(model_type="dinov2", mlp_ratio=mlp // width, layerscale_value=1.0,
-                  use_swiglu_ffn=False, qkv_bias=True)
+    else:
+      ratio = mlp // width
+    config.update(model_type="dinov2", mlp_ratio=ratio, layerscale_value=1.0,
+                  use_swiglu_ffn=bool(model.get("swiglu")), qkv_bias=True)
     if model.get("num_registers"):
       config.update(model_type="dinov2_with_registers",
                     num_register_tokens=model["num_registers"])
@@ -196,6 +213,17 @@ def _config(family: str, arch: str, model: dict, num_classes: int | None,
     raise ValueError(f"labels given ({len(labels)} names) but the model has no classification "
                      "head to name the classes of")
   return config
+
+
+def _swiglu_ratio(width: int, mlp: int) -> int:
+  """The (integer) mlp_ratio from which transformers' DINOv2 builds a SwiGLU MLP of ``mlp``
+  hidden units: two thirds of width * ratio, rounded up to a multiple of 8 (giant: 4)."""
+  for ratio in range(1, 4 * mlp // width + 2):
+    if (int(width * ratio * 2 / 3) + 7) // 8 * 8 == mlp:
+      return ratio
+  raise ValueError(f"transformers' DINOv2 builds a SwiGLU MLP of width * mlp_ratio * 2/3 hidden "
+                   f"units rounded up to a multiple of 8, for an integer mlp_ratio; none gives "
+                   f"this model's {mlp} at width {width}: export to timm instead")
 
 
 def _preprocessor(model: dict, mean, std) -> dict:
@@ -265,7 +293,7 @@ def save_hf(directory, pretrained: common.Pretrained, *, labels: Sequence[str] |
   config = _config(family, arch, model, num_classes, labels, dtype)
   flat = _layer_scale(flat, model["depth"], keep=family == "dinov2")
   tensors = {k: np.ascontiguousarray(v.astype(jnp.dtype(dtype)))
-             for k, v in _tensors(flat, family, arch).items()}
+             for k, v in _tensors(flat, family, arch, bool(model.get("swiglu"))).items()}
 
   def write(tmp: pathlib.Path) -> None:
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})

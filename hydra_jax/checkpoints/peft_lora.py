@@ -202,6 +202,10 @@ def save_peft(directory, trainable, spec: spec_lib.AdapterSpec, base: common.Pre
   for layer, _, f in layers:
     if family == "timm":
       name, parts = timm_vit.timm_module(layer.name)
+    elif model["swiglu"] and layer.name.startswith(_BLOCK) and MLP in layer.name:
+      raise ValueError(f"layer {layer.name}: transformers names a SwiGLU MLP's layers differently "
+                       "across versions (weights_in / weights_out; gate_proj, up_proj, down_proj); "
+                       "export these adapters for timm (target='timm', --peft-target timm)")
     else:
       name, parts = module_name(layer.name, family, arch, version), (layer.name,)
     a, b = np.asarray(f["A"], np.float32), np.asarray(f["B"], np.float32)

@@ -21,6 +21,9 @@ registers (a register's entry is a constant: it is added into the register token
 timm's MAP head reads the patch tokens only unless ``pool_include_prefix``, hydra_jax's reads every
 token, so a MAP head over a model with a class token or registers needs it.
 
+A packed SwiGLU MLP (timm's ``SwiGLUPacked``, DINOv2 giant's: fc1 puts out [gate, value], twice
+what fc2 reads) is the ViT's ``swiglu``.
+
 The tensors do not say the head count, exact or tanh GELU, the LayerNorm eps or the pooling; timm
 takes them from the architecture. Here they come from ``config.json``'s ``model_args`` first, then
 ``timm_architectures.json`` (every architecture of timm's registry this ViT computes exactly, as
@@ -56,13 +59,17 @@ EXPORT_ARCHITECTURE = "vit_base_patch16_224"
 TIMM_LN_EPS = 1e-6  # timm's VisionTransformer LayerNorm (not configurable from a config file)
 POOLS = {"token": "tok", "avg": "gap", "map": "map"}
 _ACTS = {"gelu": False, "gelu_tanh": True}  # timm act_layer name -> gelu_approximate
+_SWIGLU_ACTS = ("silu", "swish")  # the act_layer of timm's SwiGLUPacked MLP
+# The architecture ``save_timm`` names for a SwiGLU model (its entrypoint's MLP is SwiGLUPacked).
+SWIGLU_ARCHITECTURE = "vit_giant_patch14_dinov2"
 _UNSUPPORTED = {  # a key fragment -> the timm feature hydra_jax's ViT does not compute
     "norm_pre.": "pre_norm (a LayerNorm before the blocks, as CLIP has)",
     "dist_token": "a distillation token (DeiT distilled)",
     "head_dist.": "a distillation head (DeiT distilled)",
     ".q_norm.": "qk_norm", ".k_norm.": "qk_norm",
     ".attn.norm.": "scale_attn_norm", ".mlp.norm.": "scale_mlp_norm",
-    ".mlp.fc1_g.": "a gated MLP (SwiGLU / GeGLU)", ".mlp.fc1_x.": "a gated MLP (SwiGLU / GeGLU)",
+    ".mlp.fc1_g.": "an unpacked gated MLP (timm's SwiGLU: fc1_g, fc1_x)",
+    ".mlp.fc1_x.": "an unpacked gated MLP (timm's SwiGLU: fc1_g, fc1_x)",
     "patch_embed.norm.": "a patch-embedding norm", "patch_embed.backbone.": "a hybrid CNN stem",
     "attn_pool.pos_embed": "a position embedding in the MAP head",
     ".attns.": "parallel blocks", ".ffns.": "parallel blocks",
@@ -116,26 +123,32 @@ def timm_source(path: pathlib.Path) -> tuple[pathlib.Path, dict | None] | None:
     return (path, None) if "patch_embed.proj.weight" in f.keys() else None  # noqa: SIM118
 
 
-def _fields(config: dict | None, width: int, tensors: dict, source: str) -> dict:
+def _fields(config: dict | None, width: int, tensors: dict, source: str, swiglu: bool) -> dict:
   """num_heads, gelu_approximate, ln_eps, pool, pool_include_prefix, no_embed_class (None: infer
-  from the shapes) and img_size (None: unknown) of the timm model, by the rule in the docstring."""
+  from the shapes) and img_size (None: unknown) of the timm model, by the rule in the docstring.
+  ``swiglu``: its MLP's fc1 puts out twice what fc2 reads (a packed gated MLP)."""
   class_token, has_head = "cls_token" in tensors, "head.weight" in tensors
   args = dict((config or {}).get("model_args") or {})
   if config and "global_pool" in config:
     args.setdefault("global_pool", config["global_pool"])
   row = architectures().get(config["architecture"], {}) if config else {}
   act = args.get("act_layer")
-  if act is None and "gelu" in row:
+  if act is None and row.get("mlp") == "swiglu":
+    act = "silu"
+  elif act is None and "gelu" in row:
     act = "gelu_tanh" if row["gelu"] == "tanh" else "gelu"
-  if act is not None and act not in _ACTS:
-    raise ValueError(f"{source}: timm act_layer {act!r} is not supported; expected one of "
-                     f"{tuple(_ACTS)}")
+  acts = _SWIGLU_ACTS if swiglu else tuple(_ACTS)
+  if act is not None and act not in acts:
+    raise ValueError(f"{source}: timm act_layer {act!r} is not supported with "
+                     f"{'a packed gated (SwiGLU) MLP' if swiglu else 'a plain MLP'}; expected one "
+                     f"of {acts}")
   pool = args.get("global_pool", row.get("global_pool"))
   assumed = []
   if "num_heads" not in args and "num_heads" not in row:
     assumed.append(f"num_heads={width // 64} (64-wide heads)")
   if act is None:
-    assumed.append("exact GELU")
+    assumed.append("SwiGLUPacked: silu(first half of fc1) * second half" if swiglu
+                   else "exact GELU")
   if pool is None and "attn_pool.latent" in tensors:
     pool = "map"  # the only pool with a MAP head
   elif pool is None:
@@ -156,7 +169,7 @@ def _fields(config: dict | None, width: int, tensors: dict, source: str) -> dict
       "input_size", [None])[1:] or None
   return dict(
       num_heads=args.get("num_heads", row.get("num_heads", width // 64)),
-      gelu_approximate=_ACTS[act or "gelu"], ln_eps=row.get("ln_eps", TIMM_LN_EPS),
+      gelu_approximate=_ACTS.get(act or "gelu", False), ln_eps=row.get("ln_eps", TIMM_LN_EPS),
       pool=POOLS.get(pool, "tok" if class_token else "gap"),  # "": pooled for a new head
       pool_include_prefix=bool(args.get("pool_include_prefix",
                                         row.get("pool_include_prefix", False))),
@@ -237,12 +250,13 @@ def load_timm(weights: pathlib.Path, config: dict | None) -> common.Pretrained:
   if "patch_embed.proj.weight" not in tensors:
     raise ValueError(f"{source}: no 'patch_embed.proj.weight'; expected a timm VisionTransformer")
   width = tensors["patch_embed.proj.weight"].shape[0]
-  fields = _fields(config, width, tensors, source)
   fc1, fc2 = (tensors.get(f"blocks.0.mlp.{n}.weight") for n in ("fc1", "fc2"))
-  if fc1 is not None and fc2 is not None and fc1.shape[0] != fc2.shape[1]:
+  if fc1 is not None and fc2 is not None and fc1.shape[0] not in (fc2.shape[1], 2 * fc2.shape[1]):
     raise ValueError(f"{source}: blocks.0.mlp.fc1 puts out {fc1.shape[0]} features and fc2 reads "
-                     f"{fc2.shape[1]}: a packed gated MLP (SwiGLU), which hydra_jax's ViT does not "
-                     "compute")
+                     f"{fc2.shape[1]}; expected as many (a GELU MLP) or twice as many (a packed "
+                     "SwiGLU MLP)")
+  swiglu = fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]
+  fields = _fields(config, width, tensors, source, swiglu)
   if "norm.weight" not in tensors and "fc_norm.weight" not in tensors:
     raise ValueError(f"{source}: no final 'norm' nor 'fc_norm' (timm's final_norm=False), which "
                      "hydra_jax's ViT always has")
@@ -342,7 +356,12 @@ def model_args(model: dict, num_classes: int | None) -> dict:
   if model.get("representation_size"):
     raise ValueError("timm's VisionTransformer has no pre_logits layer (representation_size="
                      f"{model['representation_size']}); load with drop_pre_logits=True first")
-  width, mlp = model["width"], model["mlp_dim"]
+  swiglu = bool(model.get("swiglu"))
+  if swiglu and pool == "map":
+    raise ValueError("timm's MAP head builds its MLP like the blocks' (SwiGLU here), hydra_jax's "
+                     "is GELU: export a SwiGLU model pooled 'tok' or 'gap'")
+  width = model["width"]
+  mlp = model["mlp_dim"] * (2 if swiglu else 1)  # SwiGLUPacked's fc1 puts out gate and value
   ratio = mlp / width
   if int(width * ratio) != mlp:  # timm builds int(width * mlp_ratio) hidden units
     ratio = (mlp + 0.5) / width
@@ -354,7 +373,7 @@ def model_args(model: dict, num_classes: int | None) -> dict:
       class_token=model["class_token"], reg_tokens=model.get("num_registers", 0),
       no_embed_class=False, global_pool=pool, fc_norm=bool(model.get("fc_norm")), pre_norm=False,
       init_values=1.0 if model["layer_scale"] else None,
-      act_layer="gelu_tanh" if model["gelu_approximate"] else "gelu",
+      act_layer="silu" if swiglu else "gelu_tanh" if model["gelu_approximate"] else "gelu",
       pool_include_prefix=pool == "map" and prefix > 0, num_classes=num_classes or 0)
 
 
@@ -395,8 +414,9 @@ def save_timm(directory, pretrained: common.Pretrained, *, labels: Sequence[str]
   """Writes ``pretrained`` (e.g. a merged fine-tune) as a timm directory.
 
   ``timm.create_model("local-dir:DIR", pretrained=True)`` builds timm's VisionTransformer from
-  ``config.json`` (``architecture`` is timm's ``vit_base_patch16_224`` entrypoint; ``model_args``
-  give every field) and loads ``model.safetensors`` into it.
+  ``config.json`` (``architecture`` is timm's ``vit_base_patch16_224`` entrypoint, for a SwiGLU
+  model ``vit_giant_patch14_dinov2``, whose MLP is SwiGLUPacked; ``model_args`` give every
+  field) and loads ``model.safetensors`` into it.
 
   Args:
     directory: the directory to write; an earlier export there is replaced.
@@ -425,8 +445,9 @@ def save_timm(directory, pretrained: common.Pretrained, *, labels: Sequence[str]
     logging.warning("timm's VisionTransformer normalises with LayerNorm eps %g; this model's is "
                     "%g (outputs differ in the last digits)", TIMM_LN_EPS, model["ln_eps"])
   h, w = model["posemb_grid"][0] * args["patch_size"], model["posemb_grid"][1] * args["patch_size"]
+  architecture = SWIGLU_ARCHITECTURE if model["swiglu"] else EXPORT_ARCHITECTURE
   config = dict(
-      architecture=EXPORT_ARCHITECTURE, num_classes=num_classes or 0, num_features=model["width"],
+      architecture=architecture, num_classes=num_classes or 0, num_features=model["width"],
       global_pool=args["global_pool"], model_args=args,
       pretrained_cfg=dict(input_size=[3, h, w], fixed_input_size=True, interpolation="bicubic",
                           crop_pct=1.0, crop_mode="center", mean=list(pretrained.mean),
@@ -442,4 +463,4 @@ def save_timm(directory, pretrained: common.Pretrained, *, labels: Sequence[str]
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
   hf_export.write_dir(directory, FILES, write)
-  return EXPORT_ARCHITECTURE
+  return architecture

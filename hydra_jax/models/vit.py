@@ -11,7 +11,7 @@ Param tree ('/'-paths)::
   Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/out                kernel (H,Dh,D)
   Transformer/encoderblock_{i}/LayerScale_{0,1}/scale (D,)  only with layer_scale=True (DINOv2)
   Transformer/encoderblock_{i}/LayerNorm_1
-  Transformer/encoderblock_{i}/MlpBlock_0/Dense_{0,1}
+  Transformer/encoderblock_{i}/MlpBlock_0/Dense_{0,1}   Dense_0 (D, 2M) with swiglu=True
   Transformer/encoder_norm                      only with fc_norm=False
   MAPHead_0/{probe, MultiHeadDotProductAttention_0, LayerNorm_0, MlpBlock_0}   only with pool="map"
   pooled_norm/{scale,bias}                      only with fc_norm=True (timm's gap models)
@@ -140,16 +140,23 @@ class _Attention(nn.Module):
 
 
 class _MlpBlock(nn.Module):
+  """Dense_0, GELU, Dense_1; with ``swiglu`` Dense_0 puts out [gate, value] (2 * mlp_dim) and
+  Dense_1 reads silu(gate) * value."""
   mlp_dim: int
   gelu_approximate: bool = False
+  swiglu: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    y = nn.Dense(self.mlp_dim, name="Dense_0", **kw)(x)
-    y = nn.gelu(y, approximate=self.gelu_approximate)
+    y = nn.Dense(self.mlp_dim * (2 if self.swiglu else 1), name="Dense_0", **kw)(x)
+    if self.swiglu:
+      gate, value = jnp.split(y, 2, axis=-1)
+      y = nn.silu(gate) * value
+    else:
+      y = nn.gelu(y, approximate=self.gelu_approximate)
     return nn.Dense(x.shape[-1], name="Dense_1", **kw)(y)
 
 
@@ -181,6 +188,7 @@ class _EncoderBlock(nn.Module):
   layer_scale: bool = False
   ln_eps: float = 1e-6
   gelu_approximate: bool = False
+  swiglu: bool = False
   attention: str = "xla"
   drop_path: float = 0.0
   dtype: Any = jnp.float32
@@ -201,7 +209,7 @@ class _EncoderBlock(nn.Module):
       y = _LayerScale(self.param_dtype, name="LayerScale_0")(y)
     x = x + self._residual(y)
     y = nn.LayerNorm(epsilon=self.ln_eps, name="LayerNorm_1", **kw)(x)
-    y = _MlpBlock(self.mlp_dim, self.gelu_approximate, name="MlpBlock_0", **kw)(y)
+    y = _MlpBlock(self.mlp_dim, self.gelu_approximate, self.swiglu, name="MlpBlock_0", **kw)(y)
     if self.layer_scale:
       y = _LayerScale(self.param_dtype, name="LayerScale_1")(y)
     return x + self._residual(y)
@@ -252,6 +260,9 @@ class ViT(nn.Module):
       models have. Not with pool "tok+gap" (two features side by side).
     ln_eps: LayerNorm epsilon (1e-6 Google and DINOv2, 1e-12 Hugging Face ViT).
     gelu_approximate: tanh GELU (Google files) instead of the exact erf GELU.
+    swiglu: the blocks' MLPs are SwiGLU (DINOv2 giant): ``Dense_0`` puts out a gate and a value
+      (``mlp_dim`` each, packed in that order as timm's ``SwiGLUPacked`` and the DINOv2 files'
+      ``weights_in``) and ``Dense_1`` reads silu(gate) * value. A MAP head's MLP stays GELU.
     attention: "xla" (runs everywhere), "cudnn" (GPU flash attention, padded to 16 tokens; bf16
       or fp16 compute) or "auto" (cudnn where it runs, else xla).
     pixel_mean, pixel_std: per-channel RGB statistics of the [0, 1] inputs the params expect;
@@ -279,6 +290,7 @@ class ViT(nn.Module):
   fc_norm: bool = False
   ln_eps: float = 1e-6
   gelu_approximate: bool = False
+  swiglu: bool = False
   attention: str = "auto"
   pixel_mean: tuple[float, float, float] | None = None
   pixel_std: tuple[float, float, float] | None = None
@@ -318,7 +330,7 @@ class ViT(nn.Module):
     self.pos_embedding = self.param(
         "pos_embedding", nn.initializers.normal(0.02), (1, tokens, d), self.param_dtype)
     block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, layer_scale=self.layer_scale,
-                 gelu_approximate=self.gelu_approximate,
+                 gelu_approximate=self.gelu_approximate, swiglu=self.swiglu,
                  attention=resolve_attention(self.attention, self.dtype))
     self.Transformer = _Encoder(self.depth, block, self.ln_eps, remat, self.drop_path,
                                 final_norm=not self.fc_norm, **kw)
@@ -391,7 +403,7 @@ class ViT(nn.Module):
 ARCHITECTURE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ViT) if f.name in (
     "patch_size", "width", "depth", "mlp_dim", "num_heads", "posemb_grid", "class_token",
     "num_registers", "pool", "representation_size", "layer_scale", "fc_norm", "ln_eps",
-    "gelu_approximate")}
+    "gelu_approximate", "swiglu")}
 
 
 def param_count(tree) -> int:
