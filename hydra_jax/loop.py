@@ -215,7 +215,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
                                     use_async=config.async_checkpoints)
   start = _restore(ckpt, runner, config)
-  writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start)
+  writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start,
+                                finished=start >= config.num_epochs * steps_per_epoch)
   if jax.process_index() == 0:
     (workdir / "trainable.txt").write_text(report + "\n")
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))

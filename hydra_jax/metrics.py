@@ -12,12 +12,12 @@ import tqdm
 RESULTS_KEY = "steps"  # only the final results line (``train_and_evaluate``'s) holds it
 
 
-def _kept(line: str, resume_step: int) -> bool:
+def _kept(line: str, resume_step: int, finished: bool) -> bool:
   """Whether a resumed run keeps a metrics.jsonl line: one logged at or before its checkpoint,
-  not torn (half-written) and not the final results (a rerun writes those again)."""
+  not torn (half-written), and not the final results of a finished run (it writes them again)."""
   try:
     record = json.loads(line)
-    return int(record["step"]) <= resume_step and RESULTS_KEY not in record
+    return int(record["step"]) <= resume_step and not (finished and RESULTS_KEY in record)
   except (ValueError, KeyError, TypeError):
     return False
 
@@ -26,12 +26,13 @@ class MetricWriter:
   """Appends ``{"step": s, **scalars}`` lines to ``metrics.jsonl`` and TensorBoard scalars.
 
   ``resume_step``: a run resumed from that checkpoint drops the lines an interrupted run wrote
-  after it and an earlier final results line (they are written again), so every step appears
-  once and a finished run run again ends with one results line.
+  after it (they are written again), so every step appears once; ``finished``: the run resumed
+  has no step left to train, so its results line at ``resume_step`` is written again (dropped
+  here: a finished run run again ends with one). A finished run given more epochs keeps it.
   """
 
   def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True,
-               resume_step: int | None = None):
+               resume_step: int | None = None, finished: bool = False):
     self._enabled = enabled
     if not enabled:
       return
@@ -40,7 +41,7 @@ class MetricWriter:
     path = workdir / "metrics.jsonl"
     if resume_step is not None and path.exists():
       kept = [line for line in path.read_text().splitlines(keepends=True)
-              if _kept(line, resume_step)]
+              if _kept(line, resume_step, finished)]
       tmp = path.with_name(path.name + ".tmp")
       tmp.write_text("".join(kept))
       os.replace(tmp, path)

@@ -106,6 +106,25 @@ def test_fc_norm_model_refuses_a_pool_of_two_features(tmp_path):
   assert _rel(_ours(pre, images), _timm_logits(model, images)) < 1e-5
 
 
+def test_bare_fc_norm_file_with_a_class_token_pools_avg(tmp_path):
+  """timm gives fc_norm only to avg-pooled models unless told: without a config the file's
+  fc_norm says "avg" (was read as "token": 150% off)."""
+  model = _timm("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=3, global_pool="avg")
+  save_torch(model.state_dict(), str(tmp_path / "w.safetensors"))
+  pre = checkpoints.load(tmp_path / "w.safetensors")
+  assert pre.model["pool"] == "gap" and pre.model["fc_norm"]
+  images = _images(model)
+  assert _rel(_ours(pre, images), _timm_logits(model, images)) < 1e-5
+
+
+def test_pool_refusals_offer_the_pools_the_checkpoint_takes(tmp_path):
+  model = _timm("vit_little_patch16_reg4_gap_256", img_size=32, depth=1, num_classes=3)
+  path = _save_for_hf(model, tmp_path / "timm")  # no class token, no MAP head, fc_norm
+  for pool in ("map", "tok+gap"):
+    with pytest.raises(ValueError, match=r"pool with one of \('gap',\)"):
+      checkpoints.load(path, pool=pool)
+
+
 def test_architecture_table_fields_match_timm():
   """A sample of the generated table checked against the installed timm's own models."""
   table = timm_vit.architectures()

@@ -166,12 +166,17 @@ def test_metrics_of_a_resumed_run_hold_each_step_once(tmp_path):
   writer = metrics.MetricWriter(tmp_path, resume_step=6)
   writer.write(6, {metrics.RESULTS_KEY: 6, "test_accuracy": 0.5})  # the run's final line
   writer.close()
-  writer = metrics.MetricWriter(tmp_path, resume_step=6)  # the finished run, run again
+  writer = metrics.MetricWriter(tmp_path, resume_step=6, finished=True)  # run again
   writer.write(6, {metrics.RESULTS_KEY: 6, "test_accuracy": 0.5})
   writer.close()
   lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6, 6]
   assert [metrics.RESULTS_KEY in x for x in lines].count(True) == 1
+  writer = metrics.MetricWriter(tmp_path, resume_step=6)  # given more epochs: step 6's stays
+  writer.write(7, {"loss": 1.0})
+  writer.close()
+  lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [x["step"] for x in lines if metrics.RESULTS_KEY in x] == [6]
 
 
 @pytest.mark.parametrize("field,value", [("seed", 1), ("batch_size", 8)])

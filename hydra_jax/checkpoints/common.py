@@ -154,6 +154,15 @@ def _resample(params: dict, model: dict, image_size) -> tuple[dict, dict]:
   return dict(params, pos_embedding=np.asarray(pos, np.float32)), dict(model, posemb_grid=grid)
 
 
+def _pools(model: Mapping, params: Mapping) -> tuple[str, ...]:
+  """The pools a checkpoint can take: "tok" and "tok+gap" need a class token ("tok+gap" no
+  fc_norm), "map" its MAP head."""
+  cls, fc_norm = model.get("class_token"), model.get("fc_norm")
+  return tuple(p for p in ("tok", "gap", "tok+gap", "map")
+               if ("tok" not in p or cls) and (p != "tok+gap" or not fc_norm)
+               and (p != "map" or "MAPHead_0" in params))
+
+
 def finalize(raw: Pretrained, *, num_classes=None, reset_head=False, image_size=None,
              pool=None, drop_pre_logits=False) -> Pretrained:
   """Applies the head / image-size options to a converted checkpoint and checks it strictly.
@@ -184,13 +193,14 @@ def finalize(raw: Pretrained, *, num_classes=None, reset_head=False, image_size=
   model = {**ARCHITECTURE_DEFAULTS, **raw.model}  # a random-init run's export records fewer
   model["posemb_grid"] = tuple(model["posemb_grid"])
   if pool is not None:
+    pools = _pools(model, params)
     if pool == "map" and "MAPHead_0" not in params:
       raise ValueError("pool='map' needs the checkpoint's MAP head (MAPHead_0, as SigLIP files "
-                       f"have); {raw.source} has none: pool with 'tok', 'gap' or 'tok+gap'")
+                       f"have); {raw.source} has none: pool with one of {pools}")
     if pool == "tok+gap" and model.get("fc_norm"):
       raise ValueError(f"pool='tok+gap' concatenates two features; {raw.source} normalises one "
-                       "pooled feature (fc_norm, as timm's avg-pooled models do): pool with "
-                       "'tok', 'gap' or 'map' (config: model.pool)")
+                       "pooled feature (fc_norm, as timm's avg-pooled models do): pool with one "
+                       f"of {pools} (config: model.pool)")
     if pool != model["pool"] and model.get("representation_size") and not drop_pre_logits:
       raise ValueError(f"pool={pool!r} changes the features that pre_logits (the i21k files' tanh "
                        f"layer, pooled {model['pool']!r}) reads; drop it with "

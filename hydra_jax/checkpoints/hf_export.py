@@ -66,7 +66,8 @@ def _target(model: dict, *, has_head: bool) -> tuple[str, str]:
   pool, cls, rep = model["pool"], model["class_token"], model.get("representation_size")
   if model.get("fc_norm"):
     raise ValueError("fc_norm (the final LayerNorm after the pooling, as timm's avg-pooled models "
-                     "have) exists in no transformers vision model: export to timm instead")
+                     "have) exists in no transformers vision model: export to timm instead "
+                     "(save_timm, --timm; PEFT adapters: target='timm', --peft-target timm)")
   if model.get("num_registers"):
     if cls and not rep and (pool == "tok+gap" if has_head else pool != "map"):
       return "dinov2", ("Dinov2WithRegistersForImageClassification" if has_head

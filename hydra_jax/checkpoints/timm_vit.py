@@ -151,8 +151,8 @@ def _fields(config: dict | None, width: int, tensors: dict, source: str, swiglu:
                    else "exact GELU")
   if pool is None and "attn_pool.latent" in tensors:
     pool = "map"  # the only pool with a MAP head
-  elif pool is None:
-    pool = "token" if class_token else "avg"
+  elif pool is None:  # timm gives fc_norm only to avg-pooled models unless told otherwise
+    pool = "token" if class_token and "fc_norm.weight" not in tensors else "avg"
     assumed.append(f"global_pool={pool!r}")
   if assumed:
     what = (f"architecture {config['architecture']!r} is not among the timm architectures "
@@ -162,15 +162,16 @@ def _fields(config: dict | None, width: int, tensors: dict, source: str, swiglu:
   if pool not in POOLS and (pool != "" or has_head):  # "": every token out, no head
     raise ValueError(f"{source}: timm global_pool {pool!r} is not supported; expected one of "
                      f"{tuple(POOLS)} ('' only without a head)")
+  empty_pool = "tok" if class_token and "fc_norm.weight" not in tensors else "gap"
   if pool == "":
     logging.warning("%s: timm global_pool '' puts out every token; hydra_jax's ViT pools them "
-                    "(%s) for the head you give it", source, "tok" if class_token else "gap")
+                    "(%s) for the head you give it", source, empty_pool)
   size = args.get("img_size") or ((config or {}).get("pretrained_cfg") or {}).get(
       "input_size", [None])[1:] or None
   return dict(
       num_heads=args.get("num_heads", row.get("num_heads", width // 64)),
       gelu_approximate=_ACTS.get(act or "gelu", False), ln_eps=row.get("ln_eps", TIMM_LN_EPS),
-      pool=POOLS.get(pool, "tok" if class_token else "gap"),  # "": pooled for a new head
+      pool=POOLS.get(pool, empty_pool),  # "": pooled for a new head
       pool_include_prefix=bool(args.get("pool_include_prefix",
                                         row.get("pool_include_prefix", False))),
       no_embed_class=args.get("no_embed_class", row.get("no_embed_class")),
