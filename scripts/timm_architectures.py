@@ -50,7 +50,7 @@ def describe(model, timm) -> dict | None:
   if type(mlp) is not Mlp and not swiglu:
     return None
   if not all(_identity(m) for m in (block.attn.q_norm, block.attn.k_norm, block.attn.norm,
-                                    block.mlp.norm)):
+                                    mlp.norm)):
     return None
   act = type(mlp.act)
   if swiglu:

@@ -128,6 +128,9 @@ def _fields(config: dict | None, width: int, tensors: dict, source: str, swiglu:
   from the shapes) and img_size (None: unknown) of the timm model, by the rule in the docstring.
   ``swiglu``: its MLP's fc1 puts out twice what fc2 reads (a packed gated MLP)."""
   class_token, has_head = "cls_token" in tensors, "head.weight" in tensors
+  # timm's default pool: the class token where there is one, unless fc_norm says "avg" (timm
+  # gives fc_norm only to avg-pooled models unless told otherwise)
+  token_pooled = class_token and "fc_norm.weight" not in tensors
   args = dict((config or {}).get("model_args") or {})
   if config and "global_pool" in config:
     args.setdefault("global_pool", config["global_pool"])
@@ -151,8 +154,8 @@ def _fields(config: dict | None, width: int, tensors: dict, source: str, swiglu:
                    else "exact GELU")
   if pool is None and "attn_pool.latent" in tensors:
     pool = "map"  # the only pool with a MAP head
-  elif pool is None:  # timm gives fc_norm only to avg-pooled models unless told otherwise
-    pool = "token" if class_token and "fc_norm.weight" not in tensors else "avg"
+  elif pool is None:
+    pool = "token" if token_pooled else "avg"
     assumed.append(f"global_pool={pool!r}")
   if assumed:
     what = (f"architecture {config['architecture']!r} is not among the timm architectures "
@@ -162,7 +165,7 @@ def _fields(config: dict | None, width: int, tensors: dict, source: str, swiglu:
   if pool not in POOLS and (pool != "" or has_head):  # "": every token out, no head
     raise ValueError(f"{source}: timm global_pool {pool!r} is not supported; expected one of "
                      f"{tuple(POOLS)} ('' only without a head)")
-  empty_pool = "tok" if class_token and "fc_norm.weight" not in tensors else "gap"
+  empty_pool = "tok" if token_pooled else "gap"
   if pool == "":
     logging.warning("%s: timm global_pool '' puts out every token; hydra_jax's ViT pools them "
                     "(%s) for the head you give it", source, empty_pool)
