@@ -73,6 +73,9 @@ CLASSIFIERS = {  # ViT fields -> the transformers class computing the same logit
     "dinov2_scales_of_one": (dict(pool="tok+gap"), "Dinov2ForImageClassification"),
     "dinov2_registers": (dict(pool="tok+gap", layer_scale=True, num_registers=4),
                          "Dinov2WithRegistersForImageClassification"),
+    # timm's fc_norm over the class token: the final norm on every token computes the same
+    "vit_fc_norm_over_the_class_token": (dict(pool="tok", fc_norm=True),
+                                         "ViTForImageClassification"),
     "siglip": (dict(pool="gap", class_token=False, gelu_approximate=True),
                "SiglipForImageClassification"),
     # DINOv2 giant's MLP: use_swiglu_ffn with mlp_ratio 3 (96 * 2/3 = 64 hidden units)
@@ -170,7 +173,7 @@ def test_bfloat16_export_and_replacing_an_export(tmp_path):
     (dict(pool="tok", representation_size=8), True, "pre_logits"),
     (dict(pool="map"), False, "MAP head over a class-token model"),
     (dict(pool="tok", num_registers=4), True, "register tokens exist in transformers only in"),
-    (dict(pool="gap", class_token=False, fc_norm=True), True, "fc_norm .* export to timm"),
+    (dict(pool="gap", class_token=False, fc_norm=True), True, "fc_norm .* pool='gap'.* timm"),
     (dict(pool="tok", swiglu=True), True, "SwiGLU MLPs exist in transformers only in DINOv2"),
 ])
 def test_models_without_a_transformers_class_are_refused(fields, has_head, match):
@@ -249,6 +252,7 @@ PEFT_CASES = {  # ViT fields, the spec's targets and bias
     "vit": (dict(pool="tok"), None, False),
     "vit_layer_scale_folded_bias": (dict(pool="tok", layer_scale=True), _EVERY_LINEAR, True),
     "dinov2": (dict(pool="tok+gap", layer_scale=True), _EVERY_LINEAR, False),
+    "vit_fc_norm_over_the_class_token": (dict(pool="tok", fc_norm=True), None, False),
     "dinov2_registers": (dict(pool="tok+gap", layer_scale=True, num_registers=3), None, True),
     "siglip": (dict(pool="gap", class_token=False, gelu_approximate=True), _EVERY_LINEAR, True),
 }

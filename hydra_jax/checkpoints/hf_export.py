@@ -11,6 +11,9 @@ pooling (a merged fine-tune has exactly the base architecture, so it always has 
                 otherwise         ViTModel  (``pre_logits`` is its pooler; without one, load it
                                   with ``add_pooling_layer=False``)
 
+An ``fc_norm`` model (the final LayerNorm on the pooled feature) pooled "tok" exports as the
+same class with that norm on every token (LayerNorm is per token: the class token's is the same).
+
 Register tokens make it ``Dinov2WithRegistersForImageClassification`` (pool "tok+gap") or
 ``Dinov2WithRegistersModel`` (no head).
 
@@ -64,10 +67,11 @@ def target(model: dict, *, has_head: bool) -> tuple[str, str]:
 
 def _target(model: dict, *, has_head: bool) -> tuple[str, str]:
   pool, cls, rep = model["pool"], model["class_token"], model.get("representation_size")
-  if model.get("fc_norm"):
-    raise ValueError("fc_norm (the final LayerNorm after the pooling, as timm's avg-pooled models "
-                     "have) exists in no transformers vision model: export to timm instead "
-                     "(save_timm, --timm; PEFT adapters: target='timm', --peft-target timm)")
+  if model.get("fc_norm") and pool != "tok":  # over the class token it is the final norm
+    raise ValueError(f"fc_norm (the final LayerNorm after the pooling, as timm's avg-pooled "
+                     f"models have) exists in no transformers vision model except over pool "
+                     f"'tok' (got pool={pool!r}): export to timm instead (save_timm, --timm; PEFT "
+                     f"adapters: target='timm', --peft-target timm)")
   if model.get("num_registers"):
     if cls and not rep and (pool == "tok+gap" if has_head else pool != "map"):
       return "dinov2", ("Dinov2WithRegistersForImageClassification" if has_head
@@ -293,6 +297,8 @@ def save_hf(directory, pretrained: common.Pretrained, *, labels: Sequence[str] |
   family, arch = target(model, has_head=num_classes is not None)
   config = _config(family, arch, model, num_classes, labels, dtype)
   flat = _layer_scale(flat, model["depth"], keep=family == "dinov2")
+  if model.get("fc_norm"):  # pool 'tok': LayerNorm is per token, so norming every token is the same
+    flat = {k.replace("pooled_norm/", "Transformer/encoder_norm/"): v for k, v in flat.items()}
   tensors = {k: np.ascontiguousarray(v.astype(jnp.dtype(dtype)))
              for k, v in _tensors(flat, family, arch, bool(model.get("swiglu"))).items()}
 
