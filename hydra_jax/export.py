@@ -15,6 +15,11 @@ pretrained=True)`` loads it):
 
   python -m hydra_jax.export /tmp/run/export/merged.safetensors --timm /tmp/run/export/timm
 
+or to a big_vision ``.npz`` (``checkpoints.save_npz``; big_vision's ``vit.load`` reads it, inputs
+in [-1, 1]):
+
+  python -m hydra_jax.export /tmp/run/export/merged.safetensors --npz /tmp/run/export/bv.npz
+
 A LoRA run's adapters and head convert to a Hugging Face PEFT adapter (``checkpoints.save_peft``),
 written beside its base model as transformers loads it:
 
@@ -126,13 +131,15 @@ def main(argv: Sequence[str] | None = None) -> None:
   """Converts a checkpoint (or a LoRA run) for PyTorch; ``argv`` without the program name."""
   p = argparse.ArgumentParser(prog="python -m hydra_jax.export",
                               description="Writes a checkpoint as a Hugging Face or timm "
-                              "directory, or a LoRA run as a transformers base model plus a PEFT "
-                              "adapter.")
-  p.add_argument("source", help="with --hf / --timm: any checkpoint checkpoints.load reads (e.g. "
-                 "merged.safetensors); with --peft: a finished LoRA run's workdir")
+                              "directory or a big_vision .npz, or a LoRA run as a transformers "
+                              "base model plus a PEFT adapter.")
+  p.add_argument("source", help="with --hf / --timm / --npz: any checkpoint checkpoints.load "
+                 "reads (e.g. merged.safetensors); with --peft: a finished LoRA run's workdir")
   out = p.add_mutually_exclusive_group(required=True)
   out.add_argument("--hf", help="directory to write (an earlier export is replaced)")
   out.add_argument("--timm", help="timm directory to write (an earlier export is replaced)")
+  out.add_argument("--npz", help="big_vision .npz file to write (inputs in [-1, 1]; an earlier "
+                   "file is replaced)")
   out.add_argument("--peft", help="directory to write base/ and lora/ into")
   p.add_argument("--dtype", default="float32", choices=checkpoints.hf_export.DTYPES,
                  help="tensor dtype of the model (with --peft: of base/; the adapter is float32)")
@@ -149,6 +156,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     arch = save_peft_run(args.source, args.peft, transformers_version=args.transformers_version,
                          labels=labels, dtype=args.dtype, target=args.peft_target)
     print(f"wrote {args.peft}/base ({arch}) and {args.peft}/lora (PEFT LoRA)")
+    return
+  if args.npz:
+    if args.labels or args.dtype != "float32":
+      p.error("--npz writes float32 params only (no --labels, no --dtype)")
+    checkpoints.save_npz(args.npz, checkpoints.load(args.source))
+    print(f"wrote {args.npz} (big_vision ViT, inputs in [-1, 1])")
     return
   save, directory = (checkpoints.save_timm, args.timm) if args.timm else (checkpoints.save_hf,
                                                                           args.hf)

@@ -14,7 +14,7 @@ import transformers
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from hydra_jax import checkpoints
+from hydra_jax import checkpoints, export
 from hydra_jax.models import PATCHES, SIZES, ViT, param_count, variant
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=4, image_size=16)
@@ -291,6 +291,97 @@ def test_big_vision_gap_npz(google_fn, tmp_path):
     h = model.layernorm(h).numpy()
   assert _rel(_apply(pretrained, images, "encode"), h) < 1e-5
   assert _rel(_apply(pretrained, images, "features"), h.mean(axis=1)) < 1e-5
+
+
+# ---------------------------------------------------------------- big_vision npz export
+
+
+def test_save_npz_writes_the_big_vision_layout(google_fn, tmp_path):
+  """A Google-style ViT read from transformers, written back as npz: the arrays the test-side
+  big_vision mapping gives (posemb on the patches, the class token's row in cls)."""
+  model, sd = google_fn
+  pre = checkpoints.load(_save_hf(model, tmp_path / "hf"))
+  assert pre.mean == pre.std == (0.5, 0.5, 0.5)  # [-1, 1] inputs: nothing to fold
+  checkpoints.save_npz(tmp_path / "bv.npz", pre)
+  with np.load(tmp_path / "bv.npz") as f:
+    got = dict(f)
+  want = _google_arrays(sd, big_vision=True)
+  assert set(got) == set(want) | {"pre_logits/kernel", "pre_logits/bias"}  # HF's pooler
+  for k, v in want.items():
+    np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+NPZ_MODELS = {  # ViT fields: what big_vision computes, each with a folded part
+    "tok_layer_scale_pre_logits": dict(pool="tok", layer_scale=True, representation_size=24),
+    "tok_fc_norm": dict(pool="tok", fc_norm=True),
+    "gap": dict(pool="gap", class_token=False),
+    "map": dict(pool="map", class_token=False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NPZ_MODELS))
+def test_save_npz_computes_the_same_function(case, tmp_path):
+  """Read back (as big_vision reads it: [-1, 1] inputs, posemb before the class token), the
+  file computes the model's logits from the same uint8 images; its mean / std are folded in."""
+  fields = dict(patch_size=4, width=32, depth=2, mlp_dim=64, num_heads=4, posemb_grid=(4, 4),
+                ln_eps=1e-6, gelu_approximate=True, **NPZ_MODELS[case])
+  variables = ViT(num_classes=5, **fields).init(jax.random.key(0), np.zeros((1, 16, 16, 3)))
+  rng = np.random.default_rng(len(case))
+  params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32) * 0.3,
+                        variables["params"])
+  pre = checkpoints.Pretrained(params, fields, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "")
+  checkpoints.save_npz(tmp_path / "bv.npz", pre)
+  back = checkpoints.load(tmp_path / "bv.npz")
+  assert back.mean == back.std == (0.5, 0.5, 0.5) and back.model["pool"] == fields["pool"]
+  images = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  assert _rel(_apply(back, images), _apply(pre, images)) < 1e-5
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(gelu_approximate=False), "tanh GELU and LayerNorm eps 1e-6 .*gelu_approximate=False"),
+    (dict(ln_eps=1e-12), "ln_eps=1e-12"),
+    (dict(num_registers=2), "no register tokens"),
+    (dict(pool="tok+gap"), "pools 'tok' over a class token, or 'gap' / 'map' without one"),
+    (dict(pool="gap"), "got pool='gap', class_token=True"),
+    (dict(pool="gap", class_token=False, fc_norm=True), "final LayerNorm is on the tokens"),
+])
+def test_save_npz_refuses_what_big_vision_does_not_compute(fields, match, tmp_path):
+  (tmp_path / "bv.npz").write_bytes(b"an earlier file")
+  model = dict(patch_size=4, width=32, depth=1, mlp_dim=64, num_heads=4, posemb_grid=(2, 2),
+               **{"pool": "tok", "gelu_approximate": True, **fields})
+  params = ViT(**model).init(jax.random.key(0), np.zeros((1, 8, 8, 3)))["params"]
+  with pytest.raises(ValueError, match="big_vision's ViT cannot compute this model: .*" + match):
+    checkpoints.save_npz(tmp_path / "bv.npz", checkpoints.Pretrained(params, model, (0.5,) * 3,
+                                                                     (0.5,) * 3, ""))
+  assert (tmp_path / "bv.npz").read_bytes() == b"an earlier file"
+
+
+def test_export_cli_writes_npz(google_fn, tmp_path, capsys):
+  pre = checkpoints.load(_save_hf(google_fn[0], tmp_path / "hf"))
+  checkpoints.save(tmp_path / "merged.safetensors", pre)
+  export.main([str(tmp_path / "merged.safetensors"), "--npz", str(tmp_path / "bv.npz")])
+  assert "inputs in [-1, 1]" in capsys.readouterr().out
+  images = _images(16)
+  assert _rel(_apply(checkpoints.load(tmp_path / "bv.npz"), images), _apply(pre, images)) < 1e-5
+  with pytest.raises(SystemExit):
+    export.main([str(tmp_path / "merged.safetensors"), "--npz", str(tmp_path / "x.npz"),
+                 "--dtype", "bfloat16"])
+  assert "--npz writes float32 params only" in capsys.readouterr().err
+
+
+def test_save_npz_replaces_a_file_atomically(google_fn, tmp_path, monkeypatch):
+  pre = checkpoints.load(_save_hf(google_fn[0], tmp_path / "hf"))
+  checkpoints.save_npz(tmp_path / "bv.npz", pre)
+  before = (tmp_path / "bv.npz").read_bytes()
+
+  def fail(*args, **kwargs):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(np, "savez", fail)
+  with pytest.raises(OSError, match="disk full"):
+    checkpoints.save_npz(tmp_path / "bv.npz", pre)
+  assert (tmp_path / "bv.npz").read_bytes() == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["bv.npz", "hf"]  # no tmp file left
 
 
 # ---------------------------------------------------------------- strict checks and options

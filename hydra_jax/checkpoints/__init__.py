@@ -1,5 +1,6 @@
 """Pre-trained ViT checkpoints: load (format auto-detected), convert, check strictly, save (also
-as a Hugging Face transformers directory: ``save_hf``; as a timm directory: ``save_timm``); LoRA
+as a Hugging Face transformers directory: ``save_hf``; as a timm directory: ``save_timm``; as a
+big_vision ``.npz``: ``save_npz``); LoRA
 adapters to and from Hugging Face PEFT (``save_peft``, ``load_peft``).
 
     pretrained = checkpoints.load("ViT-B_16.npz", num_classes=10, image_size=224)
@@ -19,6 +20,7 @@ from hydra_jax.checkpoints.common import (
     expected_shapes,
     finalize,
 )
+from hydra_jax.checkpoints.google import save_npz
 from hydra_jax.checkpoints.hf_export import save_hf
 from hydra_jax.checkpoints.native import save
 from hydra_jax.checkpoints.peft_lora import load_peft, save_peft
@@ -33,7 +35,7 @@ FORMATS = (
 )
 
 __all__ = ["FORMATS", "Pretrained", "build_model", "check_tree", "expected_shapes", "load",
-           "load_peft", "save", "save_hf", "save_peft", "save_timm"]
+           "load_peft", "save", "save_hf", "save_npz", "save_peft", "save_timm"]
 
 
 def _read(path: pathlib.Path) -> Pretrained:

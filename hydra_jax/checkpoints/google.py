@@ -8,6 +8,11 @@ concatenated (stored here with a zero class-token row: the same function), may h
 (pool "gap"), may pool with a ``MAPHead_0`` (SigLIP; pool "map") and, when trained with
 ``scan=True``, stack the blocks on a leading depth axis under ``Transformer/encoderblock/``.
 Both use tanh GELU, LayerNorm eps 1e-6 and [-1, 1] inputs.
+
+``save_npz`` writes a ViT back as a big_vision file (``big_vision.models.vit`` loads it; so does
+``load`` here): the class token's position embedding added into ``cls``, LayerScale folded into
+the layer before it, and the input normalisation folded into the patch embedding so the file
+takes [-1, 1] inputs like every big_vision ViT (as big_vision did for its DeiT III files).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from collections.abc import Mapping
 import numpy as np
 from flax import traverse_util
 
-from hydra_jax.checkpoints import common
+from hydra_jax.checkpoints import common, hf_export, native
+from hydra_jax.models import ARCHITECTURE_DEFAULTS
 
 _VIT_POSEMB = "Transformer/posembed_input/pos_embedding"
 _VIT_MODULES = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
@@ -96,3 +102,59 @@ def load_big_vision(arrays: Mapping[str, np.ndarray], source: str) -> common.Pre
   return common.Pretrained(traverse_util.unflatten_dict(flat, sep="/"), model, common.HALF,
                            common.HALF,
                            f"big_vision:{source}")
+
+
+def _big_vision_refusal(model: dict) -> str | None:
+  """Why big_vision's ViT cannot compute ``ViT(**model)``, or None."""
+  pool, cls = model["pool"], model["class_token"]
+  if not model["gelu_approximate"] or model["ln_eps"] != 1e-6:
+    return (f"its MLPs use tanh GELU and LayerNorm eps 1e-6 (got gelu_approximate="
+            f"{model['gelu_approximate']}, ln_eps={model['ln_eps']:g}, as in DINOv2 and "
+            f"Hugging Face ViT files)")
+  for field, what in (("num_registers", "register tokens"), ("swiglu", "SwiGLU MLPs")):
+    if model[field]:
+      return f"it has no {what} (got {field}={model[field]})"
+  if pool not in ("tok", "gap", "map") or (pool == "tok") != cls:
+    return (f"it pools 'tok' over a class token, or 'gap' / 'map' without one (got pool={pool!r}"
+            f", class_token={cls})")
+  if model["fc_norm"] and pool != "tok":
+    return f"its final LayerNorm is on the tokens, before the pooling (got fc_norm, pool={pool!r})"
+  return None
+
+
+def save_npz(path, pretrained: common.Pretrained) -> None:
+  """Writes ``pretrained`` (e.g. a merged fine-tune) as a big_vision ``.npz``, atomically.
+
+  The file takes inputs in [-1, 1] (big_vision's ``value_range(-1, 1)``): ``pretrained``'s
+  mean / std are folded into the patch embedding. In big_vision:
+  ``vit.Model(num_classes, patch_size=(p, p), width=..., depth=..., mlp_dim=..., num_heads=...,
+  pool_type=pool, rep_size=representation_size or False)`` and ``vit.load(...)``.
+
+  Raises:
+    ValueError: the model has parts big_vision's ViT does not compute (exact GELU, registers,
+      SwiGLU, a pool it lacks).
+  """
+  model = {**ARCHITECTURE_DEFAULTS, **pretrained.model}
+  if (why := _big_vision_refusal(model)) is not None:
+    raise ValueError(f"big_vision's ViT cannot compute this model: {why}; export to "
+                     "transformers or timm instead")
+  flat = {k: np.asarray(v, np.float32)
+          for k, v in traverse_util.flatten_dict(pretrained.params, sep="/").items()}
+  flat = hf_export.layer_scale(flat, model["depth"], keep=False)
+  if model["fc_norm"]:
+    flat = hf_export.norm_every_token(flat)
+  if model["class_token"]:  # big_vision adds the position embedding before prepending cls
+    flat["cls"] = flat["cls"] + flat["pos_embedding"][:, :1]
+    flat["pos_embedding"] = flat["pos_embedding"][:, 1:]
+  # (u - mean) / std with u = (z + 1) / 2 is z / (2 std) + (0.5 - mean) / std, per channel
+  mean, std = np.asarray(pretrained.mean, np.float32), np.asarray(pretrained.std, np.float32)
+  kernel = flat["embedding/kernel"]
+  flat["embedding/bias"] = flat["embedding/bias"] + np.einsum("hwcd,c->d", kernel,
+                                                              (0.5 - mean) / std)
+  flat["embedding/kernel"] = kernel / (2 * std)[:, None]
+
+  def write(tmp) -> None:
+    with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to the tmp name
+      np.savez(f, **flat)
+
+  native.write_atomically(path, write)

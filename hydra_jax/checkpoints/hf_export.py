@@ -102,7 +102,7 @@ def _target(model: dict, *, has_head: bool) -> tuple[str, str]:
   return ("dinov2", "Dinov2Model") if model["layer_scale"] and not rep else ("vit", "ViTModel")
 
 
-def _layer_scale(flat: dict, depth: int, *, keep: bool) -> dict:
+def layer_scale(flat: dict, depth: int, *, keep: bool) -> dict:
   """Keeps LayerScale (ones where absent) or folds it into the out / Dense_1 layer before it."""
   flat = dict(flat)
   for i in range(depth):
@@ -116,6 +116,12 @@ def _layer_scale(flat: dict, depth: int, *, keep: bool) -> dict:
         for leaf in ("kernel", "bias"):
           flat[f"{BLOCK}{i}/{layer}/{leaf}"] = flat[f"{BLOCK}{i}/{layer}/{leaf}"] * scale
   return flat
+
+
+def norm_every_token(flat: dict) -> dict:
+  """An fc_norm model pooled "tok" -> the same function with the final norm on every token
+  (LayerNorm is per token: the class token's is the same)."""
+  return {k.replace("pooled_norm/", "Transformer/encoder_norm/"): v for k, v in flat.items()}
 
 
 def to_torch(name: str, leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
@@ -296,9 +302,9 @@ def save_hf(directory, pretrained: common.Pretrained, *, labels: Sequence[str] |
   num_classes = flat["head/kernel"].shape[-1] if "head/kernel" in flat else None
   family, arch = target(model, has_head=num_classes is not None)
   config = _config(family, arch, model, num_classes, labels, dtype)
-  flat = _layer_scale(flat, model["depth"], keep=family == "dinov2")
-  if model.get("fc_norm"):  # pool 'tok': LayerNorm is per token, so norming every token is the same
-    flat = {k.replace("pooled_norm/", "Transformer/encoder_norm/"): v for k, v in flat.items()}
+  flat = layer_scale(flat, model["depth"], keep=family == "dinov2")
+  if model.get("fc_norm"):  # pool "tok" (target refuses the others)
+    flat = norm_every_token(flat)
   tensors = {k: np.ascontiguousarray(v.astype(jnp.dtype(dtype)))
              for k, v in _tensors(flat, family, arch, bool(model.get("swiglu"))).items()}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+from collections.abc import Callable
 
 import numpy as np
 from flax import traverse_util
@@ -58,8 +59,8 @@ def save(path, pretrained: common.Pretrained) -> None:
   write_safetensors(path, flat, {METADATA_KEY: json.dumps(meta)})
 
 
-def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-  """Writes a safetensors file atomically: a hidden tmp file beside it, then ``os.replace``.
+def write_atomically(path, write: Callable[[pathlib.Path], None]) -> None:
+  """``write(tmp)`` to a hidden tmp file beside ``path``, then ``os.replace`` it onto ``path``.
 
   A failed write leaves any earlier file at ``path`` as it was and no tmp file behind.
   """
@@ -67,12 +68,17 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, 
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   try:
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-              metadata=metadata)
+    write(tmp)
     os.chmod(tmp, 0o644)  # safetensors creates it owner-only; a cache is shared like any file
     os.replace(tmp, path)
   finally:
     tmp.unlink(missing_ok=True)
+
+
+def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+  """Writes a safetensors file atomically (``write_atomically``)."""
+  write_atomically(path, lambda tmp: save_file(
+      {k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata))
 
 
 def load_native(path: pathlib.Path, meta: dict) -> common.Pretrained:
