@@ -149,6 +149,40 @@ def test_router_usage_planted():
   assert np.isnan(per_class[2]).all()
 
 
+def test_depth_halves_hold_only_the_blocks_layers():
+  """Layers after the blocks (MAP head, head) run late: in neither half, only in their own
+  per-type group (they were counted as block 0's)."""
+  names = [f"Transformer/encoderblock_{i}/MlpBlock_0/Dense_1" for i in range(4)] + [
+      "MAPHead_0/MlpBlock_0/Dense_1", "head"]
+  plans = activations.ablation_plans(names, ad.AdapterSpec("hydra"), ["parallel"], 4,
+                                     weights.layer_info)
+  groups = {group: sel for _, group, _, sel in plans}
+  assert groups["blocks 0-1"] == {names[0], names[1]}
+  assert groups["blocks 2-3"] == {names[2], names[3]}
+  assert groups["all"] == set(names)
+
+
+@pytest.mark.parametrize("top_k", [None, 1, 2])
+def test_routing_entropy_is_the_routers_whatever_top_k(top_k):
+  """A uniform router (zero weights) has entropy ln N; top_k only changes the weights applied."""
+  model = ViT(num_classes=5, patch_size=4, width=16, depth=1, mlp_dim=32, num_heads=2,
+              posemb_grid=(2, 2))
+  images = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  params = jax.jit(model.init)(jax.random.key(1), images)["params"]
+  spec = ad.AdapterSpec("hydralora", num_heads=3, top_k=top_k)
+  adapters = jax.tree.map(lambda x: x, ad.init(spec, params, jax.random.key(2)))
+  for _, f in ad.transform.factor_dicts(adapters):
+    f["router"] = jnp.zeros_like(f["router"])
+  d_out = {name: int(np.prod(branches["head_0"].shape[2:]))
+           for name, branches in ad.apply_intercepted(model, params, adapters, spec, images,
+                                                      record=True)[1]["branches"].items()}
+  stats = activations.batch_stats(model, spec, d_out, params, adapters, images,
+                                  jnp.ones(2, bool))
+  for s in stats.values():
+    np.testing.assert_allclose(s["entropy"], np.log(3), rtol=1e-5)
+    np.testing.assert_allclose(s["routing"].sum(-1), 1.0 if top_k != 1 else 1 / 3, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny():
   model = ViT(num_classes=5, patch_size=4, width=16, depth=2, mlp_dim=32, num_heads=2,

@@ -61,8 +61,9 @@ def apply_intercepted(model: nn.Module, params: Mapping, adapters: Mapping, spec
     images: (B, H, W, 3) normalised images.
     rng: PRNG key for dropout; required when ``train`` and ``spec.dropout > 0``.
     train: apply dropout.
-    record: return each branch's output per layer in ``aux["branches"]`` (and HydraLoRA's routing
-      weights in ``aux["routing"]``).
+    record: return each branch's output per layer in ``aux["branches"]`` (and HydraLoRA's
+      router probabilities in ``aux["router_probs"]``, the weights applied, after ``top_k``, in
+      ``aux["routing"]``).
     disable: branch names to switch off ("parallel", "sequential", "lora", "head_i").
     routing: HydraLoRA: fixed routing weights ((N,) or {path: (N,)}) instead of the routers.
     method: model method to apply (None: ``__call__``; "encode", "features").
@@ -126,8 +127,9 @@ def apply_intercepted(model: nn.Module, params: Mapping, adapters: Mapping, spec
   if record:
     names = {p: layers[p].name for p in factors}
     aux["branches"] = {names[p]: v["branches"][0] for p, v in sown.items()}
-    aux["routing"] = {names[p]: hydralora.top_k_weights(v["probs"][0], spec.top_k)
-                      for p, v in sown.items() if "probs" in v}
+    aux["router_probs"] = {names[p]: v["probs"][0] for p, v in sown.items() if "probs" in v}
+    aux["routing"] = {name: hydralora.top_k_weights(probs, spec.top_k)
+                      for name, probs in aux["router_probs"].items()}
   return out, aux
 
 

@@ -52,7 +52,8 @@ def batch_stats(model, spec: AdapterSpec, d_out: Mapping[str, int], params, adap
 
   Returns:
     {layer: {"tokens": scalar, "norm_sum": {branch: scalar}, "pair": moments (Hydra),
-    "routing": (B, N) per-image mean routing weights, "entropy": (B,) mean token entropy}}.
+    "routing": (B, N) per-image mean routing weights (after top_k), "entropy": (B,) mean token
+    entropy of the router's probabilities}}.
   """
   _, aux = adapters_lib.apply_intercepted(model, params, adapters, spec, images, record=True)
   m = mask.astype(jnp.float32)
@@ -68,10 +69,10 @@ def batch_stats(model, spec: AdapterSpec, d_out: Mapping[str, int], params, adap
       x, y = (flat[b].reshape(-1, d_out[name]) for b in PAIR)
       s["pair"] = _pair_stats(x, y, w)
     if name in aux["routing"]:
-      r = aux["routing"][name].astype(jnp.float32)
-      r = r.reshape(r.shape[0], -1, r.shape[-1])
-      s["routing"] = r.mean(1)
-      s["entropy"] = -jnp.sum(r * jnp.log(jnp.maximum(r, 1e-30)), -1).mean(1)
+      r, p = (aux[k][name].astype(jnp.float32) for k in ("routing", "router_probs"))
+      r, p = (x.reshape(x.shape[0], -1, x.shape[-1]) for x in (r, p))
+      s["routing"] = r.mean(1)  # the weights applied (after top_k)
+      s["entropy"] = -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), -1).mean(1)  # the router's
     out[name] = s
   return out
 
@@ -192,8 +193,11 @@ def ablation_plans(names: Sequence[str], spec: AdapterSpec, branches: Sequence[s
     for kind in sorted({layer_info(n)[1] for n in names}):
       groups.append((kind, frozenset(n for n in names if layer_info(n)[1] == kind)))
     half = depth // 2
-    early = frozenset(n for n in names if (layer_info(n)[0] or 0) < half)
-    groups += [(_blocks(0, half - 1), early), (_blocks(half, depth - 1), frozenset(names) - early)]
+    block = {n: layer_info(n)[0] for n in names}  # None: outside the blocks (MAP head, head)
+    groups += [(_blocks(0, half - 1), frozenset(n for n, b in block.items()
+                                                if b is not None and b < half)),
+               (_blocks(half, depth - 1), frozenset(n for n, b in block.items()
+                                                    if b is not None and b >= half))]
   return [(b, g, f"{b} off, {g}", sel) for b in branches for g, sel in groups if sel]
 
 

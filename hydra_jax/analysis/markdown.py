@@ -144,9 +144,9 @@ def _router(layers, figures, router) -> str:
   per_class = [[str(c), *row] for c, row in enumerate(router["per_class"])]
   heads = [f"head {i}" for i in range(n)]
   return "\n\n".join([
-      "## 6. HydraLoRA router", "Mean routing weight per head (over test tokens), mean "
-      "per-token routing entropy (ln N = uniform), and the mean cosine between the heads' "
-      "flattened dW_i = A B_i.",
+      "## 6. HydraLoRA router", "Mean routing weight per head (over test tokens; the weights "
+      "applied, after top_k where set), mean per-token entropy of the router's probabilities "
+      "(ln N = uniform), and the mean cosine between the heads' flattened dW_i = A B_i.",
       table(["layer", *heads, "entropy", "head cos"], rows),
       _image(figures, "router_usage", "router usage"),
       "Mean routing weight per head for each true class (averaged over layers):",
