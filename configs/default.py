@@ -36,8 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0  # one seed for params, adapters, data order and dropout
 
   c.model = ml_collections.ConfigDict()
-  c.model.checkpoint = "default"  # "default" (bundled ViT-S/14), a checkpoint path, or None
-  c.model.variant = "S/14"  # size used when checkpoint is None (random init)
+  c.model.checkpoint = "default"  # "default" (bundled ViT-S/14), a checkpoint path, or "random"
+  c.model.variant = "S/14"  # size used when checkpoint is "random" (or None)
   c.model.overrides = ml_collections.ConfigDict()  # extra ViT fields for random models
   c.model.image_size = 112  # input resolution; position embeddings are resampled once at load
   c.model.pool = "tok+gap"  # class token and mean patch token, concatenated (DINOv2 probe style)
@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.attention = "auto"  # cuDNN flash attention on GPUs with bf16 compute, else "xla"
   c.model.remat = "none"  # "block": recompute blocks (least memory); "dots": keep matmul outputs
   c.model.drop_path = 0.0  # stochastic depth of the last block (rising from 0), training only
+  c.model.head_init = "zeros"  # a fresh head: "zeros" (big_vision) or "torch" (nn.Linear's)
 
   # Hydra on every block's attention out projection and MLP Dense_1, rank 2 + 2 (the paper's).
   c.adapter = adapter_config("hydra")  # r=2+2, s=1 (AdapterSpec defaults)
@@ -108,7 +109,7 @@ def get_config() -> ml_collections.ConfigDict:
 def get_testing_config() -> ml_collections.ConfigDict:
   """A tiny random ViT on a few Fashion-MNIST images: an end-to-end run in seconds."""
   c = get_config()
-  c.model.checkpoint = placeholder(str)  # None: a random `variant`; a path can be given
+  c.model.checkpoint = placeholder(str)  # None ("random"): a random `variant`; or a path
   c.model.variant = "Ti/16"
   c.model.overrides = ml_collections.ConfigDict(
       dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=4))

@@ -6,7 +6,9 @@
 Trains on train800val200 (1,000 images), reports test accuracy; AdamW, 100 epochs, no
 augmentation, 224 px bicubic. As the official code (extremebird/Hydra vtab1k/train.py and
 dataset.py) runs it: ImageNet mean / std inputs (not the checkpoint's [-1, 1]), the i21k file's
-pre_logits layer dropped (timm loads it without), and timm's CosineLRScheduler(t_initial=500,
+pre_logits layer dropped (timm loads it without), the new head drawn as PyTorch's nn.Linear
+(timm's reset_classifier; a zero head would give the zero-initialised adapters no gradient in
+the first step), and timm's CosineLRScheduler(t_initial=500,
 warmup_t=10, lr_min=1e-5, warmup_lr_init=1e-6) stepped per epoch, so the lr has decayed only to
 ~0.91x its peak at epoch 100; stochastic depth 0.1; epochs of 1,000 // batch batches, the rest
 dropped (its DataLoader's drop_last=True). Two differences remain: the official code
@@ -58,6 +60,7 @@ def get_config(task: str = "cifar100") -> ml_collections.ConfigDict:
   c.model.pool = "tok"
   c.model.pre_logits = False
   c.model.drop_path = 0.1
+  c.model.head_init = "torch"  # timm's reset_classifier: a fresh nn.Linear, not zeros
   c.model.pixel_mean = (0.485, 0.456, 0.406)  # ImageNet statistics, as the official data code
   c.model.pixel_std = (0.229, 0.224, 0.225)
   c.adapter = default.adapter_config("hydra", scale=scale, dropout=dropout)

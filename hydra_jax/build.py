@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hydra_jax import assets, checkpoints, data
 from hydra_jax.models import ARCHITECTURE_DEFAULTS, ViT, variant
@@ -52,13 +53,48 @@ def build_model(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:
   """The ViT of ``config.model`` and its params, with a fresh head of ``config.data.num_classes``.
 
   ``config.model.checkpoint``: "default" (the bundled ViT-S/14, see ``hydra_jax.assets``), a
-  checkpoint path (any format ``checkpoints.load`` reads), or None for a random ``variant``
-  (plus ``overrides``), as the tests use. ``config.model.pool`` overrides the checkpoint's pooling.
+  checkpoint path (any format ``checkpoints.load`` reads), or "random" (also None, or "None" as
+  a command line gives it) for a random ``variant`` (plus ``overrides``), as the tests use.
+  ``config.model.pool`` overrides the checkpoint's pooling. ``config.model.head_init`` sets how
+  a fresh (all-zero) head starts (``init_head``).
   """
+  model, pre = _build(config, rng)
+  pre = dataclasses.replace(pre, params=init_head(pre.params, config.model.get("head_init"),
+                                                  jax.random.fold_in(rng, 1)))
+  return model, pre
+
+
+HEAD_INITS = ("zeros", "torch")
+
+
+def init_head(params: dict, how: str | None, rng: jax.Array) -> dict:
+  """``params`` with a fresh head initialised as ``how`` says.
+
+  "zeros" (or None) keeps the zero head (big_vision's); "torch" draws it as PyTorch's
+  ``nn.Linear`` does (kernel and bias uniform in +-1/sqrt(fan_in)), as timm's
+  ``reset_classifier`` in the official Hydra code gives it. A head with any non-zero value (a
+  checkpoint's own, trained) is kept.
+  """
+  if how not in (None, *HEAD_INITS):
+    raise ValueError(f"unknown model.head_init {how!r}; expected one of {HEAD_INITS}")
+  head = params.get("head")
+  if how in (None, "zeros") or head is None or any(
+      np.any(np.asarray(x)) for x in jax.tree.leaves(head)):
+    return params
+  fan_in, classes = np.shape(head["kernel"])
+  bound = 1.0 / np.sqrt(fan_in)
+  k_kernel, k_bias = jax.random.split(rng)
+  return {**params, "head": {
+      "kernel": np.asarray(jax.random.uniform(k_kernel, (fan_in, classes), jnp.float32,
+                                              -bound, bound)),
+      "bias": np.asarray(jax.random.uniform(k_bias, (classes,), jnp.float32, -bound, bound))}}
+
+
+def _build(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:
   cfg, num_classes = config.model, config.data.num_classes
   runtime = dict(dtype=_dtype(cfg.dtype), attention=cfg.attention, remat=cfg.remat,
                  drop_path=cfg.get("drop_path", 0.0))
-  if cfg.checkpoint is None:
+  if cfg.checkpoint in (None, "random", "None", "none"):
     kwargs = {**ARCHITECTURE_DEFAULTS, **variant(cfg.variant), **cfg.get("overrides", {})}
     if cfg.image_size % kwargs["patch_size"]:
       raise ValueError(f"model.image_size {cfg.image_size} is not a multiple of the patch size "

@@ -53,13 +53,16 @@ class Checkpointer:
     """The kept step with the highest validation accuracy (None before any was measured)."""
     return self._manager.best_step()
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-    """Restores ``step`` into the structure, shapes and shardings of ``abstract_state``."""
+  def meta(self, step: int) -> dict[str, Any]:
+    """The ``meta`` saved with ``step`` (without reading the state)."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored.meta)
+
+  def restore(self, step: int, abstract_state: Any) -> Any:
+    """Restores ``step``'s state into the structure, shapes and shardings of ``abstract_state``."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                              meta=ocp.args.JsonRestore())
-    restored = self._manager.restore(step, args=args)
-    return restored.state, dict(restored.meta)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    return self._manager.restore(step, args=args).state
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

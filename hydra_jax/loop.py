@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import pathlib
 import time
@@ -101,8 +102,14 @@ def _sources(config):
     if jax.process_index() == 0:  # one writer; the others wait for it
       data.prepare_fashion_mnist(data_dir(cfg.data_dir))
     multihost_utils.sync_global_devices("hydra_jax: data prepared")
-  return tuple(open_source(cfg, split) for split in (cfg.train_split, cfg.val_split,
-                                                      cfg.test_split))
+  sources = tuple(open_source(cfg, split) for split in (cfg.train_split, cfg.val_split,
+                                                         cfg.test_split))
+  for split, source in zip((cfg.train_split, cfg.val_split, cfg.test_split), sources, strict=True):
+    if source.num_classes != cfg.num_classes:  # before training, not at the test set after it
+      raise ValueError(f"data.num_classes={cfg.num_classes} but split {split!r} of "
+                       f"{cfg.name!r} has {source.num_classes} classes; set "
+                       f"--config.data.num_classes={source.num_classes}")
+  return sources
 
 
 class _Runner:
@@ -170,7 +177,26 @@ def _eval_batches(config, mesh, source, limit):
 
 
 _MODES = ("jit", "pmap")
-_RESUME_KEYS = ("seed", "batch_size")  # recorded in each checkpoint; a resume must match them
+# Recorded in each checkpoint; a resume must match them (its state, data and step all depend on
+# them). Checkpoints from before 2026-11-23 recorded the seed only.
+_RESUME_KEYS = ("seed", "batch_size", "adapter", "train_patterns", "init_adapters",
+                "model.checkpoint", "model.variant", "model.overrides", "model.image_size",
+                "model.pool", "data.name", "data.train_split", "data.vtab_task", "data.num_classes")
+
+
+def _field(config, name: str):
+  """``config``'s dotted field ``name`` as JSON reads it back (None where the config lacks it)."""
+  value = config
+  for key in name.split("."):
+    value = value.get(key) if value is not None else None
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  return json.loads(json.dumps(value))
+
+
+def resume_meta(config) -> dict[str, Any]:
+  """The config fields a checkpoint records so that a resume can check them."""
+  return {key: _field(config, key) for key in _RESUME_KEYS}
 
 
 def _whole(value, least: int) -> bool:
@@ -185,7 +211,8 @@ def _check_schedule(config) -> None:
   if config.parallel.fsdp and config.parallel.mode == "pmap":
     raise ValueError("parallel.fsdp=True shards the frozen weights over a jit mesh; pmap keeps a "
                      "whole copy per device (set parallel.mode='jit')")
-  for name, least in (("batch_size", 1), ("data.eval_batch_size", 1), ("num_epochs", 1),
+  for name, least in (("seed", 0), ("batch_size", 1), ("data.eval_batch_size", 1),
+                      ("num_epochs", 1),
                       ("eval_every_epochs", 1), ("log_every", 1), ("checkpoint_every", 0),
                       ("keep_checkpoints", 1)):
     value = functools.reduce(lambda c, key: c[key], name.split("."), config)
@@ -214,7 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   runner = _Runner(config, model, spec, tx, schedule, frozen, state)
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
                                     use_async=config.async_checkpoints)
-  start = _restore(ckpt, runner, config)
+  start = _restore(ckpt, runner, config, steps_per_epoch)
   writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start,
                                 finished=start >= config.num_epochs * steps_per_epoch)
   if jax.process_index() == 0:
@@ -234,27 +261,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return results
 
 
-def _restore(ckpt: checkpointing.Checkpointer, runner: _Runner, config) -> int:
+def _restore(ckpt: checkpointing.Checkpointer, runner: _Runner, config,
+             steps_per_epoch: int) -> int:
   """Loads the latest checkpoint into ``runner``; returns its step (0 for a fresh run).
 
   Raises:
-    ValueError: the run's seed or batch size differs from the checkpoint's (a step then means
-      other data, masks and schedule: the resumed run would not continue the same run).
+    ValueError: a ``_RESUME_KEYS`` field differs from the checkpoint's (the resumed run would
+      not continue the same run: other data, model, adapters or schedule), the state does not
+      fit, or the checkpoint is past this run's last step.
   """
   start = ckpt.latest_step() or 0
-  if start:
-    restored, meta = ckpt.restore(start, runner.host_state())
-    for key in _RESUME_KEYS:
-      if key not in meta:  # checkpoints from before 2026-11-23 recorded the seed only
-        _LOG.warning("the checkpoint at step %d does not record its %s; resuming as if it were "
-                     "%r (a different one would change the data order and schedule)", start,
-                     key, config[key])
-      elif meta[key] != config[key]:
-        raise ValueError(f"{key}={config[key]!r} but the checkpoint at step {start} in "
-                         f"{ckpt.directory} was trained with {key}={meta[key]!r}; resume with "
-                         "the same value, or start the changed run in a new workdir")
-    runner.state = runner.place(restored)
-    _LOG.info("resumed from step %d", start)
+  if not start:
+    return 0
+  meta, want = ckpt.meta(start), resume_meta(config)
+  missing = [key for key in _RESUME_KEYS if key not in meta]
+  if missing:
+    _LOG.warning("the checkpoint at step %d does not record %s (written before 2026-11-23); "
+                 "resuming as if they were this config's", start, ", ".join(missing))
+  for key in _RESUME_KEYS:
+    if key in meta and meta[key] != want[key]:
+      raise ValueError(f"{key}={want[key]!r} but the checkpoint at step {start} in "
+                       f"{ckpt.directory} was trained with {key}={meta[key]!r}; resume with "
+                       "the same value, or start the changed run in a new workdir")
+  total = config.num_epochs * steps_per_epoch
+  if start > total:
+    raise ValueError(f"the checkpoint at step {start} in {ckpt.directory} is past this run's "
+                     f"{total} steps (num_epochs={config.num_epochs}); give num_epochs >= "
+                     f"{-(-start // steps_per_epoch)} to resume it, or start in a new workdir")
+  try:
+    restored = ckpt.restore(start, runner.host_state())
+  except ValueError as e:  # orbax's message suggests partial restores: not what is wrong here
+    raise ValueError(f"the checkpoint at step {start} in {ckpt.directory} does not fit this "
+                     f"run's trainable params or optimizer state (e.g. optim.grad_clip turned on "
+                     f"or off); resume with the config it was written with, or start in a new "
+                     f"workdir") from e
+  runner.state = runner.place(restored)
+  _LOG.info("resumed from step %d", start)
   return start
 
 
@@ -273,13 +315,15 @@ def _train_loop(config, runner, ckpt, writer, batches, validate, *, start: int,
     if save or step % config.log_every == 0:  # a non-finite loss never reaches a checkpoint
       _flush(pending, progress, writer, ckpt)
       pending = []
-    meta = {**{key: config[key] for key in _RESUME_KEYS}, "data_step": step}
+    meta = {**resume_meta(config), "data_step": step}
     if evaluate:
       val = validate()
       writer.write(step, {"val_accuracy": val})
       ckpt.save(step, runner.host_state(), meta=meta, val_accuracy=val)
     elif save:
       ckpt.save(step, runner.host_state(), meta=meta)
+    if save:
+      progress.restart_clock(step)  # img_per_s counts training steps, not evaluations or saves
   progress.close()
   ckpt.close()
 

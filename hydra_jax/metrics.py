@@ -85,5 +85,9 @@ class Progress:
     self._bar.update(step - self._bar.n)
     return img_s
 
+  def restart_clock(self, step: int) -> None:
+    """The next ``update`` times from now (work since ``step`` was not training)."""
+    self._last = (step, time.perf_counter())
+
   def close(self) -> None:
     self._bar.close()

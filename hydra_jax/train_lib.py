@@ -9,6 +9,7 @@ only the trainable tree ``{"adapters": ..., "params": ...}`` (adapter factors an
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -152,6 +153,12 @@ def _check_optim(config) -> None:
     bad("min_lr", f"in [0, lr={config.lr}]")
   if getattr(config, "cosine_epochs", None) is not None and config.schedule != "timm_cosine":
     bad("cosine_epochs", f"None unless optim.schedule is 'timm_cosine' (it is {config.schedule!r})")
+  warmup, epochs = getattr(config, "warmup_epochs", 0), getattr(config, "num_epochs", None)
+  if not warmup >= 0:
+    bad("warmup_epochs", ">= 0")
+  if epochs and warmup >= epochs:
+    logging.warning("optim.warmup_epochs=%s covers all %s epochs: the learning rate rises the "
+                    "whole run and never decays", warmup, epochs)
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -179,12 +179,25 @@ def test_metrics_of_a_resumed_run_hold_each_step_once(tmp_path):
   assert [x["step"] for x in lines if metrics.RESULTS_KEY in x] == [6]
 
 
-@pytest.mark.parametrize("field,value", [("seed", 1), ("batch_size", 8)])
-def test_resuming_with_another_seed_or_batch_size_is_refused(reference_run, tmp_path, field,
-                                                             value):
+@pytest.mark.parametrize("field,value,match", [
+    ("seed", 1, "seed=1 but the checkpoint at step 8"),
+    ("batch_size", 8, "batch_size=8 but the checkpoint at step 8"),
+    ("adapter.rank_parallel", 4, "adapter=.*'rank_parallel': 4.* but the checkpoint at step 8 in"),
+    ("data.train_split", "train[:48]", "data.train_split='train\\[:48\\]' but the checkpoint"),
+    ("model.image_size", 32, "model.image_size=32 but the checkpoint at step 8"),
+    # the same fields, another optimizer state: orbax's error, said in the run's terms
+    ("optim.grad_clip", 1.0, "does not fit this run's trainable params or optimizer state"),
+    ("num_epochs", 1, "step 8 .* is past this run's 4 steps \\(num_epochs=1\\); give "
+                      "num_epochs >= 2"),
+])
+def test_resuming_another_run_is_refused_naming_the_field(reference_run, tmp_path, field, value,
+                                                          match):
+  """A resume continues the same run: other data, model, adapters or schedule are refused
+  before any step (the workdir keeps its checkpoints)."""
   shutil.copytree(reference_run[0] / "checkpoints", tmp_path / "checkpoints")
-  with pytest.raises(ValueError, match=f"{field}={value} but the checkpoint at step 8"):
+  with pytest.raises(ValueError, match=match):
     train_and_evaluate(_testing_config(**{field: value}), str(tmp_path))
+  assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def _step_setup(adapter=None):
@@ -345,6 +358,10 @@ def test_final_merge_check_catches_a_wrong_merge(tmp_path, monkeypatch):
     ("optim.b2", 1.5, "optim.b2 must be in \\[0, 1\\)"),
     ("optim.min_lr", 0.1, "optim.min_lr must be in \\[0, lr=0.001\\]"),
     ("optim.cosine_epochs", 10, "optim.cosine_epochs must be None unless optim.schedule is"),
+    ("optim.warmup_epochs", -1, "optim.warmup_epochs must be >= 0; got -1"),
+    ("seed", -1, "seed must be an integer >= 0; got -1"),
+    ("data.num_classes", 3, "data.num_classes=3 but split 'train\\[:64\\]' of "
+                            "'fashion_mnist_offline' has 10 classes"),
     ("parallel.distributed.num_processes", 2, "need distributed.coordinator"),
 ])
 def test_bad_schedule_fields_are_named(tmp_path, field, value, match):
@@ -395,14 +412,26 @@ def test_every_config_field_can_be_overridden():
   assert {name: list(untyped(c)) for name, c in configs.items()} == {n: [] for n in configs}
 
 
+def test_images_per_second_count_training_time_only(monkeypatch):
+  """The loop restarts the clock after an evaluation or save: the next line's img/s is the
+  steps' own (was the evaluation's time too: 10 img/s between 2,500 and 4,000)."""
+  clock = iter([0.0, 1.0, 101.0, 102.0])
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+  progress = metrics.Progress(total=4, initial=0, batch_size=2, enabled=False)
+  line = {"loss": 1.0, "accuracy": 0.5, "lr": 1e-3}
+  assert progress.update(1, line) == 2.0  # 1 step of 2 images in 1 s
+  progress.restart_clock(1)  # 100 s of evaluation
+  assert progress.update(2, line) == 2.0
+
+
 def test_checkpointer_keeps_and_names_the_best(tmp_path):
   ckpt = checkpointing.Checkpointer(tmp_path, keep=1, use_async=False)
   for step, acc in ((1, 0.9), (2, 0.5), (3, 0.4), (4, None)):
     ckpt.save(step, {"x": np.full(3, step, np.float32)}, meta={"step": step}, val_accuracy=acc)
   ckpt.wait()
   assert (ckpt.latest_step(), ckpt.best_step()) == (4, 1)
-  state, meta = ckpt.restore(ckpt.best_step(), {"x": np.zeros(3, np.float32)})
-  assert meta == {"step": 1} and float(state["x"][0]) == 1.0
+  state = ckpt.restore(ckpt.best_step(), {"x": np.zeros(3, np.float32)})
+  assert ckpt.meta(ckpt.best_step()) == {"step": 1} and float(state["x"][0]) == 1.0
   ckpt.close()
 
 
@@ -432,10 +461,32 @@ def test_vtab1k_model_is_the_official_codes(tmp_path):
   assert model.representation_size is None and "pre_logits" not in pre.params
   assert model.drop_path == 0.1
   assert model.pixel_mean == (0.485, 0.456, 0.406) and pre.std == (0.229, 0.224, 0.225)
-  assert pre.params["head"]["kernel"].shape == (32, 100)
+  head = pre.params["head"]  # drawn as nn.Linear: uniform in +-1/sqrt(32), the bias too
+  assert head["kernel"].shape == (32, 100)
+  for leaf in (head["kernel"], head["bias"]):
+    assert 0.8 / np.sqrt(32) < np.abs(leaf).max() <= 1 / np.sqrt(32)
   images = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
   cls = model.apply({"params": pre.params}, images, method="encode")[:, 0]
   np.testing.assert_allclose(model.apply({"params": pre.params}, images, method="features"), cls)
+
+
+def test_head_init_draws_only_a_fresh_head():
+  params = {"head": {"kernel": np.zeros((4, 3), np.float32), "bias": np.zeros(3, np.float32)}}
+  assert build.init_head(params, "zeros", jax.random.key(0)) is params
+  drawn = build.init_head(params, "torch", jax.random.key(0))["head"]
+  assert np.all(drawn["kernel"] != 0) and np.abs(drawn["kernel"]).max() <= 0.5  # 1/sqrt(4)
+  trained = {"head": {"kernel": np.ones((4, 3), np.float32), "bias": np.zeros(3, np.float32)}}
+  assert build.init_head(trained, "torch", jax.random.key(0)) is trained  # a checkpoint's head
+  with pytest.raises(ValueError, match="unknown model.head_init 'normal'; expected one of"):
+    build.init_head(params, "normal", jax.random.key(0))
+
+
+@pytest.mark.parametrize("given", ["random", "None"])  # "None": what --config...=None gives
+def test_a_random_backbone_is_reachable_from_the_command_line(given):
+  config = _testing_config()
+  config.model.checkpoint = given
+  _, pre = build_model(config, jax.random.key(0))
+  assert pre.source == "random Ti/16"
 
 
 def test_stochastic_depth_trains_and_evaluates_the_plain_model(reference_run, tmp_path):
