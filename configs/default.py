@@ -69,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.vtab_task = placeholder(str)  # a data.VTAB1K task: its label function and class count
   c.data.num_classes = 10
   c.data.val_limit = placeholder(int)  # evaluate all 200 validation images
-  c.data.test_limit = 2000  # first 2,000 of 10,000 test images: ~1 min on 2 CPU cores
+  c.data.test_limit = 2000  # first 2,000 of 10,000 test images (~1 min on 2 CPU cores); 0: all
   c.data.eval_batch_size = 200
 
   c.batch_size = 32  # global batch

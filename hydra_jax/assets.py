@@ -141,7 +141,8 @@ def default_backbone(cache_dir=None) -> pathlib.Path:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--cache_dir", default=None, help="default: $HYDRA_JAX_CACHE or ~/.cache")
+  parser.add_argument("--cache_dir", default=None,
+                      help="default: $HYDRA_JAX_CACHE or ~/.cache/hydra_jax")
   args = parser.parse_args(argv)
   print(default_backbone(args.cache_dir))
 

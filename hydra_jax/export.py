@@ -151,6 +151,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--transformers-version", default=None, help="--peft: write the module names "
                  "of this transformers version (default: the installed one)")
   args = p.parse_args(argv)
+  try:
+    _convert(p, args)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:  # refusals name the reason
+    p.error(str(e))
+
+
+def _convert(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   labels = args.labels.split(",") if args.labels else None
   if args.peft:
     arch = save_peft_run(args.source, args.peft, transformers_version=args.transformers_version,

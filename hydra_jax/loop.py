@@ -168,7 +168,9 @@ class _Runner:
 
 
 def _eval_batches(config, mesh, source, limit):
-  """Padded, masked evaluation batches, each assembled across processes onto ``mesh``."""
+  """Padded, masked evaluation batches, each assembled across processes onto ``mesh``; of the
+  first ``limit`` examples (None or 0: all)."""
+  limit = limit or None
   return (parallel.global_batch(b, mesh)
           for b in data.eval_batches(
               source, batch_size=config.data.eval_batch_size, image_size=config.model.image_size,
@@ -220,8 +222,8 @@ def _check_schedule(config) -> None:
       raise ValueError(f"{name} must be an integer >= {least}; got {value!r}")
   for name in ("val_limit", "test_limit"):  # evaluated after training: checked before it
     value = config.data.get(name)
-    if value is not None and not _whole(value, 1):
-      raise ValueError(f"data.{name} must be None (all) or an integer >= 1; got {value!r}")
+    if value is not None and not _whole(value, 0):
+      raise ValueError(f"data.{name} must be None or 0 (all) or an integer >= 1; got {value!r}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -390,6 +392,7 @@ def _final(config, runner, spec, model, pre, val_src, test_src, workdir) -> dict
                            ("test", test_src, config.data.test_limit)):
     batches = _eval_batches(config, runner.mesh, src, limit)
     results[f"{name}_accuracy"] = train_lib.evaluate(logits_fn, batches)
+    results[f"{name}_images"] = min(limit or len(src), len(src))
   results["eval_seconds"] = time.perf_counter() - t0
   results["model"] = "merged" if merged is not None else "unmerged (input-dependent router)"
   # on every process: FSDP across hosts leaves parts of the merged params on other hosts

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine: Debian's Fashion-MNIST (the default run's data), a virtual environment
-# in .venv with hydra_jax and its dependencies (add "test" for the test-only ones).
+# Sets up a fresh machine: Debian's Fashion-MNIST (the default run's data) and python3-venv where
+# missing, a virtual environment in .venv with hydra_jax and its dependencies (add "test" for the
+# test-only ones).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+debs=()
+[ -d /usr/share/datasets/fashion-mnist ] || debs+=(dataset-fashion-mnist)
+python3 -c "import ensurepip" 2>/dev/null || debs+=(python3-venv)  # Debian splits venv out
+if [ ${#debs[@]} -gt 0 ]; then
   SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq dataset-fashion-mnist
+  $SUDO apt-get install -y -qq "${debs[@]}"
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 req=requirements.txt

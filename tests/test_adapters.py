@@ -87,7 +87,7 @@ def test_hydralora_merge_with_fixed_routing(tiny):
 
 
 def _closed_form(w, b, f, s):
-  """DESIGN.md: W' = W + s(A_p B_p + W A_s B_s),
+  """The exact merge: W' = W + s(A_p B_p + W A_s B_s),
   b' = b + s(a_p B_p + b_p + (b A_s + a_s) B_s + b_s)."""
   f = {k: np.asarray(v, np.float64) for k, v in f.items()}
   w2 = w + s * (f["A_p"] @ f["B_p"] + w @ f["A_s"] @ f["B_s"])

@@ -185,6 +185,14 @@ def test_bare_non_square_file_asks_for_the_config(tmp_path):
     checkpoints.load(tmp_path / "w.safetensors")
 
 
+def test_bare_file_whose_head_count_cannot_be_guessed_asks_for_the_config(tmp_path):
+  model = _timm("vit_tiny_patch16_224", img_size=32, depth=1, embed_dim=48, num_heads=2)
+  save_torch(model.state_dict(), str(tmp_path / "w.safetensors"))
+  with pytest.raises(ValueError, match="width 48 is not a multiple of timm's usual 64-wide "
+                                       "heads; .*model_args.num_heads"):
+    checkpoints.load(tmp_path / "w.safetensors")
+
+
 def test_bare_state_dict_loads_with_timms_defaults_and_says_so(tmp_path, caplog):
   model = _timm("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=4, embed_dim=128,
                 num_heads=2)

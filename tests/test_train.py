@@ -68,6 +68,7 @@ def test_end_to_end_run(reference_run):
   assert results["steps"] == 8  # 64 images / batch 16 x 2 epochs
   assert results["merge_rel_error"] < 1e-5
   assert 0.0 <= results["test_accuracy"] <= 1.0
+  assert (results["val_images"], results["test_images"]) == (32, 64)  # what was scored
   lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert any("val_accuracy" in x for x in lines)
   assert all(np.isfinite(x["loss"]) for x in lines if "loss" in x)
@@ -352,7 +353,8 @@ def test_final_merge_check_catches_a_wrong_merge(tmp_path, monkeypatch):
     ("data.eval_batch_size", 0, "data.eval_batch_size must be an integer >= 1"),
     ("keep_checkpoints", -1, "keep_checkpoints must be an integer >= 1; got -1"),
     ("model.image_size", 15, "model.image_size 15 is not a multiple of the patch size 4"),
-    ("data.test_limit", 0, "data.test_limit must be None \\(all\\) or an integer >= 1; got 0"),
+    ("data.test_limit", -1, "data.test_limit must be None or 0 \\(all\\) or an integer >= 1; "
+                            "got -1"),
     ("optim.lr", -1e-3, "optim.lr must be > 0; got -0.001"),
     ("optim.grad_clip", -1.0, "optim.grad_clip must be >= 0"),
     ("optim.b2", 1.5, "optim.b2 must be in \\[0, 1\\)"),

@@ -148,6 +148,10 @@ def _fields(config: dict | None, width: int, tensors: dict, source: str, swiglu:
   pool = args.get("global_pool", row.get("global_pool"))
   assumed = []
   if "num_heads" not in args and "num_heads" not in row:
+    if width % 64:
+      raise ValueError(f"{source}: the head count cannot be read off a bare file and width "
+                       f"{width} is not a multiple of timm's usual 64-wide heads; put a timm "
+                       "config.json beside it with model_args.num_heads")
     assumed.append(f"num_heads={width // 64} (64-wide heads)")
   if act is None:
     assumed.append("SwiGLUPacked: silu(first half of fc1) * second half" if swiglu
