@@ -64,6 +64,13 @@ def build_model(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:
   return model, pre
 
 
+def checkpoint_name(model_config) -> str:
+  """``model.checkpoint``, with every spelling of a random backbone (None, "None", "none") as
+  "random"."""
+  given = model_config.checkpoint
+  return "random" if given in (None, "random", "None", "none") else str(given)
+
+
 HEAD_INITS = ("zeros", "torch")
 
 
@@ -94,7 +101,7 @@ def _build(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:
   cfg, num_classes = config.model, config.data.num_classes
   runtime = dict(dtype=_dtype(cfg.dtype), attention=cfg.attention, remat=cfg.remat,
                  drop_path=cfg.get("drop_path", 0.0))
-  if cfg.checkpoint in (None, "random", "None", "none"):
+  if checkpoint_name(cfg) == "random":
     kwargs = {**ARCHITECTURE_DEFAULTS, **variant(cfg.variant), **cfg.get("overrides", {})}
     if cfg.image_size % kwargs["patch_size"]:
       raise ValueError(f"model.image_size {cfg.image_size} is not a multiple of the patch size "

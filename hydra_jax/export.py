@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = p.parse_args(argv)
   try:
     _convert(p, args)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:  # refusals name the reason
+  except (ValueError, OSError) as e:  # refusals and bad paths name the reason
     p.error(str(e))
 
 

@@ -18,7 +18,17 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from hydra_jax import adapters as adapters_lib
-from hydra_jax import checkpointing, checkpoints, data, export, metrics, optim, parallel, train_lib
+from hydra_jax import (
+    build,
+    checkpointing,
+    checkpoints,
+    data,
+    export,
+    metrics,
+    optim,
+    parallel,
+    train_lib,
+)
 from hydra_jax.build import build_model, data_dir, model_rng, open_source
 
 # Merged vs factored logits: float32 agrees to rounding; bfloat16 rounds the two paths apart.
@@ -198,7 +208,9 @@ def _field(config, name: str):
 
 def resume_meta(config) -> dict[str, Any]:
   """The config fields a checkpoint records so that a resume can check them."""
-  return {key: _field(config, key) for key in _RESUME_KEYS}
+  meta = {key: _field(config, key) for key in _RESUME_KEYS}
+  meta["model.checkpoint"] = build.checkpoint_name(config.model)  # None and "random" agree
+  return meta
 
 
 def _whole(value, least: int) -> bool:

@@ -344,11 +344,12 @@ def test_save_npz_computes_the_same_function(case, tmp_path):
     (dict(pool="tok+gap"), "pools 'tok' over a class token, or 'gap' / 'map' without one"),
     (dict(pool="gap"), "got pool='gap', class_token=True"),
     (dict(pool="gap", class_token=False, fc_norm=True), "final LayerNorm is on the tokens"),
+    (dict(posemb_grid=(2, 5)), "reads a posemb of m\\*m \\+ 1 entries .*\\(2, 5\\): 10"),
 ])
 def test_save_npz_refuses_what_big_vision_does_not_compute(fields, match, tmp_path):
   (tmp_path / "bv.npz").write_bytes(b"an earlier file")
-  model = dict(patch_size=4, width=32, depth=1, mlp_dim=64, num_heads=4, posemb_grid=(2, 2),
-               **{"pool": "tok", "gelu_approximate": True, **fields})
+  model = dict(patch_size=4, width=32, depth=1, mlp_dim=64, num_heads=4,
+               **{"pool": "tok", "gelu_approximate": True, "posemb_grid": (2, 2), **fields})
   params = ViT(**model).init(jax.random.key(0), np.zeros((1, 8, 8, 3)))["params"]
   with pytest.raises(ValueError, match="big_vision's ViT cannot compute this model: .*" + match):
     checkpoints.save_npz(tmp_path / "bv.npz", checkpoints.Pretrained(params, model, (0.5,) * 3,
@@ -367,6 +368,9 @@ def test_export_cli_writes_npz(google_fn, tmp_path, capsys):
     export.main([str(tmp_path / "merged.safetensors"), "--npz", str(tmp_path / "x.npz"),
                  "--dtype", "bfloat16"])
   assert "--npz writes float32 params only" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    export.main([str(tmp_path / "merged.safetensors"), "--npz", str(tmp_path / "hf")])
+  assert "hf is a directory; expected the path of a file" in capsys.readouterr().err
 
 
 def test_save_npz_replaces_a_file_atomically(google_fn, tmp_path, monkeypatch):

@@ -180,6 +180,13 @@ def test_metrics_of_a_resumed_run_hold_each_step_once(tmp_path):
   assert [x["step"] for x in lines if metrics.RESULTS_KEY in x] == [6]
 
 
+def test_a_random_backbone_resumes_under_any_spelling(reference_run, tmp_path):
+  """The reference run's model.checkpoint is None; "random" names the same backbone."""
+  shutil.copytree(reference_run[0] / "checkpoints", tmp_path / "checkpoints")
+  again = train_and_evaluate(_testing_config(**{"model.checkpoint": "random"}), str(tmp_path))
+  assert again["test_accuracy"] == reference_run[1]["test_accuracy"]
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("seed", 1, "seed=1 but the checkpoint at step 8"),
     ("batch_size", 8, "batch_size=8 but the checkpoint at step 8"),

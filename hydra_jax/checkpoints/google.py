@@ -17,6 +17,7 @@ takes [-1, 1] inputs like every big_vision ViT (as big_vision did for its DeiT I
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 
@@ -119,6 +120,11 @@ def _big_vision_refusal(model: dict) -> str | None:
             f", class_token={cls})")
   if model["fc_norm"] and pool != "tok":
     return f"its final LayerNorm is on the tokens, before the pooling (got fc_norm, pool={pool!r})"
+  gh, gw = model["posemb_grid"]
+  if math.isqrt(gh * gw) ** 2 + 1 == gh * gw:  # big_vision's fix_old_checkpoints rule
+    return (f"its loader reads a posemb of m*m + 1 entries as an old square grid plus a class "
+            f"token row and drops one (got the grid {(gh, gw)}: {gh * gw} entries); resample "
+            f"the posemb to another grid (checkpoints.load(..., image_size=...)) first")
   return None
 
 

@@ -65,6 +65,8 @@ def write_atomically(path, write: Callable[[pathlib.Path], None]) -> None:
   A failed write leaves any earlier file at ``path`` as it was and no tmp file behind.
   """
   path = pathlib.Path(path).expanduser()
+  if path.is_dir():
+    raise IsADirectoryError(f"{path} is a directory; expected the path of a file to write")
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   try:
