@@ -18,18 +18,8 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from hydra_jax import adapters as adapters_lib
-from hydra_jax import (
-    build,
-    checkpointing,
-    checkpoints,
-    data,
-    export,
-    metrics,
-    optim,
-    parallel,
-    train_lib,
-)
-from hydra_jax.build import build_model, data_dir, model_rng, open_source
+from hydra_jax import checkpointing, checkpoints, data, export, metrics, optim, parallel, train_lib
+from hydra_jax.build import build_model, checkpoint_name, data_dir, model_rng, open_source
 
 # Merged vs factored logits: float32 agrees to rounding; bfloat16 rounds the two paths apart.
 _MERGE_RTOL = {"float32": 1e-4, "bfloat16": 3e-2}
@@ -209,7 +199,7 @@ def _field(config, name: str):
 def resume_meta(config) -> dict[str, Any]:
   """The config fields a checkpoint records so that a resume can check them."""
   meta = {key: _field(config, key) for key in _RESUME_KEYS}
-  meta["model.checkpoint"] = build.checkpoint_name(config.model)  # None and "random" agree
+  meta["model.checkpoint"] = checkpoint_name(config.model)  # None and "random" agree
   return meta
 
 
