@@ -102,9 +102,9 @@ def _sources(config):
     if jax.process_index() == 0:  # one writer; the others wait for it
       data.prepare_fashion_mnist(data_dir(cfg.data_dir))
     multihost_utils.sync_global_devices("hydra_jax: data prepared")
-  sources = tuple(open_source(cfg, split) for split in (cfg.train_split, cfg.val_split,
-                                                         cfg.test_split))
-  for split, source in zip((cfg.train_split, cfg.val_split, cfg.test_split), sources, strict=True):
+  splits = (cfg.train_split, cfg.val_split, cfg.test_split)
+  sources = tuple(open_source(cfg, split) for split in splits)
+  for split, source in zip(splits, sources, strict=True):
     if source.num_classes != cfg.num_classes:  # before training, not at the test set after it
       raise ValueError(f"data.num_classes={cfg.num_classes} but split {split!r} of "
                        f"{cfg.name!r} has {source.num_classes} classes; set "
@@ -312,6 +312,7 @@ def _train_loop(config, runner, ckpt, writer, batches, validate, *, start: int,
   progress = metrics.Progress(total=total, initial=start, batch_size=config.batch_size,
                               enabled=config.progress and jax.process_index() == 0)
   pending: list[tuple[int, Any]] = []
+  run = resume_meta(config)  # what each checkpoint records of the run (the same at every step)
   for step in range(start + 1, total + 1):
     pending.append((step, runner.run_step(next(batches), rng)))
     evaluate = step % eval_every == 0 or step == total
@@ -319,7 +320,7 @@ def _train_loop(config, runner, ckpt, writer, batches, validate, *, start: int,
     if save or step % config.log_every == 0:  # a non-finite loss never reaches a checkpoint
       _flush(pending, progress, writer, ckpt)
       pending = []
-    meta = {**resume_meta(config), "data_step": step}
+    meta = {**run, "data_step": step}
     if evaluate:
       val = validate()
       writer.write(step, {"val_accuracy": val})
@@ -394,7 +395,7 @@ def _final(config, runner, spec, model, pre, val_src, test_src, workdir) -> dict
                            ("test", test_src, config.data.test_limit)):
     batches = _eval_batches(config, runner.mesh, src, limit)
     results[f"{name}_accuracy"] = train_lib.evaluate(logits_fn, batches)
-    results[f"{name}_images"] = min(limit or len(src), len(src))
+    results[f"{name}_images"] = data.eval_size(src, limit or None)
   results["eval_seconds"] = time.perf_counter() - t0
   results["model"] = "merged" if merged is not None else "unmerged (input-dependent router)"
   # on every process: FSDP across hosts leaves parts of the merged params on other hosts

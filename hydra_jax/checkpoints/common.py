@@ -44,6 +44,12 @@ class Pretrained:
   source: str
 
 
+def flat_float32(params: Mapping) -> dict[str, np.ndarray]:
+  """A param tree as {'/'-path: float32 numpy array}: what every writer starts from."""
+  return {k: np.asarray(v, np.float32)
+          for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+
+
 def _shape(leaf) -> tuple[int, ...]:
   return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(leaf)
 

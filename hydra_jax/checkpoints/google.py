@@ -144,8 +144,7 @@ def save_npz(path, pretrained: common.Pretrained) -> None:
   if (why := _big_vision_refusal(model)) is not None:
     raise ValueError(f"big_vision's ViT cannot compute this model: {why}; export to "
                      "transformers or timm instead")
-  flat = {k: np.asarray(v, np.float32)
-          for k, v in traverse_util.flatten_dict(pretrained.params, sep="/").items()}
+  flat = common.flat_float32(pretrained.params)
   flat = hf_export.layer_scale(flat, model["depth"], keep=False)
   if model["fc_norm"]:
     flat = hf_export.norm_every_token(flat)

@@ -33,7 +33,6 @@ from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 from safetensors.numpy import save_file
 
 from hydra_jax.checkpoints import common, hf
@@ -296,8 +295,7 @@ def save_hf(directory, pretrained: common.Pretrained, *, labels: Sequence[str] |
   """
   if dtype not in DTYPES:
     raise ValueError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
-  flat = {k: np.asarray(v, np.float32)
-          for k, v in traverse_util.flatten_dict(pretrained.params, sep="/").items()}
+  flat = common.flat_float32(pretrained.params)
   model = {**ARCHITECTURE_DEFAULTS, **pretrained.model}  # e.g. a random-init run records few fields
   num_classes = flat["head/kernel"].shape[-1] if "head/kernel" in flat else None
   family, arch = target(model, has_head=num_classes is not None)

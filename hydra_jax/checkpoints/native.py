@@ -52,8 +52,7 @@ def save(path, pretrained: common.Pretrained) -> None:
     path: destination file, conventionally ``*.safetensors``.
     pretrained: params (any float arrays, stored float32) and their metadata.
   """
-  flat = {k: np.asarray(v, np.float32)
-          for k, v in traverse_util.flatten_dict(pretrained.params, sep="/").items()}
+  flat = common.flat_float32(pretrained.params)
   meta = dict(model=pretrained.model, mean=list(pretrained.mean), std=list(pretrained.std),
               source=pretrained.source)
   write_safetensors(path, flat, {METADATA_KEY: json.dumps(meta)})

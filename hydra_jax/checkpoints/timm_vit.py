@@ -441,8 +441,7 @@ def save_timm(directory, pretrained: common.Pretrained, *, labels: Sequence[str]
   """
   if dtype not in hf_export.DTYPES:
     raise ValueError(f"unknown dtype {dtype!r}; expected one of {hf_export.DTYPES}")
-  flat = {k: np.asarray(v, np.float32)
-          for k, v in traverse_util.flatten_dict(pretrained.params, sep="/").items()}
+  flat = common.flat_float32(pretrained.params)
   model = {**ARCHITECTURE_DEFAULTS, **pretrained.model}
   num_classes = flat["head/kernel"].shape[-1] if "head/kernel" in flat else None
   args = model_args(model, num_classes)

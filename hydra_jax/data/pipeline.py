@@ -165,6 +165,11 @@ def train_batches(source, *, batch_size: int, image_size: int | Sequence[int], s
   return iter(ds.to_iter_dataset(_READ_OPTIONS))
 
 
+def eval_size(source, limit: int | None) -> int:
+  """How many examples ``eval_batches`` evaluates: the first ``limit`` (None: all)."""
+  return len(source) if limit is None else min(int(limit), len(source))
+
+
 def eval_batches(source, *, batch_size: int, image_size: int | Sequence[int],
                  shard_index: int = 0, shard_count: int = 1, num_classes: int,
                  limit: int | None = None) -> Iterator[dict]:
@@ -179,7 +184,7 @@ def eval_batches(source, *, batch_size: int, image_size: int | Sequence[int],
     are zeros with label 0 and mask False.
   """
   local = _local_size(batch_size, shard_index, shard_count)
-  n = len(source) if limit is None else min(int(limit), len(source))
+  n = eval_size(source, limit)
   if n < 1:
     raise ValueError(f"nothing to evaluate: limit={limit!r}, len(source)={len(source)}")
   resized = _resized(source, image_size)
