@@ -66,7 +66,8 @@ def get_config(task: str = "cifar100") -> ml_collections.ConfigDict:
   c.adapter = default.adapter_config("hydra", scale=scale, dropout=dropout)
   c.data.name = info["tfds_name"]
   c.data.train_split = info["train_split"]  # train800val200: all 1,000 images train
-  c.data.val_split = info["val_split"]  # the 200 validation images (for monitoring)
+  c.data.val_split = info["val_split"]  # the 200 validation images: inside train_split, so
+  # validation accuracy here monitors the fit (the protocol has no held-out set but test)
   c.data.test_split = info["test_split"]
   c.data.num_classes = info["num_classes"]
   c.data.vtab_task = task  # labels (computed for clevr/kitti/dsprites) as task_adaptation's

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def data_dir(configured: str | None) -> str:
   """The tfds data directory: the configured one, else <cache>/tensorflow_datasets."""
-  return str(configured) if configured else str(assets.cache_root() / "tensorflow_datasets")
+  if configured:
+    return str(pathlib.Path(configured).expanduser())
+  return str(assets.cache_root() / "tensorflow_datasets")
 
 
 def open_source(data_config, split: str):

@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
-from hydra_jax import data
+from hydra_jax import build, data
 from hydra_jax.data import sources
 
 DEBIAN_IDX = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -98,6 +98,16 @@ def test_prepare_is_idempotent(data_dir, tmp_path):
   mtimes = [f.stat().st_mtime_ns for f in files]
   data.prepare_fashion_mnist(data_dir, idx_dir=tmp_path)  # no idx files there: must not be read
   assert [f.stat().st_mtime_ns for f in files] == mtimes
+
+
+def test_data_dir_expands_user(data_dir, tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(pathlib.Path(data_dir).parent))
+  monkeypatch.chdir(tmp_path)
+  home_dir = f"~/{pathlib.Path(data_dir).name}"
+  assert build.data_dir(home_dir) == data_dir
+  data.prepare_fashion_mnist(home_dir, idx_dir=tmp_path)  # prepared there: a no-op, no idx read
+  assert len(data.get_source("fashion_mnist_offline", "test[:3]", data_dir=home_dir)) == 3
+  assert not (tmp_path / "~").exists()  # nothing written under a folder literally named ~
 
 
 def test_split_strings(data_dir, raw):
@@ -395,8 +405,11 @@ def test_folder_splits_are_separate_folders_sliced_in_a_fixed_mixed_order(tmp_pa
   assert files(data.get_source(f"folder:{tmp_path}", "train")) == files(train)  # deterministic
   with pytest.raises(FileNotFoundError, match="no split folder 'val'"):
     data.get_source(f"folder:{tmp_path}", "val[:10]")
-  with pytest.raises(ValueError, match=r"split 'train\[40:\]' .* is empty"):
-    data.get_source(f"folder:{tmp_path}", "train[40:]")
+  with pytest.raises(ValueError, match=r"split 'train\[25:20\]' .* is empty"):
+    data.get_source(f"folder:{tmp_path}", "train[25:20]")
+  for outside in ("train[40:]", "train[:20]+train[25:800]", "train[-31:]"):  # tfds refuses these
+    with pytest.raises(ValueError, match=r"index -?\d+ is outside a split folder of 30 images"):
+      data.get_source(f"folder:{tmp_path}", outside)
   joined = data.get_source(f"folder:{tmp_path}", "train[:20]+test + train[20:25]")
   assert files(joined) == files(head) + files(test) + files(tail)[:5]
   assert joined.labels.tolist() == head.labels.tolist() + test.labels.tolist() + \

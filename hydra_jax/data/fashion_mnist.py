@@ -108,7 +108,8 @@ def prepare_fashion_mnist(data_dir: str | pathlib.Path | None = None,
     idx_dir: folder with the four idx files (plain or .gz).
     max_examples_per_split: keep only the first N examples of each split (for tests).
   """
-  builder = FashionMnistOffline(data_dir=None if data_dir is None else str(data_dir),
+  builder = FashionMnistOffline(
+      data_dir=None if data_dir is None else str(pathlib.Path(data_dir).expanduser()),
                                 idx_dir=idx_dir)
   config = tfds.download.DownloadConfig(max_examples_per_split=max_examples_per_split)
   builder.download_and_prepare(download_config=config, file_format="array_record")

@@ -69,6 +69,7 @@ class TfdsSource:
     if label_fn is not None and num_classes is None:
       raise ValueError(f"{name!r}: a computed label (label_fn) needs num_classes, the number of "
                        "classes label_fn maps to")
+    data_dir = None if data_dir is None else str(pathlib.Path(data_dir).expanduser())
     _check_prepared(name, data_dir)
     self.name, self.split, self.label_key = name, split, label_key
     self.label_fn, self.image_fn = label_fn, image_fn
@@ -112,7 +113,11 @@ def _bound(text: str | None, n: int, split: str) -> int | None:
   if not text:
     return None
   if not text.endswith("%"):
-    return int(text)
+    index = int(text)
+    if abs(index) > n:  # tfds refuses these too; Python's slicing would clip them silently
+      raise ValueError(f"folder split {split!r}: index {index} is outside a split folder of "
+                       f"{n} images")
+    return index
   percent = int(text[:-1])
   if abs(percent) > 100:
     raise ValueError(f"folder split {split!r}: {text} is not a percentage in [-100%, 100%]")
