@@ -102,6 +102,8 @@ def _sources(config):
     if jax.process_index() == 0:  # one writer; the others wait for it
       data.prepare_fashion_mnist(data_dir(cfg.data_dir))
     multihost_utils.sync_global_devices("hydra_jax: data prepared")
+    if jax.process_index() != 0:  # a no-op on a shared disk; a host's own disk gets its copy
+      data.prepare_fashion_mnist(data_dir(cfg.data_dir))
   splits = (cfg.train_split, cfg.val_split, cfg.test_split)
   sources = tuple(open_source(cfg, split) for split in splits)
   for split, source in zip(splits, sources, strict=True):
