@@ -181,11 +181,14 @@ def _eval_batches(config, mesh, source, limit):
 
 
 _MODES = ("jit", "pmap")
-# Recorded in each checkpoint; a resume must match them (its state, data and step all depend on
-# them). Checkpoints from before 2026-11-23 recorded the seed only.
-_RESUME_KEYS = ("seed", "batch_size", "adapter", "train_patterns", "init_adapters",
+# Recorded in each checkpoint; a resume must match them (its state, data, step and model all
+# depend on them). num_epochs may grow: that extends a run. Checkpoints from before 2026-11-23
+# recorded the seed only; from before 2026-11-24 not optim, pre_logits, pixel_mean or pixel_std.
+_RESUME_KEYS = ("seed", "batch_size", "adapter", "train_patterns", "init_adapters", "optim",
                 "model.checkpoint", "model.variant", "model.overrides", "model.image_size",
-                "model.pool", "data.name", "data.train_split", "data.vtab_task", "data.num_classes")
+                "model.pool", "model.pre_logits", "model.pixel_mean", "model.pixel_std",
+                "model.drop_path", "data.name", "data.train_split", "data.vtab_task",
+                "data.num_classes")
 
 
 def _field(config, name: str):
@@ -282,8 +285,8 @@ def _restore(ckpt: checkpointing.Checkpointer, runner: _Runner, config,
   meta, want = ckpt.meta(start), resume_meta(config)
   missing = [key for key in _RESUME_KEYS if key not in meta]
   if missing:
-    _LOG.warning("the checkpoint at step %d does not record %s (written before 2026-11-23); "
-                 "resuming as if they were this config's", start, ", ".join(missing))
+    _LOG.warning("the checkpoint at step %d does not record %s (an earlier hydra_jax wrote "
+                 "it); resuming as if they were this config's", start, ", ".join(missing))
   for key in _RESUME_KEYS:
     if key in meta and meta[key] != want[key]:
       raise ValueError(f"{key}={want[key]!r} but the checkpoint at step {start} in "
@@ -348,7 +351,10 @@ def _flush(pending, progress, writer, ckpt) -> None:
             else "no checkpoint was written before it")
     raise FloatingPointError(f"{what} is {value} at step {step}; {kept}")
   step, last = history[-1]
-  writer.write(step, {**last, "img_per_s": progress.update(step, last)})
+  # the steps since the last line, averaged (lr is the schedule's value at ``step``)
+  mean = {k: float(np.mean([m[k] for _, m in history])) for k in last if k != "lr"}
+  line = {**last, **mean}
+  writer.write(step, {**line, "img_per_s": progress.update(step, line)})
 
 
 def _evaluate_unmerged(config, runner, source) -> float:

@@ -47,7 +47,10 @@ class MetricWriter:
       os.replace(tmp, path)
     self._jsonl = open(path, "a")  # noqa: SIM115
     from tensorboardX import SummaryWriter  # heavy import, only where used
-    self._tb = SummaryWriter(str(workdir / "tensorboard"))
+    # a resume drops the event files' steps after its checkpoint, as metrics.jsonl's above; the
+    # suffix keeps a writer opened in the same second from truncating the last one's file
+    self._tb = SummaryWriter(str(workdir / "tensorboard"), filename_suffix=f".{time.time_ns()}",
+                             purge_step=None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self._enabled:

@@ -7,6 +7,7 @@ import pathlib
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tensorboardX.proto import event_pb2
 
 from configs import default
 from hydra_jax import (
@@ -24,6 +26,7 @@ from hydra_jax import (
     checkpoints,
     data,
     export,
+    loop,
     metrics,
     optim,
     parallel,
@@ -150,6 +153,28 @@ def test_a_run_starts_from_given_adapters(reference_run, tmp_path):
     train_and_evaluate(_testing_config(init_adapters=str(tmp_path / "none")), str(tmp_path / "x"))
 
 
+def test_a_metrics_line_averages_the_steps_since_the_last(tmp_path):
+  writer = metrics.MetricWriter(tmp_path)
+  progress = metrics.Progress(total=3, initial=0, batch_size=4, enabled=False)
+  pending = [(s, {"loss": jnp.float32(s), "accuracy": jnp.float32(s / 8),
+                  "lr": jnp.float32(s / 100)}) for s in (1, 2, 3)]
+  loop._flush(pending, progress, writer, ckpt=None)
+  writer.close()
+  (line,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert (line["step"], line["loss"], line["accuracy"]) == (3, 2.0, 0.25)
+  assert line["lr"] == pytest.approx(0.03)  # the schedule at the line's step
+
+
+def _tb_events(path):
+  """The events of a TensorBoard event file (TFRecord frames: length, crc, data, crc)."""
+  raw, events, at = path.read_bytes(), [], 0
+  while at < len(raw):
+    (size,) = struct.unpack("<Q", raw[at:at + 8])
+    events.append(event_pb2.Event.FromString(raw[at + 12:at + 12 + size]))
+    at += 12 + size + 4
+  return events
+
+
 def test_metrics_of_a_resumed_run_hold_each_step_once(tmp_path):
   writer = metrics.MetricWriter(tmp_path)
   for step in range(1, 6):
@@ -164,6 +189,12 @@ def test_metrics_of_a_resumed_run_hold_each_step_once(tmp_path):
   lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
   assert lines[3]["loss"] == 14.0
+  # TensorBoard drops the first run's steps 4 and 5 on reading: the resumed writer's file starts
+  # with a session START at step 4 (purge_step)
+  events = [_tb_events(f) for f in sorted((tmp_path / "tensorboard").glob("events.*"))]
+  assert [(e.step, e.session_log.status) for e in events[1] if e.HasField("session_log")] == [
+      (4, event_pb2.SessionLog.START)]
+  assert not any(e.HasField("session_log") for e in events[0])
   writer = metrics.MetricWriter(tmp_path, resume_step=6)
   writer.write(6, {metrics.RESULTS_KEY: 6, "test_accuracy": 0.5})  # the run's final line
   writer.close()
@@ -193,8 +224,8 @@ def test_a_random_backbone_resumes_under_any_spelling(reference_run, tmp_path):
     ("adapter.rank_parallel", 4, "adapter=.*'rank_parallel': 4.* but the checkpoint at step 8 in"),
     ("data.train_split", "train[:48]", "data.train_split='train\\[:48\\]' but the checkpoint"),
     ("model.image_size", 32, "model.image_size=32 but the checkpoint at step 8"),
-    # the same fields, another optimizer state: orbax's error, said in the run's terms
-    ("optim.grad_clip", 1.0, "does not fit this run's trainable params or optimizer state"),
+    ("model.drop_path", 0.1, "model.drop_path=0.1 but the checkpoint at step 8"),
+    ("optim.lr", 0.5, "optim=.*'lr': 0.5.* but the checkpoint at step 8"),
     ("num_epochs", 1, "step 8 .* is past this run's 4 steps \\(num_epochs=1\\); give "
                       "num_epochs >= 2"),
 ])
@@ -206,6 +237,19 @@ def test_resuming_another_run_is_refused_naming_the_field(reference_run, tmp_pat
   with pytest.raises(ValueError, match=match):
     train_and_evaluate(_testing_config(**{field: value}), str(tmp_path))
   assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_an_older_checkpoint_that_does_not_fit_says_so(reference_run, tmp_path, caplog):
+  """A checkpoint without ``optim`` in its meta (an earlier version's) and another optimizer
+  state: orbax's error, said in the run's terms."""
+  shutil.copytree(reference_run[0] / "checkpoints", tmp_path / "checkpoints")
+  meta_file = tmp_path / "checkpoints" / "8" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  del meta["optim"]
+  meta_file.write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match="does not fit this run's trainable params or optimizer"):
+    train_and_evaluate(_testing_config(**{"optim.grad_clip": 1.0}), str(tmp_path))
+  assert "does not record optim" in caplog.text
 
 
 def _step_setup(adapter=None):
