@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = "none"  # "block": recompute blocks (least memory); "dots": keep matmul outputs
   c.model.drop_path = 0.0  # stochastic depth of the last block (rising from 0), training only
   c.model.head_init = "zeros"  # a fresh head: "zeros" (big_vision) or "torch" (nn.Linear's)
+  c.model.reset_head = False  # True: a fresh head even where the checkpoint's has num_classes
 
   # Hydra on every block's attention out projection and MLP Dense_1, rank 2 + 2 (the paper's).
   c.adapter = adapter_config("hydra")  # r=2+2, s=1 (AdapterSpec defaults)

@@ -58,8 +58,9 @@ def build_model(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:
   ``config.model.checkpoint``: "default" (the bundled ViT-S/14, see ``hydra_jax.assets``), a
   checkpoint path (any format ``checkpoints.load`` reads), or "random" (also None, or "None" as
   a command line gives it) for a random ``variant`` (plus ``overrides``), as the tests use.
-  ``config.model.pool`` overrides the checkpoint's pooling. ``config.model.head_init`` sets how
-  a fresh (all-zero) head starts (``init_head``).
+  ``config.model.pool`` overrides the checkpoint's pooling. A checkpoint's head of
+  ``num_classes`` classes is kept (as timm keeps it) unless ``config.model.reset_head``;
+  ``config.model.head_init`` sets how a fresh (all-zero) head starts (``init_head``).
   """
   model, pre = _build(config, rng)
   pre = dataclasses.replace(pre, params=init_head(pre.params, config.model.get("head_init"),
@@ -122,7 +123,7 @@ def _build(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:
   if path == "default":  # the bundled backbone, prepared on first use
     path = assets.default_backbone()
   pre = checkpoints.load(path, num_classes=num_classes, image_size=cfg.image_size,
-                         pool=cfg.get("pool") or None,
+                         pool=cfg.get("pool") or None, reset_head=cfg.get("reset_head", False),
                          drop_pre_logits=not cfg.get("pre_logits", True))
   mean, std = _pixel_stats(cfg, pre.mean, pre.std)
   pre = dataclasses.replace(pre, mean=mean, std=std)

@@ -211,6 +211,16 @@ def test_metrics_of_a_resumed_run_hold_each_step_once(tmp_path):
   assert [x["step"] for x in lines if metrics.RESULTS_KEY in x] == [6]
 
 
+def test_a_checkpoint_head_of_the_run_classes_is_kept_unless_reset(reference_run):
+  merged = str(reference_run[0] / "export" / "merged.safetensors")  # its trained 10-class head
+  trained = checkpoints.load(merged).params["head"]["kernel"]
+  for reset in (False, True):
+    config = _testing_config(**{"model.checkpoint": merged, "model.reset_head": reset})
+    _, pre = build_model(config, build.model_rng(config))
+    want = np.zeros_like(trained) if reset else trained
+    np.testing.assert_array_equal(pre.params["head"]["kernel"], want)
+
+
 def test_a_random_backbone_resumes_under_any_spelling(reference_run, tmp_path):
   """The reference run's model.checkpoint is None; "random" names the same backbone."""
   shutil.copytree(reference_run[0] / "checkpoints", tmp_path / "checkpoints")
