@@ -7,8 +7,10 @@ import json
 import re
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
+import scipy.ndimage
 import torch
 import transformers
 from flax import traverse_util
@@ -107,6 +109,7 @@ def test_hf_dinov2_matches_torch(hf_dino, size):
   model, path = hf_dino
   pretrained = checkpoints.load(path)
   assert pretrained.model["layer_scale"] and pretrained.model["ln_eps"] == 1e-6
+  assert pretrained.model["posemb_resample"] == "bicubic"
   assert pretrained.mean == checkpoints.common.IMAGENET_MEAN
   assert "mask_token" not in pretrained.params
   images = _images(size)
@@ -143,23 +146,26 @@ def test_hf_dinov2_classifier_is_tok_plus_gap(tmp_path):
   assert _rel(_apply(pretrained, images), _torch(model, images).logits) < 1e-5
 
 
-def test_hf_dinov2_with_registers_matches_torch(tmp_path):
-  """Register tokens after the class token, without position embedding, not in the patch mean.
-
-  At the native grid only: at other sizes transformers' registers model resamples the position
-  embedding with antialias=True (PIL's cubic, a=-0.5), hydra_jax (like its DINOv2) with a=-0.75.
-  """
+@pytest.mark.parametrize("size", [16, 24, 12])  # native 4x4, up to 6x6, down to 3x3
+def test_hf_dinov2_with_registers_matches_torch(tmp_path, size):
+  """Register tokens after the class token, without position embedding, not in the patch mean;
+  at other sizes the position embedding is resampled with antialias=True, as transformers'
+  registers model does (its DINOv2 without: ``test_hf_dinov2_matches_torch``)."""
   config = transformers.Dinov2WithRegistersConfig(mlp_ratio=2, num_labels=3,
                                                   num_register_tokens=4, **TINY)
   model = _randomise(transformers.Dinov2WithRegistersForImageClassification(config), seed=5)
-  pretrained = checkpoints.load(_save_hf(model, tmp_path))
+  path = _save_hf(model, tmp_path)
+  pretrained = checkpoints.load(path)
   assert pretrained.model["num_registers"] == 4 and pretrained.model["pool"] == "tok+gap"
+  assert pretrained.model["posemb_resample"] == "bicubic_antialias"
   assert pretrained.mean == checkpoints.common.IMAGENET_MEAN
-  images = _images(16)
+  images = _images(size)
   ref = _torch(model, images, output_hidden_states=True)
   assert _rel(_apply(pretrained, images), ref.logits) < 1e-5
   assert _rel(_apply(pretrained, images, "encode"),
               model.dinov2_with_registers.layernorm(ref.hidden_states[-1]).detach()) < 1e-5
+  resampled = checkpoints.load(path, image_size=size)  # resampled once at load time
+  assert _rel(_apply(resampled, images), ref.logits) < 1e-5
 
 
 # ---------------------------------------------------------------- Google and big_vision npz
@@ -265,6 +271,21 @@ def test_big_vision_npz(google_fn, tmp_path, scan):
   assert _rel(_apply(pretrained, images, "encode"), _torch(model, images).last_hidden_state) < 1e-5
 
 
+@pytest.mark.parametrize("big_vision", [False, True])
+def test_google_npz_resamples_as_scipy_zoom(google_fn, tmp_path, big_vision):
+  """big_vision's and vision_transformer's resample_posemb: scipy.ndimage.zoom(order=1) of the
+  patch grid (4x4 -> 7x7 up, -> 3x3 down), the class token's row kept."""
+  arrays = _google_arrays(google_fn[1], big_vision=big_vision)
+  path = _npz(tmp_path / "vit.npz", arrays)
+  pos = arrays["pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding"]
+  grid = pos[0, -16:].reshape(4, 4, -1)
+  for side in (7, 3):
+    pretrained = checkpoints.load(path, image_size=4 * side)
+    assert pretrained.model["posemb_resample"] == "linear_zoom"
+    want = scipy.ndimage.zoom(grid, (side / 4, side / 4, 1), order=1).reshape(1, side**2, -1)
+    np.testing.assert_allclose(pretrained.params["pos_embedding"][:, 1:], want, rtol=0, atol=1e-6)
+
+
 def test_big_vision_train_checkpoint_keeps_only_params(google_fn, tmp_path):
   """A big_vision training .npz also holds the optimizer state: not part of the model."""
   arrays = {f"params/{k}": v for k, v in _google_arrays(google_fn[1], big_vision=True).items()}
@@ -275,6 +296,52 @@ def test_big_vision_train_checkpoint_keeps_only_params(google_fn, tmp_path):
   sincos = {k: v for k, v in arrays.items() if k != "params/pos_embedding"}
   with pytest.raises(ValueError, match="without a stored pos_embedding .*sincos2d"):
     checkpoints.load(_npz(tmp_path / "sincos.npz", sincos))
+
+
+def test_npz_in_bfloat16_under_older_prefixes(google_fn, tmp_path):
+  """bfloat16 arrays (numpy writes them as '|V2' void) read as float32; an older flax optimizer
+  file keeps its params under opt/target/; a PaliGemma file its image tower under img/ beside
+  llm/; anything else of dtype void is refused by name."""
+  model, sd = google_fn
+  arrays = _google_arrays(sd, big_vision=True)
+  bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in arrays.items()}
+  assert np.asarray(bf16["cls"]).dtype == ml_dtypes.bfloat16
+  images = _images(16)
+  ref = _torch(model, images).last_hidden_state
+  for name, flat in (("opt", {f"opt/target/{k}": v for k, v in bf16.items()}),
+                     ("paligemma", {**{f"params/img/{k}": v for k, v in bf16.items()},
+                                    "params/llm/embedder/input_embedding": np.ones((8, 4))})):
+    flat["opt/state/step"] = np.zeros((), np.int32)
+    pretrained = checkpoints.load(_npz(tmp_path / f"{name}.npz", flat))
+    assert pretrained.source.startswith("big_vision:")
+    assert set(pretrained.params) == {"embedding", "pos_embedding", "cls", "Transformer"}, name
+    assert pretrained.params["cls"].dtype == np.float32
+    np.testing.assert_array_equal(pretrained.params["cls"], np.asarray(bf16["cls"], np.float32))
+    assert _rel(_apply(pretrained, images, "encode"), ref) < 2e-2, name  # bf16-rounded weights
+  odd = dict(arrays, cls=np.zeros((1, 1, 64), [("a", np.int32)]))
+  with pytest.raises(ValueError, match=r"odd\.npz: array 'cls' has dtype \[\('a', '<i4'\)\], "
+                                       r"which is not an array type hydra_jax reads"):
+    checkpoints.load(_npz(tmp_path / "odd.npz", odd))
+
+
+@pytest.mark.parametrize("cls", [True, False])
+def test_big_vision_old_combined_cls_posemb(google_fn, tmp_path, cls):
+  """big_vision's fix_old_checkpoints: a posemb of m*m + 1 rows holds the class token's row
+  (added after the concat, as hydra_jax's own layout); without a class token it is dropped."""
+  model, sd = google_fn
+  arrays = _google_arrays(sd, big_vision=True, gap=not cls)
+  pos = sd["embeddings.position_embeddings"]  # (1, 1 + 16, D): the class row, then 4x4
+  arrays["pos_embedding"] = pos
+  if cls:
+    arrays["cls"] = sd["embeddings.cls_token"]
+  pretrained = checkpoints.load(_npz(tmp_path / "old.npz", arrays))
+  assert pretrained.model["posemb_grid"] == (4, 4)
+  assert pretrained.model["class_token"] is cls
+  np.testing.assert_array_equal(pretrained.params["pos_embedding"], pos if cls else pos[:, 1:])
+  if cls:
+    images = _images(16)
+    assert _rel(_apply(pretrained, images, "encode"),
+                _torch(model, images).last_hidden_state) < 1e-5
 
 
 def test_big_vision_gap_npz(google_fn, tmp_path):
@@ -685,3 +752,41 @@ def test_a_file_recording_only_some_model_fields_takes_the_vit_defaults(tmp_path
   assert pre.model["class_token"] is True and pre.model["posemb_grid"] == (6, 6)
   images = np.random.default_rng(0).integers(0, 256, (2, 24, 24, 3), np.uint8)
   assert checkpoints.build_model(pre).apply({"params": pre.params}, images).shape == (2, 3)
+
+
+def test_posemb_resample_is_recorded_and_older_files_mean_bicubic(tmp_path):
+  """A native file keeps its checkpoint's resampling convention; one written before the field
+  existed resamples as it always did ("bicubic"); an unknown convention is refused by name; and
+  the exporters write models carrying it."""
+  model = dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=4, pool="tok",
+               posemb_grid=(4, 4), gelu_approximate=True)
+  params = ViT(num_classes=3, **model).init(jax.random.key(0), np.zeros((1, 16, 16, 3)))["params"]
+  params["head"]["kernel"] = np.ones_like(params["head"]["kernel"])
+  grid = np.array(params["pos_embedding"][:, 1:]).reshape(1, 4, 4, -1)
+
+  def resampled(fields):
+    checkpoints.save(tmp_path / "vit.safetensors",
+                     checkpoints.Pretrained(params, fields, (0.5,) * 3, (0.5,) * 3, "random"))
+    pre = checkpoints.load(tmp_path / "vit.safetensors", image_size=24)
+    return pre, pre.params["pos_embedding"][:, 1:].reshape(1, 6, 6, -1)
+
+  old, pos = resampled(model)
+  assert "posemb_resample" not in old.model
+  assert checkpoints.build_model(old).posemb_resample == "bicubic"
+  with torch.no_grad():
+    want = torch.nn.functional.interpolate(torch.from_numpy(grid.transpose(0, 3, 1, 2)), (6, 6),
+                                           mode="bicubic", align_corners=False)
+  np.testing.assert_allclose(pos, want.numpy().transpose(0, 2, 3, 1), rtol=0, atol=1e-6)
+  new, pos = resampled(dict(model, posemb_resample="bicubic_antialias"))
+  assert new.model["posemb_resample"] == "bicubic_antialias"
+  assert checkpoints.build_model(new).posemb_resample == "bicubic_antialias"
+  with torch.no_grad():
+    want = torch.nn.functional.interpolate(torch.from_numpy(grid.transpose(0, 3, 1, 2)), (6, 6),
+                                           mode="bicubic", align_corners=False, antialias=True)
+  np.testing.assert_allclose(pos, want.numpy().transpose(0, 2, 3, 1), rtol=0, atol=1e-6)
+  assert checkpoints.save_hf(tmp_path / "hf", new) == "ViTForImageClassification"
+  checkpoints.save_timm(tmp_path / "timm", new)
+  checkpoints.save_npz(tmp_path / "bv.npz", new)
+  with pytest.raises(ValueError, match=r"random: unknown posemb_resample 'area'; expected one of "
+                                       r"\('bicubic', 'bicubic_antialias', 'linear_zoom'\)"):
+    resampled(dict(model, posemb_resample="area"))

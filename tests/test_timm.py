@@ -94,6 +94,48 @@ def test_timm_directory_loads_and_computes_timms_logits(case, tmp_path):
   assert pre.model["fc_norm"] == (not isinstance(model.fc_norm, torch.nn.Identity))
 
 
+# name, create_model kwargs (the stored grid), the new (H, W): what the case covers
+RESIZE_CASES = {
+    "up": ("vit_tiny_patch16_224", dict(img_size=64, depth=1, num_classes=3), (96, 96)),
+    "down_by_2": ("vit_tiny_patch16_224", dict(img_size=96, depth=1, num_classes=3), (48, 48)),
+    "down_7_to_4": ("vit_tiny_patch16_224", dict(img_size=112, depth=1, num_classes=3), (64, 64)),
+    # no_embed_class position embedding, registers, LayerScale (timm's DINOv2 layout)
+    "dinov2_reg4": ("vit_small_patch14_reg4_dinov2", dict(img_size=56, depth=1, num_classes=3),
+                    (84, 84)),
+    # registers with position-embedding entries (kept, not resampled); non-square both ways
+    "registers_non_square": ("vit_tiny_patch16_224", dict(
+        img_size=(32, 48), depth=1, num_classes=3, reg_tokens=2), (64, 32)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESIZE_CASES))
+def test_timm_at_another_image_size_computes_timms_logits(case, tmp_path):
+  """Loaded at another size, and run at another size on the fly, the ViT resamples as timm's
+  resample_abs_pos_embed (bicubic, antialiased): the reference is timm's dynamic_img_size model,
+  and for square grids also timm created at the new size, the weights through its
+  checkpoint_filter_fn (which reads the stored grid as square)."""
+  name, kwargs, size = RESIZE_CASES[case]
+  model = _timm(name, **kwargs)
+  path = _save_for_hf(model, tmp_path / "timm")
+  dynamic = timm.create_model(name, pretrained=False, dynamic_img_size=True, **kwargs).eval()
+  dynamic.load_state_dict(model.state_dict())
+  images = _images(size)
+  ref = _timm_logits(dynamic, images)
+  if size[0] == size[1]:
+    resized = timm.create_model(name, pretrained=False, **dict(kwargs, img_size=size)).eval()
+    resized.load_state_dict(timm.models.vision_transformer.checkpoint_filter_fn(
+        model.state_dict(), resized))
+    assert _rel(_timm_logits(resized, images), ref) < 1e-6
+  pre = checkpoints.load(path, image_size=size)
+  assert pre.model["posemb_resample"] == "bicubic_antialias"
+  assert pre.model["posemb_grid"] == tuple(s // pre.model["patch_size"] for s in size)
+  assert _rel(_ours(pre, images), ref) < 1e-5
+  stored = checkpoints.load(path)  # resampled on the fly
+  assert _rel(_ours(stored, images), ref) < 1e-5
+  plain = checkpoints.build_model(stored, posemb_resample="bicubic")  # what was done before
+  assert _rel(plain.apply({"params": stored.params}, images), ref) > 5e-5
+
+
 def test_fc_norm_model_refuses_a_pool_of_two_features(tmp_path):
   model = _timm("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=3, global_pool="avg")
   path = _save_for_hf(model, tmp_path / "timm")  # timm's avg pool puts fc_norm after it

@@ -1,5 +1,5 @@
 """The ViT's padded attention path (what cuDNN runs), its rematerialisation policies, input
-normalisation, stochastic depth and fc_norm."""
+normalisation, stochastic depth, fc_norm and position-embedding resampling."""
 
 import types
 
@@ -7,9 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.ndimage
+import torch
 
 from hydra_jax import adapters as ad
-from hydra_jax.models import ViT, vit
+from hydra_jax.models import ViT, posemb, vit
 
 KW = dict(num_classes=5, patch_size=4, width=32, depth=2, mlp_dim=64, num_heads=2,
           posemb_grid=(4, 4), pool="tok+gap")
@@ -180,3 +182,63 @@ def test_swiglu_mlp_gates_the_second_half_with_the_first():
   want = (gate * jax.nn.sigmoid(gate) * value) @ params["Dense_1"]["kernel"] + \
       params["Dense_1"]["bias"]
   np.testing.assert_allclose(mlp.apply({"params": params}, x), want, rtol=1e-5, atol=1e-6)
+
+
+# (stored grid, new grid): up, down (by 2, by a non-integer factor, 37 -> 16 as DINOv2 at 224),
+# non-square both ways, from and to a single row
+GRIDS = [((4, 4), (7, 7)), ((6, 6), (3, 3)), ((7, 7), (4, 4)), ((37, 37), (16, 16)),
+         ((3, 5), (6, 2)), ((1, 4), (3, 9)), ((5, 3), (1, 2))]
+
+
+def _torch_bicubic(grid: np.ndarray, new_hw, *, antialias: bool) -> np.ndarray:
+  """(1, H, W, D) -> (1, H', W', D) by torch.nn.functional.interpolate, in grid's dtype."""
+  x = torch.from_numpy(np.ascontiguousarray(grid.transpose(0, 3, 1, 2)))
+  out = torch.nn.functional.interpolate(x, size=tuple(new_hw), mode="bicubic",
+                                        align_corners=False, antialias=antialias)
+  return out.numpy().transpose(0, 2, 3, 1)
+
+
+def _scipy_zoom(grid: np.ndarray, new_hw) -> np.ndarray:
+  """big_vision's resample_posemb (scipy.ndimage.zoom, order 1) with per-axis factors."""
+  h, w = grid.shape[1:3]
+  out = scipy.ndimage.zoom(grid[0], (new_hw[0] / h, new_hw[1] / w, 1), order=1)
+  assert out.shape[:2] == tuple(new_hw), out.shape
+  return out[None]
+
+
+REFERENCES = {"bicubic": lambda g, hw: _torch_bicubic(g, hw, antialias=False),
+              "bicubic_antialias": lambda g, hw: _torch_bicubic(g, hw, antialias=True),
+              "linear_zoom": _scipy_zoom}
+
+
+@pytest.mark.parametrize("method", posemb.RESAMPLES)
+@pytest.mark.parametrize(("old", "new"), GRIDS)
+def test_resize_matrices_match_their_reference(method, old, new):
+  """Each convention's separable matrices against the code it copies, in float64."""
+  grid = np.random.default_rng(0).normal(size=(1, *old, 5))
+  ours = np.einsum("ih,bhwd->biwd", posemb.resize_matrix(old[0], new[0], method), grid)
+  ours = np.einsum("jw,biwd->bijd", posemb.resize_matrix(old[1], new[1], method), ours)
+  np.testing.assert_allclose(ours, REFERENCES[method](grid, new), rtol=0, atol=1e-6)
+  if method != "bicubic" and max(old) > 1:  # the conventions do differ: the test can fail
+    assert np.abs(ours - REFERENCES["bicubic"](grid, new)).max() > 1e-3
+
+
+@pytest.mark.parametrize("method", posemb.RESAMPLES)
+def test_encode_resamples_the_posemb_by_posemb_resample(method):
+  """An input of another (non-square) size computes what a model storing the reference's
+  resampled position embedding computes."""
+  images = jax.random.normal(jax.random.key(0), (2, 24, 20, 3))  # a 6x5 grid; 4x4 stored
+  kw = dict(KW, posemb_resample=method)
+  params = ViT(**kw).init(jax.random.key(1), images[:, :16, :16])["params"]
+  pos = np.asarray(params["pos_embedding"])
+  grid = REFERENCES[method](pos[:, 1:].reshape(1, 4, 4, -1), (6, 5)).reshape(1, 30, -1)
+  stored = {**params, "pos_embedding": np.concatenate([pos[:, :1], grid], axis=1)}
+  want = ViT(**dict(kw, posemb_grid=(6, 5))).apply({"params": stored}, images, method="encode")
+  got = ViT(**kw).apply({"params": params}, images, method="encode")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_posemb_resample_is_named():
+  with pytest.raises(ValueError, match=r"unknown posemb_resample 'bilinear'; expected one of "
+                                       r"\('bicubic', 'bicubic_antialias', 'linear_zoom'\)"):
+    ViT(**KW, posemb_resample="bilinear").init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))

@@ -148,7 +148,8 @@ def _image_hw(image_size) -> tuple[int, int]:
 
 
 def _resample(params: dict, model: dict, image_size) -> tuple[dict, dict]:
-  """Resamples pos_embedding once to the grid of ``image_size`` (int or (H, W))."""
+  """Resamples pos_embedding once to the grid of ``image_size`` (int or (H, W)), in the
+  checkpoint's convention (``model["posemb_resample"]``, "bicubic" where it records none)."""
   h, w = _image_hw(image_size)
   p = model["patch_size"]
   if h < p or w < p or h % p or w % p:
@@ -156,7 +157,8 @@ def _resample(params: dict, model: dict, image_size) -> tuple[dict, dict]:
   grid = (h // p, w // p)
   pos = posemb_lib.resample_posemb(
       jnp.asarray(params["pos_embedding"]), num_prefix=int(model["class_token"]),
-      old_hw=tuple(model["posemb_grid"]), new_hw=grid)
+      old_hw=tuple(model["posemb_grid"]), new_hw=grid,
+      method=model.get("posemb_resample", posemb_lib.DEFAULT_RESAMPLE))
   return dict(params, pos_embedding=np.asarray(pos, np.float32)), dict(model, posemb_grid=grid)
 
 
@@ -178,7 +180,8 @@ def finalize(raw: Pretrained, *, num_classes=None, reset_head=False, image_size=
     num_classes: give the params a zero-initialised head of this many classes (the loaded head is
       kept only when its shape matches and ``reset_head`` is False).
     reset_head: drop the loaded head (and with ``num_classes`` replace it by a zero head).
-    image_size: int or (H, W); resample pos_embedding to that patch grid once.
+    image_size: int or (H, W); resample pos_embedding to that patch grid once, the way the
+      checkpoint's own code does (``model["posemb_resample"]``).
     pool: pool the features another way than the checkpoint does ("tok", "gap", "tok+gap"; "map"
       only for a checkpoint with a MAP head); a head whose input width no longer fits is
       replaced by a zero head, and a MAP head the new pooling does not use is dropped.
@@ -198,6 +201,11 @@ def finalize(raw: Pretrained, *, num_classes=None, reset_head=False, image_size=
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), raw.params)
   model = {**ARCHITECTURE_DEFAULTS, **raw.model}  # a random-init run's export records fewer
   model["posemb_grid"] = tuple(model["posemb_grid"])
+  if "posemb_resample" in model:
+    try:
+      posemb_lib.check_resample(model["posemb_resample"])
+    except ValueError as e:
+      raise ValueError(f"{raw.source}: {e}") from None
   if pool is not None:
     pools = _pools(model, params)
     if pool == "map" and "MAPHead_0" not in params:

@@ -7,7 +7,8 @@ Linen numbering, a top-level ``pos_embedding`` (1, N, D) added *before* the clas
 concatenated (stored here with a zero class-token row: the same function), may have no ``cls``
 (pool "gap"), may pool with a ``MAPHead_0`` (SigLIP; pool "map") and, when trained with
 ``scan=True``, stack the blocks on a leading depth axis under ``Transformer/encoderblock/``.
-Both use tanh GELU, LayerNorm eps 1e-6 and [-1, 1] inputs.
+Both use tanh GELU, LayerNorm eps 1e-6 and [-1, 1] inputs, and resample the position embedding
+to another grid linearly, corner-aligned (``posemb_resample="linear_zoom"``).
 
 ``save_npz`` writes a ViT back as a big_vision file (``big_vision.models.vit`` loads it; so does
 ``load`` here): the class token's position embedding added into ``cls``, LayerScale folded into
@@ -21,6 +22,7 @@ import math
 import re
 from collections.abc import Mapping
 
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
@@ -33,21 +35,39 @@ _VIT_MODULES = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_
                 "MlpBlock_3": "MlpBlock_0"}
 _VIT_BLOCK = re.compile(r"Transformer/encoderblock_(\d+)/([^/]+)/(.*)")
 _SCANNED = "Transformer/encoderblock/"
-_GOOGLE_FIELDS = dict(ln_eps=1e-6, gelu_approximate=True)
+# both code bases resample posemb with scipy.ndimage.zoom(order=1) (``resample_posemb``)
+_GOOGLE_FIELDS = dict(ln_eps=1e-6, gelu_approximate=True, posemb_resample="linear_zoom")
 
 
 def read_npz(path) -> dict[str, np.ndarray]:
-  """All arrays of an npz file; of a big_vision train checkpoint only ``params/`` (the prefix
-  dropped; optimizer state and the rest are not the model), and of a two-tower file (SigLIP,
-  LiT: ``img/`` and ``txt/``) only the image tower."""
+  """The model arrays of an npz file, as float32 where they were bfloat16.
+
+  Of a train checkpoint only the params (``params/``, or ``opt/target/`` of the older flax
+  optimizer files; the prefix dropped: optimizer state and the rest are not the model), and of a
+  two-tower or multimodal file (SigLIP, LiT: ``img/`` and ``txt/``; PaliGemma: ``img/`` and
+  ``llm/``) only the image tower. Only the kept arrays are read.
+  """
   with np.load(path, allow_pickle=False) as f:
     names = f.files
-    if any(k.startswith("params/") for k in names):  # a train checkpoint: also opt/, chrono/...
-      names = [k for k in names if k.startswith("params/")]
-    arrays = {k.removeprefix("params/"): f[k] for k in names}
-  if any(k.startswith("img/") for k in arrays):
-    arrays = {k.removeprefix("img/"): v for k, v in arrays.items() if k.startswith("img/")}
-  return arrays
+    for prefix in ("params/", "opt/target/"):
+      if any(k.startswith(prefix) for k in names):
+        names = {k.removeprefix(prefix): k for k in names if k.startswith(prefix)}
+        break
+    else:
+      names = {k: k for k in names}
+    if any(k.startswith("img/") for k in names):
+      names = {k.removeprefix("img/"): v for k, v in names.items() if k.startswith("img/")}
+    return {k: _float_array(f[v], k, path) for k, v in names.items()}
+
+
+def _float_array(array: np.ndarray, name: str, path) -> np.ndarray:
+  """``array``; a bfloat16 one (numpy stores it as 2-byte void, '|V2') as float32."""
+  if array.dtype.kind != "V":
+    return array
+  if array.dtype.itemsize != 2:
+    raise ValueError(f"{path}: array {name!r} has dtype {array.dtype}, which is not an array "
+                     "type hydra_jax reads; expected float arrays (or bfloat16 saved as '|V2')")
+  return array.view(ml_dtypes.bfloat16).astype(np.float32)
 
 
 def is_vision_transformer(arrays: Mapping) -> bool:
@@ -96,9 +116,14 @@ def load_big_vision(arrays: Mapping[str, np.ndarray], source: str) -> common.Pre
     raise ValueError(f"{source}: a big_vision ViT without a stored pos_embedding (posemb "
                      "'sincos2d' computes it); only learned position embeddings are supported")
   pos = flat["pos_embedding"]
-  if "cls" in flat:
+  # big_vision's fix_old_checkpoints: m*m + 1 rows are an old file's grid plus the class token's
+  # row (its ViT then added posemb after prepending cls: hydra_jax's own layout)
+  old_cls_row = math.isqrt(pos.shape[1]) ** 2 + 1 == pos.shape[1]
+  if "cls" in flat and not old_cls_row:
     # big_vision adds posemb to the patch tokens only; a zero cls row is the same function.
     flat["pos_embedding"] = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
+  elif "cls" not in flat and old_cls_row:  # big_vision drops the row when there is no cls
+    flat["pos_embedding"] = pos[:, 1:]
   model = common.infer_model(flat, source, **_GOOGLE_FIELDS)
   return common.Pretrained(traverse_util.unflatten_dict(flat, sep="/"), model, common.HALF,
                            common.HALF,

@@ -8,7 +8,8 @@ the attention output (H, Dh, D). ``pooler.dense`` (ViTModel's tanh layer on the 
 the original i21k ``pre_logits``) becomes ``pre_logits`` and ``classifier`` becomes ``head``; a
 DINOv2 classifier over [cls, mean patch] means pool "tok+gap". DINOv2's ``mask_token`` is only
 used for masked pre-training and is dropped. DINOv2 with registers (``dinov2_with_registers``) is
-DINOv2 plus ``embeddings.register_tokens``, the ViT's ``registers``; DINOv2 giant's SwiGLU MLP
+DINOv2 plus ``embeddings.register_tokens``, the ViT's ``registers``, and resamples its position
+embedding with antialiasing (``posemb_resample``; the others without); DINOv2 giant's SwiGLU MLP
 (``use_swiglu_ffn``: ``mlp.weights_in`` packs gate and value) is the ViT's ``swiglu``. SigLIP
 (``siglip_vision_model``, or the vision tower of a ``siglip`` model, whose text tower is dropped)
 has no class token; its attention-pooling head becomes ``MAPHead_0`` (pool "map"), the packed
@@ -76,6 +77,9 @@ _BLOCK_MODULES = {hf: vit for names in (*FAMILY_BLOCK.values(), SWIGLU_BLOCK)
                   for vit, hf in names.items()}
 _TOP = {hf: vit for names in FAMILY_TOP.values() for vit, hf in names.items()}
 _TEXT_TOWER = ("text_model.", "logit_scale", "logit_bias")  # two-tower SigLIP: not the ViT
+# how each model_type's interpolate_pos_encoding resamples (F.interpolate bicubic; antialiased
+# only in DINOv2 with registers); the rest: "bicubic"
+POSEMB_RESAMPLE = {"dinov2_with_registers": "bicubic_antialias"}
 _PREFIX = re.compile(r"^(vit|dinov2|dinov2_with_registers|vision_model)\.")
 
 
@@ -211,7 +215,8 @@ def load_hf(root: pathlib.Path) -> common.Pretrained:
   if "pre_logits/kernel" in flat and config.get("pooler_act", "tanh") != "tanh":
     raise ValueError(f"{root}: pooler_act {config['pooler_act']!r} is not supported; the "
                      "ViT's pre_logits layer is tanh")
-  fields = dict(ln_eps=float(config["layer_norm_eps"]), gelu_approximate=_GELUS.get(act, False))
+  fields = dict(ln_eps=float(config["layer_norm_eps"]), gelu_approximate=_GELUS.get(act, False),
+                posemb_resample=POSEMB_RESAMPLE.get(model_type, "bicubic"))
   head = flat.get("head/kernel")
   if FAMILY[model_type] == "dinov2" and head is not None and (
       head.shape[0] == 2 * config["hidden_size"]):

@@ -16,7 +16,8 @@ out, LayerNorm_0, MlpBlock_0.
 
 Position embeddings: timm's ``no_embed_class`` models add theirs to the patch tokens only (their
 class token gets a zero entry here); the others also hold entries for the class token and the
-registers (a register's entry is a constant: it is added into the register token). Pools:
+registers (a register's entry is a constant: it is added into the register token); at another
+grid they are resampled as timm's ``resample_abs_pos_embed`` does (bicubic, antialiased). Pools:
 "token" -> "tok", "avg" -> "gap" (both leave the class token and registers out), "map" -> "map";
 timm's MAP head reads the patch tokens only unless ``pool_include_prefix``, hydra_jax's reads every
 token, so a MAP head over a model with a class token or registers needs it.
@@ -58,6 +59,8 @@ FILES = ("config.json", WEIGHTS)
 EXPORT_ARCHITECTURE = "vit_base_patch16_224"
 TIMM_LN_EPS = 1e-6  # timm's VisionTransformer LayerNorm (not configurable from a config file)
 POOLS = {"token": "tok", "avg": "gap", "map": "map"}
+# resample_abs_pos_embed's default, in checkpoint_filter_fn and dynamic_img_size alike
+POSEMB_RESAMPLE = "bicubic_antialias"
 _ACTS = {"gelu": False, "gelu_tanh": True}  # timm act_layer name -> gelu_approximate
 _SWIGLU_ACTS = ("silu", "swish")  # the act_layer of timm's SwiGLUPacked MLP
 # The architecture ``save_timm`` names for a SwiGLU model (its entrypoint's MLP is SwiGLUPacked).
@@ -296,7 +299,8 @@ def load_timm(weights: pathlib.Path, config: dict | None) -> common.Pretrained:
                      "config.json beside the weights giving model_args.img_size or "
                      "pretrained_cfg.input_size tells the grid")
   model = common.infer_model(flat, source, ln_eps=fields["ln_eps"], pool=fields["pool"],
-                             gelu_approximate=fields["gelu_approximate"], **extra)
+                             gelu_approximate=fields["gelu_approximate"],
+                             posemb_resample=POSEMB_RESAMPLE, **extra)
   pretrained = ((config or {}).get("pretrained_cfg") or {})
   if "mean" in pretrained and "std" in pretrained:
     mean, std = tuple(pretrained["mean"]), tuple(pretrained["std"])

@@ -247,7 +247,11 @@ class ViT(nn.Module):
     num_classes: classes of the ``head``; None for no head (``__call__`` returns features).
     patch_size, width, depth, mlp_dim, num_heads: the size (see ``variant``).
     posemb_grid: (gh, gw) patch grid of the stored position embedding; other input sizes are
-      resampled bicubically on the fly (resample once at load time to save the work).
+      resampled on the fly (resample once at load time to save the work).
+    posemb_resample: how the position embedding is resampled to another grid, the convention
+      of the checkpoint's own code (``posemb.RESAMPLES``): "bicubic" (PyTorch's, no antialias:
+      Hugging Face ViT / DINOv2 / SigLIP), "bicubic_antialias" (timm, Hugging Face DINOv2 with
+      registers) or "linear_zoom" (scipy's zoom, order 1: big_vision, Google's .npz files).
     class_token: prepend a learned ``cls`` token.
     num_registers: learned register tokens after the class token (no position embedding; not
       pooled by "gap").
@@ -282,6 +286,7 @@ class ViT(nn.Module):
   mlp_dim: int = 3072
   num_heads: int = 12
   posemb_grid: tuple[int, int] = (14, 14)
+  posemb_resample: str = posemb_lib.DEFAULT_RESAMPLE
   class_token: bool = True
   num_registers: int = 0
   pool: str = "tok"
@@ -302,6 +307,7 @@ class ViT(nn.Module):
   def setup(self):
     if self.pool not in POOLS:
       raise ValueError(f"unknown pool {self.pool!r}; expected one of {POOLS}")
+    posemb_lib.check_resample(self.posemb_resample)
     if self.attention not in ATTENTIONS:
       raise ValueError(f"unknown attention {self.attention!r}; expected one of {ATTENTIONS}")
     remat = {True: "block", False: "none"}.get(self.remat, self.remat)
@@ -366,7 +372,7 @@ class ViT(nn.Module):
     x = x.reshape(b, gh * gw, d)
     pos = posemb_lib.resample_posemb(
         self.pos_embedding, num_prefix=int(self.class_token), old_hw=self.posemb_grid,
-        new_hw=(gh, gw))
+        new_hw=(gh, gw), method=self.posemb_resample)
     if self.class_token:
       x = jnp.concatenate([jnp.broadcast_to(self.cls.astype(x.dtype), (b, 1, d)), x], axis=1)
     x = x + pos.astype(x.dtype)
@@ -399,7 +405,8 @@ class ViT(nn.Module):
 
 
 # What a checkpoint records of its model (the fields its params and function depend on; the rest
-# are run-time choices), with the ViT's defaults for files and runs that recorded fewer.
+# are run-time choices), with the ViT's defaults for files and runs that recorded fewer. Also
+# recorded, where a loader sets it: posemb_resample (absent: "bicubic", as older files mean).
 ARCHITECTURE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ViT) if f.name in (
     "patch_size", "width", "depth", "mlp_dim", "num_heads", "posemb_grid", "class_token",
     "num_registers", "pool", "representation_size", "layer_scale", "fc_norm", "ln_eps",
