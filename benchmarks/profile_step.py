@@ -2,7 +2,8 @@
 
   python benchmarks/profile_step.py --model B/16 --batch 128 --adapter hydra --attention cudnn
 
-Prints the top kernels and a breakdown (matmul / attention / fusions / copies / other) as JSON.
+Prints the top kernels and a breakdown (matmul / attention / fusions / copies / other) as JSON
+on stdout, and nothing else there (diagnostics go to stderr).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import functools
 import json
 import pathlib
 import re
+import sys
 import tempfile
 
 import jax
@@ -45,8 +47,8 @@ def kernel_times(trace_dir: pathlib.Path) -> dict[str, float]:
         continue
       for event in line.events:
         totals[event.name] += event.duration_ns / 1e6
-    if not totals:  # say what the trace holds instead of reporting nothing
-      print("no stream events; lines:", [line.name for line in plane.lines])
+    if not totals:  # say what the trace holds (on stderr: stdout is the JSON result)
+      print("no stream events; lines:", [line.name for line in plane.lines], file=sys.stderr)
     break
   return totals
 

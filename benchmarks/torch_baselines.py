@@ -1,12 +1,26 @@
 """PyTorch baselines for hydra_jax: timm ViT + Hydra / PEFT LoRA / full / linear, timed.
 
 Standalone (no hydra_jax import); needs torch, timm and peft. Random weights, synthetic batches
-kept on the device, bf16 autocast, AdamW, cross-entropy. Prints one JSON line per configuration on
-stdout (progress goes to stderr); a failing configuration prints a line with an "error" field and
-the run goes on.
+kept on the device, AdamW, cross-entropy. Prints one JSON line per configuration on stdout
+(progress goes to stderr); a failing configuration prints a line with an "error" field and the
+run goes on.
 
   python benchmarks/torch_baselines.py --batch 128   # default set, ViT-B/16 224, on cuda
   python benchmarks/torch_baselines.py --device cpu --model vit_tiny_patch16_224 --batch 2 --steps 2
+  python benchmarks/torch_baselines.py --precision bf16 --configs hydra:eager,hydra:compile:noinfer
+
+Configurations are adapter:mode[:noinfer] (mode eager or compile; noinfer skips that row's
+inference timing, which under torch.compile costs one or two more compiles).
+
+Precision (each row's ``compute`` field):
+  autocast (default): float32 weights, matmuls in bf16 under torch.autocast on CUDA; timm's
+    residual stream, LayerNorm and block outputs stay float32 (``bf16-autocast``; on CPU autocast
+    is off: ``fp32``).
+  bf16: the whole model (frozen weights, Hydra/LoRA factors, head) cast to bfloat16 and run
+    without autocast, AdamW on the bf16 params (``bf16-pure``). hydra_jax's dtype=bfloat16 keeps
+    the residual stream and LayerNorm outputs in bf16 too, but its params and optimizer in
+    float32; pure bf16 here also halves the weights' and optimizer's bytes and loses small
+    updates to rounding, so it is an upper bound on PyTorch's speed, not a training recipe.
 
 The `hydra` adapter follows the official code (extremebird/Hydra, vtab1k/hydra.py): every block's
 attn.proj and mlp.fc2 get a parallel branch on the layer input and a sequential branch on its
@@ -86,24 +100,40 @@ def merge_hydra(model: nn.Module) -> nn.Module:
 
 
 def build(args, adapter: str) -> tuple[nn.Module, nn.Module]:
-  """Returns (train_model, base_model): the adapted model and the plain (= merged) architecture."""
+  """Returns (train_model, base_model): the adapted model and the plain (= merged) architecture,
+  both in bfloat16 with ``--precision bf16`` (adapters and head included), else float32."""
   if adapter not in ADAPTERS:
     raise ValueError(f"unknown adapter {adapter!r}; expected one of {ADAPTERS}")
   base = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
   model = copy.deepcopy(base)
   if adapter == "lora":
     cfg = peft.LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"])
-    return peft.get_peft_model(model, cfg), base
-  model.requires_grad_(adapter == "full")
-  if adapter == "hydra":
-    add_hydra(model, rank=args.rank, scale=args.scale, dropout=args.dropout)
-  model.get_classifier().requires_grad_(True)
-  return model, base
+    model = peft.get_peft_model(model, cfg)
+  else:
+    model.requires_grad_(adapter == "full")
+    if adapter == "hydra":
+      add_hydra(model, rank=args.rank, scale=args.scale, dropout=args.dropout)
+    model.get_classifier().requires_grad_(True)
+  dtype = _param_dtype(args)
+  return model.to(dtype), base.to(dtype)
 
 
-def _autocast(device: torch.device):
-  # bf16 autocast on CUDA; off on CPU, where bf16 matmuls without AMX are ~10x slower than fp32.
-  return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def _param_dtype(args) -> torch.dtype:
+  return torch.bfloat16 if args.precision == "bf16" else torch.float32
+
+
+def _autocast(device: torch.device, args):
+  # bf16 autocast on CUDA; off on CPU, where bf16 matmuls without AMX are ~10x slower than fp32,
+  # and off for --precision bf16, where everything is bf16 already.
+  enabled = device.type == "cuda" and args.precision == "autocast"
+  return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def compute_label(args, device: torch.device) -> str:
+  """What each row's ``compute`` field says about its arithmetic."""
+  if args.precision == "bf16":
+    return "bf16-pure"
+  return "bf16-autocast" if device.type == "cuda" else "fp32"
 
 
 def _synced(device: torch.device):
@@ -141,7 +171,7 @@ def time_train(model, batches, args, device, compile_: bool) -> dict:
   model.train()
 
   def step(images, labels):
-    with _autocast(device):
+    with _autocast(device, args):
       loss = F.cross_entropy(fwd(images).float(), labels)
     loss.backward()
     opt.step()
@@ -156,13 +186,13 @@ def time_train(model, batches, args, device, compile_: bool) -> dict:
 
 
 def time_infer(model, batches, args, device, compile_: bool) -> float:
-  """Images per second of a no_grad bf16 forward in eval mode."""
+  """Images per second of a no_grad forward in eval mode (bf16, as ``--precision`` says)."""
   model.eval()
   fwd = torch.compile(model) if compile_ else model
 
   @torch.no_grad()
   def step(images, _):
-    with _autocast(device):
+    with _autocast(device, args):
       fwd(images)
 
   _warm(step, batches, args, device)
@@ -172,7 +202,7 @@ def time_infer(model, batches, args, device, compile_: bool) -> float:
 def make_batches(args, model: nn.Module, device: torch.device, n: int = 3) -> list:
   size = model.patch_embed.img_size
   gen = torch.Generator(device="cpu").manual_seed(0)
-  return [(torch.randn(args.batch, 3, *size, generator=gen).to(device),
+  return [(torch.randn(args.batch, 3, *size, generator=gen).to(device, _param_dtype(args)),
            torch.randint(0, args.num_classes, (args.batch,), generator=gen).to(device))
           for _ in range(n)]
 
@@ -184,15 +214,23 @@ def _cleanup(device):
     torch.cuda.empty_cache()
 
 
-def run_config(args, adapter: str, mode: str, device, cache: dict) -> dict:
-  if mode not in ("eager", "compile"):
-    raise ValueError(f"unknown mode {mode!r}; expected 'eager' or 'compile'")
+def parse_config(config: str) -> tuple[str, str, bool]:
+  """'adapter:mode[:noinfer]' -> (adapter, mode, infer); mode defaults to eager."""
+  adapter, *rest = config.split(":")
+  mode = (rest.pop(0) if rest else "") or "eager"
+  if adapter not in ADAPTERS or mode not in ("eager", "compile") or rest not in ([], ["noinfer"]):
+    raise ValueError(f"bad configuration {config!r}; expected adapter:eager|compile[:noinfer] "
+                     f"with adapter one of {ADAPTERS}")
+  return adapter, mode, not rest
+
+
+def run_config(args, adapter: str, mode: str, device, cache: dict, *, infer: bool) -> dict:
   compile_ = mode == "compile"
   model, base = build(args, adapter)
   model.to(device)
   batches = make_batches(args, base, device)
   out = time_train(model, batches, args, device, compile_)
-  if args.infer:
+  if infer:
     key = ("base", compile_)
     if key not in cache:  # the plain ViT: what a merged Hydra (or merged LoRA) model costs
       cache[key] = time_infer(base.to(device), batches, args, device, compile_)
@@ -228,7 +266,8 @@ def hydra_check(args, device) -> dict:
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--model", default="vit_base_patch16_224")
-  p.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma list of adapter:eager|compile")
+  p.add_argument("--configs", default=DEFAULT_CONFIGS,
+                 help="comma list of adapter:eager|compile[:noinfer]")
   p.add_argument("--adapter", choices=ADAPTERS, help="one adapter (overrides --configs)")
   p.add_argument("--compile", action="store_true", help="with --adapter: use torch.compile")
   p.add_argument("--device", default="cuda")
@@ -241,7 +280,11 @@ def parse_args(argv=None):
   p.add_argument("--scale", type=float, default=1.0, help="Hydra scale s")
   p.add_argument("--dropout", type=float, default=0.0,
                  help="Hydra dropout between down and up (0: like hydra_jax.bench's hydra row)")
-  p.add_argument("--no-infer", dest="infer", action="store_false", help="skip inference timing")
+  p.add_argument("--precision", choices=("autocast", "bf16"), default="autocast",
+                 help="autocast: fp32 weights, bf16 autocast on CUDA; bf16: the whole model and "
+                      "AdamW in pure bf16, no autocast (an upper bound on PyTorch's speed)")
+  p.add_argument("--no-infer", dest="infer", action="store_false",
+                 help="skip inference timing (every configuration)")
   p.add_argument("--no-check", dest="check", action="store_false", help="skip the Hydra check")
   return p.parse_args(argv)
 
@@ -251,8 +294,9 @@ def main(argv=None):
   device = torch.device(args.device)
   configs = ([f"{args.adapter}:{'compile' if args.compile else 'eager'}"] if args.adapter
              else [c.strip() for c in args.configs.split(",") if c.strip()])
+  parsed = [parse_config(c) for c in configs]  # a typo stops the run before any timing
   meta = dict(framework="torch", model=args.model, batch=args.batch,
-              compute="bf16-autocast" if device.type == "cuda" else "fp32", torch=torch.__version__,
+              compute=compute_label(args, device), torch=torch.__version__,
               timm=timm.__version__, peft=peft.__version__,
               device=torch.cuda.get_device_name(device) if device.type == "cuda" else args.device)
   if args.check:
@@ -260,18 +304,17 @@ def main(argv=None):
       print(json.dumps({**hydra_check(args, device), **meta}), flush=True)
     except Exception as e:  # noqa: BLE001 - report and go on to the timings
       print(json.dumps(dict(check="hydra", error=f"{type(e).__name__}: {e}", **meta)), flush=True)
-  if device.type == "cuda":  # after the fp32 check; the timed runs compute in bf16 anyway
+  if device.type == "cuda":  # after the fp32 check; the timed runs' matmuls are bf16 anyway
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
   cache = {}
-  for config in configs:
-    adapter, _, mode = config.partition(":")
+  for config, (adapter, mode, infer) in zip(configs, parsed, strict=True):
     row = dict(meta, adapter=adapter, compile=mode == "compile")
     if adapter == "hydra":
       row["dropout"] = args.dropout  # recorded: the like-for-like JAX row depends on it
     print(f"[torch_baselines] {config} ...", file=sys.stderr, flush=True)
     try:
-      row.update(run_config(args, adapter, mode or "eager", device, cache))
+      row.update(run_config(args, adapter, mode, device, cache, infer=infer and args.infer))
     except Exception as e:  # noqa: BLE001 - one failing configuration must not stop the others
       traceback.print_exc(file=sys.stderr)
       row["error"] = f"{type(e).__name__}: {str(e)[:500]}"

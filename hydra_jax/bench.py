@@ -4,19 +4,23 @@
       --attention cudnn
   python -m hydra_jax.bench --model Ti/16 --batch 8 --image_size 32 --steps 2   # CPU smoke test
 
-One JSON line per configuration: img/s, step ms (median of repeats, warm-up excluded, device
-synchronised), achieved TFLOP/s (the step's matmul FLOPs counted from the shapes by
-``hydra_jax.flops``: XLA's cost analysis misses cuBLAS/cuDNN calls on GPU), peak device memory
-of the training step, XLA's buffers of the compiled step (``xla_step_gib``: arguments, outputs
-and temporaries; ``xla_temp_gib``: temporaries; on CPU too), and the same for inference of the
-merged model against the plain ViT. The device's peak counter cannot be reset, so each of
-several configurations runs in a process of its own.
+JSON lines, each configuration's training row (``"timing": "train"``) printed and flushed before
+anything else runs: img/s, step ms (median of repeats, warm-up excluded, device synchronised),
+achieved TFLOP/s (the step's matmul FLOPs counted from the shapes by ``hydra_jax.flops``: XLA's
+cost analysis misses cuBLAS/cuDNN calls on GPU), peak device memory of the training step, XLA's
+buffers of the compiled step (``xla_step_gib``: arguments, outputs and temporaries;
+``xla_temp_gib``: temporaries; on CPU too). Then, for a mergeable adapter, an inference row
+(``"timing": "infer"``): the merged model against the plain ViT, timed in alternating rounds
+(merged, plain; plain, merged; ...) with medians and the per-round ratio's range. A failure
+(e.g. out of memory) is a row with an ``error`` field and that ``timing``. The device's peak
+counter cannot be reset, so each of several configurations runs in a process of its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import pathlib
@@ -25,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -55,17 +60,35 @@ def synthetic_batch(rng: np.random.Generator, args) -> dict[str, np.ndarray]:
           "label": rng.integers(0, args.num_classes, args.batch).astype(np.int32)}
 
 
+def _time_calls(fn: Callable, steps: int) -> float:
+  """Seconds per call of ``fn`` over ``steps`` calls, blocking on the last result."""
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / steps
+
+
 def _timed(fn, *, steps: int, repeats: int) -> float:
   """Median seconds per call of ``fn`` (which returns something to block on)."""
   jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      out = fn()
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / steps)
-  return statistics.median(times)
+  return statistics.median(_time_calls(fn, steps) for _ in range(repeats))
+
+
+def _timed_ab(fns: dict[str, Callable], *, steps: int, rounds: int) -> dict[str, list[float]]:
+  """Seconds per call of each of ``fns`` in each of ``rounds`` rounds, taken in turn.
+
+  The order flips every round (A B, B A, A B, ...), so drift (clocks, heat, other work on the
+  host) and going first or second fall on every version alike; the rounds' spread is what a
+  difference between the versions has to beat.
+  """
+  for fn in fns.values():
+    jax.block_until_ready(fn())  # compile and warm up outside the rounds
+  times = {name: [] for name in fns}
+  for r in range(rounds):
+    for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+      times[name].append(_time_calls(fns[name], steps))
+  return times
 
 
 def _peak_memory_gib() -> float | None:
@@ -130,7 +153,26 @@ def _setup(args, name: str):
   return model, spec, tx, schedule, state, frozen, step_flops
 
 
-def bench_one(args, name: str) -> dict:
+def _identity(args, name: str) -> dict:
+  """The fields that name a configuration, in every row it prints (errors too).
+
+  ``attention`` as given: resolving "auto" asks the device, which a parent process leaves to
+  its children (on a GPU, starting the backend there would take the memory they need).
+  """
+  return dict(framework="jax", model=args.model, adapter=name, batch=args.batch,
+              image_size=args.image_size, dtype=args.dtype, attention=args.attention,
+              remat=args.remat, gelu_approximate=getattr(args, "gelu_approximate", False))
+
+
+def _infers(args, name: str) -> bool:
+  """Whether the configuration gets an inference row (a mergeable adapter, unless --no_infer)."""
+  fields = ADAPTERS[name][0]
+  return args.infer and fields is not None and adapters.AdapterSpec(**fields).mergeable
+
+
+def bench_rows(args, name: str) -> Iterator[dict]:
+  """The configuration's training row, then (``args.infer``, a mergeable adapter) its inference
+  row: a generator, so the caller prints the first before the second's compiles start."""
   model, spec, tx, schedule, state, frozen, step_flops = _setup(args, name)
   rng = np.random.default_rng(0)
   batches = [jax.device_put(synthetic_batch(rng, args)) for _ in range(3)]
@@ -146,33 +188,49 @@ def bench_one(args, name: str) -> dict:
     return m["loss"]
 
   step_s = _timed(one_step, steps=args.steps, repeats=args.repeats)
-  result = dict(framework="jax", model=args.model, adapter=name, batch=args.batch,
-                image_size=args.image_size, dtype=args.dtype,
-                attention=resolve_attention(args.attention, DTYPES[args.dtype]),
-                remat=args.remat, gelu_approximate=getattr(args, "gelu_approximate", False),
-                img_per_s=args.batch / step_s, step_ms=step_s * 1e3,
-                tflops=step_flops / step_s / 1e12, gflop_per_img=step_flops / args.batch / 1e9,
-                peak_mem_gib=_peak_memory_gib(), **_xla_memory_gib(compiled),
-                trainable_params=int(sum(x.size for x in jax.tree.leaves(state.trainable))))
-  if args.infer:
-    result.update(_bench_inference(args, model, spec, holder["state"], frozen, batches))
-  result.update(device=jax.devices()[0].device_kind, jax=jax.__version__)
-  return result
+  ident = dict(_identity(args, name),
+               attention=resolve_attention(args.attention, DTYPES[args.dtype]))
+  env = dict(device=jax.devices()[0].device_kind, jax=jax.__version__)
+  yield dict(ident, timing="train", img_per_s=args.batch / step_s,
+             step_ms=step_s * 1e3, tflops=step_flops / step_s / 1e12,
+             gflop_per_img=step_flops / args.batch / 1e9, peak_mem_gib=_peak_memory_gib(),
+             **_xla_memory_gib(compiled),
+             trainable_params=int(sum(x.size for x in jax.tree.leaves(state.trainable))), **env)
+  if _infers(args, name):
+    yield dict(ident, timing="infer",
+               **_bench_inference(args, model, spec, holder["state"], frozen, batches), **env)
+
+
+def bench_one(args, name: str) -> dict:
+  """The training row alone (what ``benchmarks/gpu_ab.sh`` calls in an older tree)."""
+  return next(bench_rows(args, name))
 
 
 def _bench_inference(args, model, spec, state, frozen, batches) -> dict:
-  """Merged-model forward against the plain ViT (same architecture: should cost the same)."""
-  if spec is None or not spec.mergeable:
-    return {}
+  """Merged-model forward against the plain ViT (same architecture: should cost the same).
+
+  ``infer_merged_over_plain`` is the median of the rounds' latency ratios (each round times
+  both, in alternating order); ``infer_ratio_min``/``_max`` are their range, and
+  ``infer_*_spread`` each version's own (max / min - 1 of its rounds): a ratio inside them is
+  noise.
+  """
   merged = jax.jit(train_lib.merged_params, static_argnums=2)(state.trainable, frozen, spec)
   base = optim.join(state.trainable["params"], frozen)
   apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
-  x = batches[0]["image"]
-  merged_s = _timed(lambda: apply(merged, x), steps=args.steps, repeats=args.repeats)
-  plain_s = _timed(lambda: apply(base, x), steps=args.steps, repeats=args.repeats)
-  return dict(infer_merged_img_per_s=args.batch / merged_s,
-              infer_plain_img_per_s=args.batch / plain_s,
-              infer_merged_over_plain=merged_s / plain_s)
+
+  def forward(params):  # rotates over the batches: the same inputs for both versions
+    images = itertools.cycle([b["image"] for b in batches])
+    return lambda: apply(params, next(images))
+
+  times = _timed_ab({"merged": forward(merged), "plain": forward(base)}, steps=args.steps,
+                    rounds=args.infer_rounds)
+  ratios = [m / p for m, p in zip(times["merged"], times["plain"], strict=True)]
+  spread = {f"infer_{k}_spread": max(t) / min(t) - 1 for k, t in times.items()}
+  return dict(infer_merged_img_per_s=args.batch / statistics.median(times["merged"]),
+              infer_plain_img_per_s=args.batch / statistics.median(times["plain"]),
+              infer_merged_over_plain=statistics.median(ratios),
+              infer_ratio_min=min(ratios), infer_ratio_max=max(ratios),
+              infer_rounds=args.infer_rounds, **spread)
 
 
 def _child_env() -> dict[str, str]:
@@ -181,6 +239,50 @@ def _child_env() -> dict[str, str]:
   root = str(pathlib.Path(__file__).resolve().parents[1])
   return {**os.environ, "PYTHONPATH": os.pathsep.join(
       p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+
+
+def _print_rows(args, name: str) -> None:
+  """Prints the configuration's rows as they come; a failing part (e.g. out of memory) is a row
+  with ``error``, not a crash: a failed inference keeps the training row printed before it."""
+  rows = bench_rows(args, name)
+  for timing in ("train", "infer"):
+    try:
+      row = next(rows, None)
+    except Exception as e:  # noqa: BLE001
+      row = dict(_identity(args, name), timing=timing, error=f"{type(e).__name__}: {str(e)[:300]}")
+    if row is None:
+      return
+    print(json.dumps(row), flush=True)
+    if "error" in row:
+      return
+
+
+def _parse_row(line: str) -> dict | None:
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError:
+    return None
+  return row if isinstance(row, dict) else None
+
+
+def _run_isolated(args, argv: list[str], name: str) -> None:
+  """Runs one configuration in a process of its own, passing its rows on as they come (so a
+  row printed before the child dies or the caller's ``timeout`` kills both is kept); a child
+  that fails without its rows gets an error row for the first one missing."""
+  cmd = [sys.executable, "-m", "hydra_jax.bench", *argv, "--adapters", name]
+  seen = []
+  with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=_child_env()) as child:
+    for line in child.stdout:
+      if (row := _parse_row(line)) is None:  # not a row: keep stdout all JSON lines
+        print(line, end="", file=sys.stderr, flush=True)
+        continue
+      print(json.dumps(row), flush=True)
+      seen.append(row.get("timing"))
+  expected = ["train", "infer"] if _infers(args, name) else ["train"]
+  missing = [t for t in expected if t not in seen]
+  if child.returncode != 0 and missing:
+    print(json.dumps(dict(_identity(args, name), timing=missing[0],
+                          error=f"exit status {child.returncode}")), flush=True)
 
 
 def main(argv=None, *, isolate: bool = False):
@@ -201,25 +303,23 @@ def main(argv=None, *, isolate: bool = False):
                  help="tanh GELU, as the Google ViT checkpoints use (XLA can fuse it into GEMMs)")
   p.add_argument("--no_infer", dest="infer", action="store_false",
                  help="skip the merged-vs-plain inference timing")
-  p.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--steps", type=int, default=10, help="steps per timed repeat (and round)")
+  p.add_argument("--repeats", type=int, default=5, help="timed repeats of the training step")
+  p.add_argument("--infer_rounds", type=int, default=10,
+                 help="inference rounds, each timing merged and plain (order alternating)")
   argv = sys.argv[1:] if argv is None else list(argv)
   args = p.parse_args(argv)
   names = args.adapters.split(",")
   if unknown := [n for n in names if n not in ADAPTERS]:
     raise SystemExit(f"unknown adapter(s) {unknown}; expected some of {sorted(ADAPTERS)}")
-  error_row = lambda name, error: json.dumps(dict(  # noqa: E731
-      framework="jax", model=args.model, adapter=name, batch=args.batch, error=error))
+  if min(args.steps, args.repeats, args.infer_rounds) < 1:
+    raise SystemExit(f"--steps {args.steps}, --repeats {args.repeats} and --infer_rounds "
+                     f"{args.infer_rounds} must each be at least 1")
   if len(names) > 1 or isolate:  # a process per configuration: each row's peak is its own
     for name in names:
-      child = subprocess.run([sys.executable, "-m", "hydra_jax.bench", *argv, "--adapters", name],
-                             stdout=subprocess.PIPE, text=True, check=False, env=_child_env())
-      print(child.stdout.strip() or error_row(name, f"exit status {child.returncode}"), flush=True)
+      _run_isolated(args, argv, name)
     return
-  try:
-    print(json.dumps(bench_one(args, names[0])), flush=True)
-  except Exception as e:  # a failing configuration (e.g. out of memory) is a row, not a crash
-    print(error_row(names[0], f"{type(e).__name__}: {str(e)[:300]}"), flush=True)
+  _print_rows(args, names[0])
 
 
 if __name__ == "__main__":

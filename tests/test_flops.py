@@ -1,7 +1,6 @@
-"""The step's FLOP count against XLA's count on CPU (where XLA counts every dot); the bench CLI."""
+"""The step's FLOP count against XLA's count on CPU (where XLA counts every dot)."""
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -102,20 +101,3 @@ def test_training_above_the_blocks_counts_the_gradient_through_what_follows(pool
   counted = (flops.train_step_flops(model, 32, ["head", trained])
              - flops.train_step_flops(model, 32, ["head"]))
   assert counted == pytest.approx(xla(["head", trained]) - xla(["head"]), rel=0.12)
-
-
-def test_bench_cli_runs_each_configuration_in_its_own_process(capfd, monkeypatch, tmp_path):
-  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
-  monkeypatch.delenv("PYTHONPATH", raising=False)
-  monkeypatch.chdir(tmp_path)  # the children find hydra_jax wherever this process found it
-  bench.main(["--model", "Ti/16", "--image_size", "32", "--batch", "4", "--num_classes", "3",
-              "--dtype", "float32", "--steps", "1", "--repeats", "1", "--adapters", "hydra,linear"])
-  rows = [json.loads(line) for line in capfd.readouterr().out.splitlines()]
-  assert [r["adapter"] for r in rows] == ["hydra", "linear"]
-  for r in rows:
-    assert "error" not in r, r
-    assert r["img_per_s"] > 0 and r["gflop_per_img"] > 0
-    assert r["xla_step_gib"] > r["xla_temp_gib"] > 0
-  assert 0.5 < rows[0]["infer_merged_over_plain"] < 2  # the merged model is the plain ViT
-  with pytest.raises(SystemExit, match=r"unknown adapter\(s\) \['nope'\]"):
-    bench.main(["--adapters", "hydra,nope"])

@@ -1,0 +1,101 @@
+"""The bench CLI's rows (a process per configuration, training before inference, failures as
+rows), its alternating A/B timing, and scale.py's two-probe largest-batch fit."""
+
+import argparse
+import json
+import sys
+
+import jax
+import pytest
+
+from benchmarks import scale
+from hydra_jax import bench
+
+_TINY = ["--model", "Ti/16", "--image_size", "32", "--batch", "4", "--num_classes", "3",
+         "--dtype", "float32", "--steps", "1", "--repeats", "1"]
+
+
+def _rows(text: str) -> list[dict]:
+  return [json.loads(line) for line in text.splitlines()]
+
+
+def test_bench_cli_runs_each_configuration_in_its_own_process(capfd, monkeypatch, tmp_path):
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
+  monkeypatch.delenv("PYTHONPATH", raising=False)
+  monkeypatch.chdir(tmp_path)  # the children find hydra_jax wherever this process found it
+  bench.main([*_TINY, "--infer_rounds", "3", "--adapters", "hydra,linear"])
+  rows = _rows(capfd.readouterr().out)
+  assert [(r["adapter"], r["timing"]) for r in rows] == [
+      ("hydra", "train"), ("hydra", "infer"), ("linear", "train")]  # linear: nothing merges
+  for r in rows:
+    assert "error" not in r, r
+    assert r["model"] == "Ti/16" and r["attention"] == "xla"  # "auto", resolved by the child
+  for r in (rows[0], rows[2]):
+    assert r["img_per_s"] > 0 and r["gflop_per_img"] > 0
+    assert r["xla_step_gib"] > r["xla_temp_gib"] > 0
+  infer = rows[1]
+  assert infer["infer_rounds"] == 3 and infer["infer_merged_img_per_s"] > 0
+  assert infer["infer_ratio_min"] <= infer["infer_merged_over_plain"] <= infer["infer_ratio_max"]
+  assert 0.5 < infer["infer_merged_over_plain"] < 2  # the merged model is the plain ViT
+  with pytest.raises(SystemExit, match=r"unknown adapter\(s\) \['nope'\]"):
+    bench.main(["--adapters", "hydra,nope"])
+  with pytest.raises(SystemExit, match="--infer_rounds 0 must"):
+    bench.main(["--infer_rounds", "0"])
+
+
+def test_a_failed_inference_keeps_the_training_row(capsys, monkeypatch):
+  def out_of_memory(*args, **kwargs):
+    raise RuntimeError("RESOURCE_EXHAUSTED: out of memory merging")
+
+  monkeypatch.setattr(bench, "_bench_inference", out_of_memory)
+  args = argparse.Namespace(model="Ti/16", batch=2, image_size=32, num_classes=3,
+                            dtype="float32", attention="xla", remat="none", steps=1, repeats=1,
+                            infer=True, infer_rounds=1)
+  bench._print_rows(args, "hydra")  # noqa: SLF001
+  train, infer = _rows(capsys.readouterr().out)
+  assert train["timing"] == "train" and train["img_per_s"] > 0 and "error" not in train
+  assert infer["timing"] == "infer" and infer["adapter"] == "hydra"
+  assert infer["error"] == "RuntimeError: RESOURCE_EXHAUSTED: out of memory merging"
+  row = bench.bench_one(args, "hydra")  # the training row alone, as gpu_ab.sh asks an old tree
+  assert row["timing"] == "train" and row["trainable_params"] == train["trainable_params"]
+
+
+@pytest.mark.parametrize("printed, code, adapter, want", [
+    ('{"timing": "train"}', 3, "hydra", ["train", "infer: exit status 3"]),
+    ('{"timing": "train"}\n{"timing": "infer"}', 0, "hydra", ["train", "infer"]),
+    ("", -9, "hydra", ["train: exit status -9"]),
+    ('{"timing": "train"}', 1, "linear", ["train"]),  # no inference row was due
+])
+def test_a_dying_child_gets_an_error_row_for_what_it_did_not_print(
+    capsys, monkeypatch, tmp_path, printed, code, adapter, want):
+  fake = tmp_path / "python"  # stands in for the child interpreter
+  kill = f"kill -{-code} $$" if code < 0 else f"exit {code}"
+  fake.write_text(f"#!/bin/sh\necho 'compiling...'\nprintf '%s\\n' '{printed}'\n{kill}\n")
+  fake.chmod(0o755)
+  monkeypatch.setattr(sys, "executable", str(fake))
+  args = argparse.Namespace(model="Ti/16", batch=2, image_size=32, dtype="float32",
+                            attention="auto", remat="none", infer=True)
+  bench._run_isolated(args, [], adapter)  # noqa: SLF001
+  out = capsys.readouterr()
+  got = [r["timing"] + (f": {r['error']}" if "error" in r else "") for r in _rows(out.out)]
+  assert got == want
+  assert "compiling..." in out.err  # not a row: kept off stdout
+
+
+def test_timed_ab_alternates_the_order_every_round():
+  calls = []
+  fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+  times = bench._timed_ab(fns, steps=1, rounds=3)  # noqa: SLF001
+  assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b"]  # warm-up, then a b | b a | a b
+  assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+
+
+def test_max_batch_fit_uses_slope_and_intercept():
+  gib = 2**30
+  intercept, per_image = 6 * gib, 0.25 * gib  # weights, optimizer, bf16 casts, merged weights
+  totals = tuple(intercept + per_image * b for b in (32, 128))
+  fit = scale.fit_max_batch((32, 128), totals, 80 * gib)
+  assert fit == dict(gib_per_image=0.25, intercept_gib=6.0, est_max_batch=296)
+  assert scale.fit_max_batch((32, 128), (totals[0], totals[0]), 80 * gib)["est_max_batch"] is None
+  with pytest.raises(ValueError, match=r"probe batches must differ; got \(32, 32\)"):
+    scale.fit_max_batch((32, 32), totals, 80 * gib)
