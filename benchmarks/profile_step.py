@@ -2,8 +2,8 @@
 
   python benchmarks/profile_step.py --model B/16 --batch 128 --adapter hydra --attention cudnn
 
-Prints the top kernels and a breakdown (matmul / attention / fusions / copies / other) as JSON
-on stdout, and nothing else there (diagnostics go to stderr).
+Prints the top kernels and a breakdown (matmul / attention / fusions / copies / other) as one
+JSON line on stdout, and nothing else there (diagnostics go to stderr).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main(argv=None):
   top = sorted(per_step.items(), key=lambda kv: -kv[1])[:25]
   print(json.dumps({"config": vars(args), "device_ms_per_step": sum(per_step.values()),
                     "by_kind_ms": dict(by_kind),
-                    "top_kernels_ms": [(n[:120], round(ms, 3)) for n, ms in top]}, indent=1))
+                    "top_kernels_ms": [(n[:120], round(ms, 3)) for n, ms in top]}), flush=True)
 
 
 if __name__ == "__main__":

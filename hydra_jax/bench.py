@@ -158,10 +158,13 @@ def _identity(args, name: str) -> dict:
 
   ``attention`` as given: resolving "auto" asks the device, which a parent process leaves to
   its children (on a GPU, starting the backend there would take the memory they need).
+  ``xla_flags`` is the environment's XLA_FLAGS (children inherit it): a compiler experiment
+  is a row of its own.
   """
   return dict(framework="jax", model=args.model, adapter=name, batch=args.batch,
               image_size=args.image_size, dtype=args.dtype, attention=args.attention,
-              remat=args.remat, gelu_approximate=getattr(args, "gelu_approximate", False))
+              remat=args.remat, gelu_approximate=getattr(args, "gelu_approximate", False),
+              xla_flags=os.environ.get("XLA_FLAGS", ""))
 
 
 def _infers(args, name: str) -> bool:

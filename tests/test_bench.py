@@ -23,6 +23,8 @@ def test_bench_cli_runs_each_configuration_in_its_own_process(capfd, monkeypatch
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
   monkeypatch.delenv("PYTHONPATH", raising=False)
   monkeypatch.chdir(tmp_path)  # the children find hydra_jax wherever this process found it
+  flags = "--xla_force_host_platform_device_count=2 --xla_cpu_enable_fast_math=false"
+  monkeypatch.setenv("XLA_FLAGS", flags)  # what a compiler experiment sets; children inherit it
   bench.main([*_TINY, "--infer_rounds", "3", "--adapters", "hydra,linear"])
   rows = _rows(capfd.readouterr().out)
   assert [(r["adapter"], r["timing"]) for r in rows] == [
@@ -30,6 +32,7 @@ def test_bench_cli_runs_each_configuration_in_its_own_process(capfd, monkeypatch
   for r in rows:
     assert "error" not in r, r
     assert r["model"] == "Ti/16" and r["attention"] == "xla"  # "auto", resolved by the child
+    assert r["xla_flags"] == flags
   for r in (rows[0], rows[2]):
     assert r["img_per_s"] > 0 and r["gflop_per_img"] > 0
     assert r["xla_step_gib"] > r["xla_temp_gib"] > 0
