@@ -42,7 +42,9 @@ def test_padded_attention_equals_unpadded(padded_on_cpu):
   np.testing.assert_allclose(loss_p, loss, rtol=1e-5)
   for (path, g), g_p in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_p),
                             strict=True):
-    np.testing.assert_allclose(g_p, g, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    # float32 rounding scales with the leaf's largest entries (cls: ~35), not with each entry
+    atol = 1e-6 * max(1.0, float(np.abs(g).max()))
+    np.testing.assert_allclose(g_p, g, rtol=1e-4, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
 def test_padded_rows_stay_out_of_router_statistics_and_records(padded_on_cpu):

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from hydra_jax.models import posemb as posemb_lib
+from hydra_jax.models.layernorm import LayerNorm
 
 SIZES = {
     "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
@@ -177,7 +178,7 @@ class _MAPHead(nn.Module):
                        self.param_dtype)
     probe = jnp.broadcast_to(probe.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
     y = _Attention(self.num_heads, name="MultiHeadDotProductAttention_0", **kw)(probe, kv=x)
-    z = nn.LayerNorm(epsilon=self.ln_eps, name="LayerNorm_0", **kw)(y)
+    z = LayerNorm(epsilon=self.ln_eps, name="LayerNorm_0", **kw)(y)
     y = y + _MlpBlock(self.mlp_dim, self.gelu_approximate, name="MlpBlock_0", **kw)(z)
     return y[:, 0]
 
@@ -202,13 +203,13 @@ class _EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    y = nn.LayerNorm(epsilon=self.ln_eps, name="LayerNorm_0", **kw)(x)
+    y = LayerNorm(epsilon=self.ln_eps, name="LayerNorm_0", **kw)(x)
     y = _Attention(self.num_heads, x.shape[1], self.attention,
                    name="MultiHeadDotProductAttention_0", **kw)(y)
     if self.layer_scale:
       y = _LayerScale(self.param_dtype, name="LayerScale_0")(y)
     x = x + self._residual(y)
-    y = nn.LayerNorm(epsilon=self.ln_eps, name="LayerNorm_1", **kw)(x)
+    y = LayerNorm(epsilon=self.ln_eps, name="LayerNorm_1", **kw)(x)
     y = _MlpBlock(self.mlp_dim, self.gelu_approximate, self.swiglu, name="MlpBlock_0", **kw)(y)
     if self.layer_scale:
       y = _LayerScale(self.param_dtype, name="LayerScale_1")(y)
@@ -236,7 +237,7 @@ class _Encoder(nn.Module):
                     param_dtype=self.param_dtype, name=f"encoderblock_{i}")(x)
     if not self.final_norm:
       return x
-    return nn.LayerNorm(epsilon=self.ln_eps, name="encoder_norm", dtype=self.dtype,
+    return LayerNorm(epsilon=self.ln_eps, name="encoder_norm", dtype=self.dtype,
                         param_dtype=self.param_dtype)(x)
 
 
@@ -341,7 +342,7 @@ class ViT(nn.Module):
     self.Transformer = _Encoder(self.depth, block, self.ln_eps, remat, self.drop_path,
                                 final_norm=not self.fc_norm, **kw)
     if self.fc_norm:
-      self.pooled_norm = nn.LayerNorm(epsilon=self.ln_eps, **kw)
+      self.pooled_norm = LayerNorm(epsilon=self.ln_eps, **kw)
     if self.pool == "map":
       self.MAPHead_0 = _MAPHead(self.num_heads, self.mlp_dim, self.ln_eps, self.gelu_approximate,
                                 **kw)

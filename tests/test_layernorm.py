@@ -1,0 +1,81 @@
+"""models.layernorm: flax's LayerNorm function and gradients, keeping less for the backward pass."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hydra_jax.models import ViT
+from hydra_jax.models.layernorm import LayerNorm
+
+
+def _inputs(dtype, seed=0, shape=(3, 7, 48)):
+  k = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.normal(k[0], shape) * 3.0 + 5.0  # a mean far from 0: fast variance's weak spot
+  params = {"params": {"scale": 1 + 0.5 * jax.random.normal(k[1], shape[-1:]),
+                       "bias": jax.random.normal(k[2], shape[-1:])}}
+  weights = jax.random.normal(k[3], shape)  # a cotangent that differs per element
+  return x.astype(dtype), params, weights
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-12])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_same_function_and_gradients_as_flax(dtype, eps):
+  x, params, weights = _inputs(dtype)
+  ours, ref = LayerNorm(epsilon=eps, dtype=dtype), nn.LayerNorm(epsilon=eps, dtype=dtype)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(
+      jnp.shape, ref.init(jax.random.key(0), x))  # the same params: checkpoints load as before
+  y, y_ref = ours.apply(params, x), ref.apply(params, x)
+  assert y.dtype == y_ref.dtype == dtype
+  # float32: rounding only; bf16: the same float32 values rounded, at most a unit apart
+  tol = 1e-6 if dtype == jnp.float32 else 2.0**-7
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32),
+                             rtol=tol, atol=tol)
+
+  def loss(module, x, params):
+    return (module.apply(params, x).astype(jnp.float32) * weights).sum()
+
+  grads = jax.grad(loss, argnums=(1, 2))(ours, x, params)
+  grads_ref = jax.grad(loss, argnums=(1, 2))(ref, x, params)
+  assert grads[0].dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+    assert _rel(got, want) < tol
+
+
+def test_output_dtype_follows_flax_without_a_dtype():
+  x, params, _ = _inputs(jnp.bfloat16)
+  assert LayerNorm().apply(params, x).dtype == nn.LayerNorm().apply(params, x).dtype == jnp.float32
+
+
+def test_backward_keeps_the_input_and_two_numbers_per_token():
+  """What the vjp closes over: flax's keeps three float32 tensors of the input's size; this
+  one the bf16 input, a float32 mean and reciprocal std per token and the (D,) scale."""
+  x, params, _ = _inputs(jnp.bfloat16)
+
+  def saved(module):
+    _, vjp = jax.vjp(lambda x: module.apply(params, x), x)
+    return sorted((leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(vjp))
+
+  full = (x.shape, "float32")
+  assert saved(nn.LayerNorm(dtype=jnp.bfloat16)).count(full) == 3
+  assert saved(LayerNorm(dtype=jnp.bfloat16)) == sorted(
+      [(x.shape, "bfloat16"), ((3, 7, 1), "float32"), ((3, 7, 1), "float32"), ((48,), "float32")])
+
+
+def test_vit_blocks_keep_no_float32_activations_for_layernorm():
+  """A bf16 ViT's training step: no float32 tensor of the residual stream's size is kept."""
+  model = ViT(num_classes=3, patch_size=4, width=32, depth=2, mlp_dim=64, num_heads=2,
+              posemb_grid=(4, 4), dtype=jnp.bfloat16)
+  images = jnp.ones((2, 16, 16, 3))
+  params = model.init(jax.random.key(0), images)["params"]
+  _, vjp = jax.vjp(lambda p: model.apply({"params": p}, images), params)
+  tokens = (2, 17, 32)
+  assert [leaf.dtype for leaf in jax.tree.leaves(vjp) if leaf.shape == tokens] and all(
+      leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(vjp) if leaf.shape == tokens)
