@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from hydra_jax.models import posemb as posemb_lib
-from hydra_jax.models.layernorm import LayerNorm
+from hydra_jax.models.ops import LayerNorm, gelu
 
 SIZES = {
     "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
@@ -157,7 +157,7 @@ class _MlpBlock(nn.Module):
       gate, value = jnp.split(y, 2, axis=-1)
       y = nn.silu(gate) * value
     else:
-      y = nn.gelu(y, approximate=self.gelu_approximate)
+      y = gelu(y, self.gelu_approximate)
     return nn.Dense(x.shape[-1], name="Dense_1", **kw)(y)
 
 

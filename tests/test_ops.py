@@ -1,4 +1,5 @@
-"""models.layernorm: flax's LayerNorm function and gradients, keeping less for the backward pass."""
+"""models.ops: flax's LayerNorm and jax's GELU, the same functions and gradients, keeping less
+for the backward pass."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from hydra_jax.models import ViT
-from hydra_jax.models.layernorm import LayerNorm
+from hydra_jax.models.ops import LayerNorm, gelu
 
 
 def _inputs(dtype, seed=0, shape=(3, 7, 48)):
@@ -69,8 +70,38 @@ def test_backward_keeps_the_input_and_two_numbers_per_token():
       [(x.shape, "bfloat16"), ((3, 7, 1), "float32"), ((3, 7, 1), "float32"), ((48,), "float32")])
 
 
+@pytest.mark.parametrize("approximate", [False, True])
+def test_gelu_is_jax_gelu_with_its_gradient(approximate):
+  x = jax.random.normal(jax.random.key(0), (4, 1000)) * 3  # tails, where erf and tanh saturate
+  w = jax.random.normal(jax.random.key(1), x.shape)
+  np.testing.assert_array_equal(gelu(x, approximate), jax.nn.gelu(x, approximate=approximate))
+  np.testing.assert_array_equal(gelu(x.astype(jnp.bfloat16), approximate),
+                                jax.nn.gelu(x.astype(jnp.bfloat16), approximate=approximate))
+  grad = lambda f, x: jax.grad(lambda x: (f(x).astype(jnp.float32) * w).sum())(x)  # noqa: E731
+  want = grad(lambda x: jax.nn.gelu(x, approximate=approximate), x)
+  # float32 rounding of tanh / erf near the tails: both are ~4e-6 from float64 at worst
+  np.testing.assert_allclose(grad(lambda x: gelu(x, approximate), x), want, rtol=1e-5, atol=1e-5)
+  # bf16: the derivative in float32, so no further from float32's than autodiff's bf16 one
+  x16 = x.astype(jnp.bfloat16)
+  ours = grad(lambda x: gelu(x, approximate), x16)
+  theirs = grad(lambda x: jax.nn.gelu(x, approximate=approximate), x16)
+  assert ours.dtype == jnp.bfloat16
+  want16 = grad(lambda x: jax.nn.gelu(x, approximate=approximate), x16.astype(jnp.float32))
+  assert _rel(ours, want16) <= _rel(theirs, want16) and _rel(ours, want16) < 5e-3
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_gelu_backward_keeps_only_its_input(approximate):
+  x = jnp.linspace(-4, 4, 60, dtype=jnp.bfloat16).reshape(3, 20)
+  _, vjp = jax.vjp(lambda x: gelu(x, approximate), x)
+  assert [(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(vjp)] == [(x.shape, x.dtype)]
+  _, vjp = jax.vjp(lambda x: jax.nn.gelu(x, approximate=approximate), x)
+  assert len([leaf for leaf in jax.tree.leaves(vjp) if leaf.shape == x.shape]) >= 3
+
+
 def test_vit_blocks_keep_no_float32_activations_for_layernorm():
-  """A bf16 ViT's training step: no float32 tensor of the residual stream's size is kept."""
+  """A bf16 ViT's training step: no float32 tensor of the residual stream's size is kept, and
+  of the MLP's hidden state only GELU's input and output (Dense_1's input)."""
   model = ViT(num_classes=3, patch_size=4, width=32, depth=2, mlp_dim=64, num_heads=2,
               posemb_grid=(4, 4), dtype=jnp.bfloat16)
   images = jnp.ones((2, 16, 16, 3))
@@ -79,3 +110,5 @@ def test_vit_blocks_keep_no_float32_activations_for_layernorm():
   tokens = (2, 17, 32)
   assert [leaf.dtype for leaf in jax.tree.leaves(vjp) if leaf.shape == tokens] and all(
       leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(vjp) if leaf.shape == tokens)
+  hidden = [leaf.dtype for leaf in jax.tree.leaves(vjp) if leaf.shape == (2, 17, 64)]
+  assert hidden == [jnp.bfloat16] * 4  # two blocks

@@ -1,14 +1,15 @@
-"""LayerNorm whose backward pass keeps only its input and two numbers per token.
+"""LayerNorm and GELU whose backward passes keep only their input (and two numbers per token).
 
-flax's ``nn.LayerNorm`` computes in float32 and leaves autodiff to keep what its formula touches:
-the input cast to float32, ``x - mean`` and ``rsqrt(var + eps) * scale`` broadcast to the full
-shape, three float32 tensors the size of the activations per norm (six per ViT block: ~36 MB
-per image for ViT-B/16 at 224 px, more than the bf16 activations the matmuls keep). This one
-computes the same function (the same float32 formula, fast variance included) and keeps the
-input in its own dtype (bf16 under mixed precision) plus the per-token mean and reciprocal
-standard deviation; the backward pass recomputes the normalised input from them, reading the
-input once more instead of three float32 tensors. PyTorch's and Apex's fused LayerNorms keep
-the same.
+Autodiff keeps whatever a formula touches on the way. flax's ``nn.LayerNorm`` computes in float32,
+so it keeps the input cast to float32, ``x - mean`` and ``rsqrt(var + eps) * scale`` broadcast to
+the full shape: three float32 tensors the size of the activations per norm (six per ViT block,
+~36 MB per image for ViT-B/16 at 224 px). ``jax.nn.gelu`` keeps its input and two intermediates
+of the MLP's 4x-wide hidden state. These compute the same functions (the same formulas, in the
+same dtypes) and keep the input in its own dtype (bf16 under mixed precision), plus the
+LayerNorm's per-token mean and reciprocal standard deviation; their backward passes recompute
+the rest from it, as PyTorch's and Apex's fused kernels do. What autodiff keeps per image for
+ViT-B/16 Hydra in bf16 went from 139.5 MiB to 77.2 (LayerNorm -34.6, GELU -27.7; XLA itself
+recomputes part of it: benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -83,3 +84,36 @@ class LayerNorm(nn.Module):
     dtype = self.dtype or jnp.result_type(x, scale, bias)
     return layer_norm(x, jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32),
                       self.epsilon, jnp.dtype(dtype))
+
+
+_SQRT_2 = 1.4142135623730951
+_SQRT_2_OVER_PI = 0.7978845608028654
+_INV_SQRT_2PI = 0.3989422804014327
+_TANH_C = 0.044715
+
+
+def _gelu_grad(x: jax.Array, approximate: bool) -> jax.Array:
+  """d gelu(x) / dx in float32."""
+  x = x.astype(jnp.float32)
+  if approximate:  # 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + c x^3)
+    t = jnp.tanh(_SQRT_2_OVER_PI * (x + _TANH_C * x * x * x))
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * _TANH_C * x * x)
+  return 0.5 * (1 + jax.lax.erf(x / _SQRT_2)) + x * _INV_SQRT_2PI * jnp.exp(-0.5 * x * x)
+
+
+def _gelu_forward(x, approximate):
+  return jax.nn.gelu(x, approximate=approximate), x
+
+
+def _gelu_backward(approximate, x, dy):
+  return ((dy.astype(jnp.float32) * _gelu_grad(x, approximate)).astype(x.dtype),)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
+  """``jax.nn.gelu(x, approximate)`` (exact erf or tanh form, in x's dtype); its backward pass
+  keeps x alone and evaluates the derivative in float32."""
+  return jax.nn.gelu(x, approximate=approximate)
+
+
+gelu.defvjp(_gelu_forward, _gelu_backward)
