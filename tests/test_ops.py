@@ -13,7 +13,7 @@ from hydra_jax.models.ops import LayerNorm, gelu
 
 def _inputs(dtype, seed=0, shape=(3, 7, 48)):
   k = jax.random.split(jax.random.key(seed), 4)
-  x = jax.random.normal(k[0], shape) * 3.0 + 5.0  # a mean far from 0: fast variance's weak spot
+  x = jax.random.normal(k[0], shape) * 3.0 + 5.0  # a mean away from 0
   params = {"params": {"scale": 1 + 0.5 * jax.random.normal(k[1], shape[-1:]),
                        "bias": jax.random.normal(k[2], shape[-1:])}}
   weights = jax.random.normal(k[3], shape)  # a cotangent that differs per element
@@ -25,10 +25,18 @@ def _rel(a, b) -> float:
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def _loss_grads(module, x, params, weights):
+  def loss(x, params):
+    return (module.apply(params, x).astype(jnp.float32) * weights).sum()
+  return jax.tree.leaves(jax.grad(loss, argnums=(0, 1))(x, params))  # dx, dbias, dscale
+
+
+# (B, D): the pooled features fc_norm normalises; (B, T, D): tokens; 4-D: anything else
+@pytest.mark.parametrize("shape", [(5, 16), (3, 7, 48), (2, 3, 7, 8)])
 @pytest.mark.parametrize("eps", [1e-6, 1e-12])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_same_function_and_gradients_as_flax(dtype, eps):
-  x, params, weights = _inputs(dtype)
+def test_same_function_and_gradients_as_flax(dtype, eps, shape):
+  x, params, weights = _inputs(dtype, shape=shape)
   ours, ref = LayerNorm(epsilon=eps, dtype=dtype), nn.LayerNorm(epsilon=eps, dtype=dtype)
   assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(
       jnp.shape, ref.init(jax.random.key(0), x))  # the same params: checkpoints load as before
@@ -38,16 +46,37 @@ def test_same_function_and_gradients_as_flax(dtype, eps):
   tol = 1e-6 if dtype == jnp.float32 else 2.0**-7
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32),
                              rtol=tol, atol=tol)
+  grads = _loss_grads(ours, x, params, weights)
+  grads_ref = _loss_grads(ref, x, params, weights)
+  assert [g.dtype for g in grads] == [dtype, jnp.float32, jnp.float32]
+  if dtype == jnp.float32:
+    for got, want in zip(grads, grads_ref, strict=True):
+      assert _rel(got, want) < 1e-5
+    return
+  # bf16 inputs: each gradient no further from float32's than flax's own bf16 gradient
+  exact = _loss_grads(ref, x.astype(jnp.float32), params, weights)
+  for got, theirs, want in zip(grads, grads_ref, exact, strict=True):
+    # (dbias does not depend on x: flax's is exact there, ours off by float32 rounding)
+    assert _rel(got, want) <= max(_rel(theirs, want) * 1.05, 1e-6) and _rel(got, want) < 1e-2
 
-  def loss(module, x, params):
-    return (module.apply(params, x).astype(jnp.float32) * weights).sum()
 
-  grads = jax.grad(loss, argnums=(1, 2))(ours, x, params)
-  grads_ref = jax.grad(loss, argnums=(1, 2))(ref, x, params)
-  assert grads[0].dtype == dtype
-  tol = 1e-5 if dtype == jnp.float32 else 1e-2
-  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
-    assert _rel(got, want) < tol
+def test_constant_rows_and_float64():
+  """A constant row (variance 0, clipped: no NaN, gradient finite); float64 x computes in
+  float64 as flax does (with jax_enable_x64)."""
+  x = jnp.full((2, 3, 16), 848.44293)  # float32's E[x^2] - E[x]^2 is -0.4375 here: clipped
+  params = {"params": {"scale": jnp.ones(16), "bias": jnp.zeros(16)}}
+  y, grads = jax.value_and_grad(lambda x: LayerNorm().apply(params, x).sum())(x)
+  assert np.isfinite(y) and np.isfinite(np.asarray(grads)).all()
+  with jax.enable_x64(True):
+    x, params, weights = _inputs(jnp.float64)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+    y = LayerNorm(param_dtype=jnp.float64).apply(params, x)
+    y_ref = nn.LayerNorm(param_dtype=jnp.float64).apply(params, x)
+    assert y.dtype == jnp.float64
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(_loss_grads(LayerNorm(), x, params, weights),
+                         _loss_grads(nn.LayerNorm(), x, params, weights), strict=True):
+      assert got.dtype == want.dtype and _rel(got, want) < 1e-12
 
 
 def test_output_dtype_follows_flax_without_a_dtype():
@@ -57,7 +86,8 @@ def test_output_dtype_follows_flax_without_a_dtype():
 
 def test_backward_keeps_the_input_and_two_numbers_per_token():
   """What the vjp closes over: flax's keeps three float32 tensors of the input's size; this
-  one the bf16 input, a float32 mean and reciprocal std per token and the (D,) scale."""
+  one the bf16 input, a float32 mean and reciprocal std per token, and the (D,) scale and
+  bias."""
   x, params, _ = _inputs(jnp.bfloat16)
 
   def saved(module):
@@ -67,7 +97,8 @@ def test_backward_keeps_the_input_and_two_numbers_per_token():
   full = (x.shape, "float32")
   assert saved(nn.LayerNorm(dtype=jnp.bfloat16)).count(full) == 3
   assert saved(LayerNorm(dtype=jnp.bfloat16)) == sorted(
-      [(x.shape, "bfloat16"), ((3, 7, 1), "float32"), ((3, 7, 1), "float32"), ((48,), "float32")])
+      [(x.shape, "bfloat16"), ((3, 7, 1), "float32"), ((3, 7, 1), "float32"), ((48,), "float32"),
+       ((48,), "float32")])
 
 
 @pytest.mark.parametrize("approximate", [False, True])
@@ -88,6 +119,11 @@ def test_gelu_is_jax_gelu_with_its_gradient(approximate):
   assert ours.dtype == jnp.bfloat16
   want16 = grad(lambda x: jax.nn.gelu(x, approximate=approximate), x16.astype(jnp.float32))
   assert _rel(ours, want16) <= _rel(theirs, want16) and _rel(ours, want16) < 5e-3
+  with jax.enable_x64(True):  # float64 x: the derivative in float64
+    x64, w64 = x.astype(jnp.float64), w.astype(jnp.float64)
+    d = jax.grad(lambda x: (gelu(x, approximate) * w64).sum())(x64)
+    d_ref = jax.grad(lambda x: (jax.nn.gelu(x, approximate=approximate) * w64).sum())(x64)
+    assert d.dtype == jnp.float64 and _rel(d, d_ref) < 1e-12
 
 
 @pytest.mark.parametrize("approximate", [False, True])

@@ -22,10 +22,15 @@ import jax
 import jax.numpy as jnp
 
 
+def _compute_dtype(x: jax.Array):
+  """float32, or wider where x is (float64 with jax_enable_x64), as flax promotes."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def _stats(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-  """Float32 mean and 1 / sqrt(var + eps) over the last axis, (..., 1) each, as flax computes
-  them (var = E[x^2] - E[x]^2, clipped at 0)."""
-  x = x.astype(jnp.float32)
+  """Mean and 1 / sqrt(var + eps) over the last axis, (..., 1) each, in float32 (or wider), as
+  flax computes them (var = E[x^2] - E[x]^2, clipped at 0)."""
+  x = x.astype(_compute_dtype(x))
   mean = x.mean(-1, keepdims=True)
   var = jnp.maximum(0.0, (x * x).mean(-1, keepdims=True) - mean * mean)
   return mean, jax.lax.rsqrt(var + eps)
@@ -33,30 +38,31 @@ def _stats(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
 
 def _forward(x, scale, bias, eps, dtype):
   mean, rstd = _stats(x, eps)
-  y = (x.astype(jnp.float32) - mean) * (rstd * scale) + bias
-  return y.astype(dtype), (x, mean, rstd, scale)
+  y = (x.astype(mean.dtype) - mean) * (rstd * scale.astype(mean.dtype)) + bias.astype(mean.dtype)
+  return y.astype(dtype), (x, mean, rstd, scale, bias)  # scale, bias: (D,), for their dtypes
 
 
 def _backward(eps, dtype, saved, dy):
   del eps, dtype
-  x, mean, rstd, scale = saved
-  xhat = (x.astype(jnp.float32) - mean) * rstd
-  dy = dy.astype(jnp.float32)
-  g = dy * scale  # d loss / d xhat
+  x, mean, rstd, scale, bias = saved
+  xhat = (x.astype(mean.dtype) - mean) * rstd
+  dy = dy.astype(mean.dtype)
+  g = dy * scale.astype(mean.dtype)  # d loss / d xhat
   dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
   rows = tuple(range(x.ndim - 1))
-  return dx.astype(x.dtype), (dy * xhat).sum(rows), dy.sum(rows)
+  return (dx.astype(x.dtype), (dy * xhat).sum(rows).astype(scale.dtype),
+          dy.sum(rows).astype(bias.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float,
                dtype: Any) -> jax.Array:
-  """LayerNorm over the last axis of x (..., D) with float32 scale and bias (D,).
+  """LayerNorm over the last axis of x (..., D), computed in float32 (float64 for float64 x).
 
   Args:
     x: activations, any float dtype.
-    scale: (D,) float32.
-    bias: (D,) float32.
+    scale: (D,).
+    bias: (D,).
     eps: added to the variance.
     dtype: the output's dtype.
 
@@ -82,8 +88,7 @@ class LayerNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (width,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (width,), self.param_dtype)
     dtype = self.dtype or jnp.result_type(x, scale, bias)
-    return layer_norm(x, jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32),
-                      self.epsilon, jnp.dtype(dtype))
+    return layer_norm(x, scale, bias, self.epsilon, jnp.dtype(dtype))
 
 
 _SQRT_2 = 1.4142135623730951
@@ -93,8 +98,8 @@ _TANH_C = 0.044715
 
 
 def _gelu_grad(x: jax.Array, approximate: bool) -> jax.Array:
-  """d gelu(x) / dx in float32."""
-  x = x.astype(jnp.float32)
+  """d gelu(x) / dx in float32 (or wider, for float64 x)."""
+  x = x.astype(_compute_dtype(x))
   if approximate:  # 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + c x^3)
     t = jnp.tanh(_SQRT_2_OVER_PI * (x + _TANH_C * x * x * x))
     return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * _TANH_C * x * x)
@@ -106,7 +111,8 @@ def _gelu_forward(x, approximate):
 
 
 def _gelu_backward(approximate, x, dy):
-  return ((dy.astype(jnp.float32) * _gelu_grad(x, approximate)).astype(x.dtype),)
+  grad = _gelu_grad(x, approximate)
+  return ((dy.astype(grad.dtype) * grad).astype(x.dtype),)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
