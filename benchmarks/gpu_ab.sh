@@ -24,46 +24,11 @@ print(json.dumps(bench.bench_one(args, '$a')), flush=True)
 done; echo "old: $((SECONDS - t0)) s"
 # the optimised HLO of the profiled step comes back too: it names what each fusion computes
 PYTHONPATH=$PWD XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text" timeout 110 \
-  python3 benchmarks/profile_step.py > "$OUT/profile.json" 2> "$OUT/profile.err"
+  python3 benchmarks/profile_step.py > "$OUT/profile.jsonl" 2> "$OUT/profile.err"
 echo "profile: $((SECONDS - t0)) s"
 (cd /tmp/hlo && tar czf "$OUT/hlo.tgz" $(ls | grep -E 'train_step.*after_optimizations.txt$'))
 PYTHONPATH=$PWD timeout 90 python3 $B --adapters hydra --remat dots > "$OUT/remat.jsonl" \
   2> "$OUT/remat.err"; echo "remat: $((SECONDS - t0)) s"
 tar czf "$OUT/autotune.tgz" -C .jcache xla_gpu_per_fusion_autotune_cache_dir 2>/dev/null
 ls -la "$OUT"; tail -n 3 "$OUT"/*.err
-# the summary: a missing, empty or cut-off file (a part that failed or hit its timeout) and
-# error rows are reported, never a crash
-python3 - "$OUT" <<'PY'
-import json, sys, pathlib
-out = pathlib.Path(sys.argv[1])
-
-def rows(name):
-  path = out / name
-  if not path.is_file() or not path.read_text().strip():
-    print(f"{name}: no output (see its .err)")
-    return
-  for line in path.read_text().splitlines():
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError:
-      print(f"{name}: not JSON: {line[:100]}")
-      continue
-    if isinstance(row, dict):
-      yield row
-
-for f in ("old", "new", "remat"):
-  for r in rows(f"{f}.jsonl"):
-    if "error" in r:
-      print(f, r.get("adapter"), r.get("remat"), r.get("timing", "train"), "ERROR",
-            r["error"][:200])
-    elif r.get("timing", "train") == "train":
-      print(f, r.get("adapter"), r.get("remat"), round(r.get("img_per_s") or 0),
-            round(r.get("step_ms") or 0, 1), round(r.get("peak_mem_gib") or 0, 2))
-try:
-  p = json.loads((out / "profile.json").read_text())
-  print(round(p["device_ms_per_step"], 2), {k: round(v, 2) for k, v in p["by_kind_ms"].items()})
-  for n, ms in p["top_kernels_ms"][:14]:
-    print(f"  {ms:7.3f} {n[:90]}")
-except (OSError, ValueError, KeyError, TypeError) as e:
-  print(f"profile: no result ({type(e).__name__}: {str(e)[:100]}; see profile.err)")
-PY
+python3 benchmarks/summary.py "$OUT" old new remat profile

@@ -64,33 +64,4 @@ else
   run torch_bf16 220 $TB --precision bf16 --no-check --configs hydra:eager,hydra:compile:noinfer
 fi
 tail -n 2 "$OUT"/*.err 2>/dev/null
-python3 - "$OUT" <<'PY'
-# the summary: one line per row (errors included); the full rows stay in $OUT/*.jsonl
-import json, pathlib, sys
-for path in sorted(pathlib.Path(sys.argv[1]).glob("*.jsonl")):
-  for line in path.read_text().splitlines():
-    try:
-      r = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if not isinstance(r, dict):
-      continue
-    name = f"{path.stem:10} {r.get('framework', '')} {r.get('adapter', r.get('check', ''))}"
-    extra = " ".join(f for f in (r.get("xla_flags", "").split()[-1:] + [
-        f"remat={r['remat']}" if r.get("remat", "none") != "none" else "",
-        "tanh" if r.get("gelu_approximate") else "", "compile" if r.get("compile") else "",
-        r.get("compute", "")]) if f and "device_count" not in f)
-    if "error" in r:
-      print(name, extra, r.get("timing", ""), "ERROR", str(r["error"])[:160])
-    elif r.get("timing") == "infer":
-      print(name, extra, "infer merged/plain", round(r["infer_merged_over_plain"], 3),
-            round(r["infer_merged_img_per_s"]), round(r["infer_plain_img_per_s"]))
-    elif "img_per_s" in r:
-      print(name, extra, round(r["img_per_s"]), "img/s", round(r.get("step_ms", 0), 1), "ms",
-            "peak", round(r.get("peak_mem_gib") or 0, 2), "GiB")
-    elif "device_ms_per_step" in r:
-      print(name, round(r["device_ms_per_step"], 2), "ms/step",
-            {k: round(v, 2) for k, v in r["by_kind_ms"].items()})
-      for kernel, ms in r["top_kernels_ms"][:10]:
-        print(f"  {ms:7.3f} {kernel[:100]}")
-PY
+python3 benchmarks/summary.py "$OUT"  # one line per row; the rows stay in $OUT/*.jsonl

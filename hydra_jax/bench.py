@@ -167,6 +167,11 @@ def _identity(args, name: str) -> dict:
               xla_flags=os.environ.get("XLA_FLAGS", ""))
 
 
+def _error_row(args, name: str, timing: str, error: str) -> dict:
+  """The row of a configuration's part (``timing``) that failed."""
+  return dict(_identity(args, name), timing=timing, error=error)
+
+
 def _infers(args, name: str) -> bool:
   """Whether the configuration gets an inference row (a mergeable adapter, unless --no_infer)."""
   fields = ADAPTERS[name][0]
@@ -252,7 +257,7 @@ def _print_rows(args, name: str) -> None:
     try:
       row = next(rows, None)
     except Exception as e:  # noqa: BLE001
-      row = dict(_identity(args, name), timing=timing, error=f"{type(e).__name__}: {str(e)[:300]}")
+      row = _error_row(args, name, timing, f"{type(e).__name__}: {str(e)[:300]}")
     if row is None:
       return
     print(json.dumps(row), flush=True)
@@ -284,8 +289,8 @@ def _run_isolated(args, argv: list[str], name: str) -> None:
   expected = ["train", "infer"] if _infers(args, name) else ["train"]
   missing = [t for t in expected if t not in seen]
   if child.returncode != 0 and missing:
-    print(json.dumps(dict(_identity(args, name), timing=missing[0],
-                          error=f"exit status {child.returncode}")), flush=True)
+    print(json.dumps(_error_row(args, name, missing[0], f"exit status {child.returncode}")),
+          flush=True)
 
 
 def main(argv=None, *, isolate: bool = False):

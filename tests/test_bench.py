@@ -102,3 +102,25 @@ def test_max_batch_fit_uses_slope_and_intercept():
   assert scale.fit_max_batch((32, 128), (totals[0], totals[0]), 80 * gib)["est_max_batch"] is None
   with pytest.raises(ValueError, match=r"probe batches must differ; got \(32, 32\)"):
     scale.fit_max_batch((32, 32), totals, 80 * gib)
+
+
+def test_summary_reports_rows_errors_and_what_is_missing(tmp_path):
+  """benchmarks/summary.py: the lines a GPU call's reply ends with."""
+  from benchmarks import summary
+
+  rows = [dict(framework="jax", adapter="hydra", timing="train", img_per_s=3615.4, step_ms=35.4,
+               peak_mem_gib=10.8, xla_flags="--xla_gpu_triton_gemm_any=true", remat="none"),
+          dict(framework="jax", adapter="hydra", timing="infer", infer_merged_over_plain=0.98,
+               infer_merged_img_per_s=8125, infer_plain_img_per_s=7967),
+          dict(framework="torch", adapter="lora", compile=True, error="OutOfMemoryError: x")]
+  (tmp_path / "new.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\ncut off {")
+  (tmp_path / "remat.jsonl").write_text("")
+  (tmp_path / "profile.jsonl").write_text(json.dumps(dict(
+      device_ms_per_step=34.48, by_kind_ms={"matmul": 14.243}, top_kernels_ms=[["nvjet_a", 2.9]])))
+  assert summary.summary(tmp_path, ["old", "new", "remat"]) == [
+      "old.jsonl: no output (see old.err)", "remat.jsonl: no output (see remat.err)",
+      "new        jax hydra --xla_gpu_triton_gemm_any=true 3615 img/s 35.4 ms peak 10.80 GiB",
+      "new        jax hydra infer merged/plain 0.980 8125 7967 img/s",
+      "new        torch lora compile ERROR OutOfMemoryError: x",
+      "new.jsonl: not JSON: cut off {",
+      "profile    34.48 ms/step {'matmul': 14.24}", "    2.900 nvjet_a"]

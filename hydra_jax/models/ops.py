@@ -118,7 +118,7 @@ def _gelu_backward(approximate, x, dy):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
   """``jax.nn.gelu(x, approximate)`` (exact erf or tanh form, in x's dtype); its backward pass
-  keeps x alone and evaluates the derivative in float32."""
+  keeps x alone and evaluates the derivative in float32 (float64 for float64 x)."""
   return jax.nn.gelu(x, approximate=approximate)
 
 

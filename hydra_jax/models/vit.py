@@ -238,7 +238,7 @@ class _Encoder(nn.Module):
     if not self.final_norm:
       return x
     return LayerNorm(epsilon=self.ln_eps, name="encoder_norm", dtype=self.dtype,
-                        param_dtype=self.param_dtype)(x)
+                     param_dtype=self.param_dtype)(x)
 
 
 class ViT(nn.Module):
