@@ -6,6 +6,8 @@
   python benchmarks/scale.py --part maxbatch --models H/14   # one model's rows
   python benchmarks/scale.py --part maxbatch --models Ti/16 --attention xla --capacity_gib 16 \\
       --probes 4,8 --image_size 64   # CPU smoke test
+  python benchmarks/scale.py --part microbatches --models B/16,L/16 --attention xla
+      # the step's buffers at batch 32 with its gradient accumulated over 1, 2, 4, 8 parts
 
 maxbatch compiles the real train step at two probe batches and reads XLA's memory analysis of
 each (arguments + outputs - donated aliases + temporaries): a line through the two points gives
@@ -47,7 +49,8 @@ def step_memory(args) -> dict[str, int]:
   batch = {"image": jax.ShapeDtypeStruct((args.batch, size, size, 3), jnp.uint8),
            "label": jax.ShapeDtypeStruct((args.batch,), jnp.int32)}
   step = jax.jit(functools.partial(train_lib.train_step, model=net, spec=spec, tx=tx,
-                                   schedule=schedule), donate_argnums=0)
+                                   schedule=schedule, microbatches=bench.microbatches(args)),
+                 donate_argnums=0)
   mem = step.lower(state, frozen, batch, jax.random.key(0)).compile().memory_analysis()
   if mem is None:
     raise RuntimeError(f"XLA gave no memory analysis for {args.model} on {jax.default_backend()}")
@@ -120,20 +123,35 @@ def _maxbatch(args) -> None:
                               f"{str(e)[:300]}")), flush=True)
 
 
+def _microbatches(args) -> None:
+  """Compiles only: XLA's buffers of the Hydra step at ``--batch`` for each model and number of
+  parts its gradient is accumulated over (1 = the whole batch at once)."""
+  for model in args.models.split(","):
+    for parts in (1, 2, 4, 8):
+      mem = step_memory(_args(model=model, batch=args.batch, microbatches=parts,
+                              attention=args.attention, image_size=args.image_size))
+      print(json.dumps(dict(model=model, batch=args.batch, microbatches=parts,
+                            attention=args.attention, image_size=args.image_size,
+                            **{f"{k}_gib": round(v / 2**30, 3) for k, v in mem.items()},
+                            backend=jax.default_backend())), flush=True)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--part", choices=("batch", "size", "maxbatch"), required=True)
+  p.add_argument("--part", choices=("batch", "size", "maxbatch", "microbatches"), required=True)
   p.add_argument("--attention", default="cudnn", choices=("xla", "cudnn", "auto"))
   p.add_argument("--models", default="L/16,H/14",
-                 help="maxbatch: comma list; a model outside the built-in set gets remat none")
+                 help="maxbatch, microbatches: comma list; a model outside maxbatch's "
+                 "built-in set gets remat none")
+  p.add_argument("--batch", type=int, default=32, help="microbatches: the global batch")
   p.add_argument("--probes", default="32,128", help="maxbatch: the two batches compiled")
   p.add_argument("--capacity_gib", type=float,
                  help="maxbatch: usable device memory (default: the device's bytes_limit)")
-  p.add_argument("--image_size", type=int, default=224, help="maxbatch only")
+  p.add_argument("--image_size", type=int, default=224, help="maxbatch, microbatches")
   p.add_argument("--jobs", type=int, default=4, help="maxbatch: compiles in flight at once")
   args = p.parse_args(argv)
-  if args.part == "maxbatch":
-    _maxbatch(args)
+  if args.part in ("maxbatch", "microbatches"):
+    (_maxbatch if args.part == "maxbatch" else _microbatches)(args)
     return
   runs = {"batch": [dict(batch=b) for b in (32, 64, 256, 512)],
           "size": [dict(model=m) for m in ("S/16", "L/16")]}

@@ -75,6 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.eval_batch_size = 200
 
   c.batch_size = 32  # global batch
+  # accumulate each step's gradient over this many sequential parts of the batch: the same
+  # update in about 1/M of the activations' memory (a resume may change it)
+  c.microbatches = 1
   c.num_epochs = 6
   c.eval_every_epochs = 2  # validation accuracy and a checkpoint every this many epochs
   c.log_every = 5  # steps between metric lines

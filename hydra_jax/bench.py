@@ -164,7 +164,12 @@ def _identity(args, name: str) -> dict:
   return dict(framework="jax", model=args.model, adapter=name, batch=args.batch,
               image_size=args.image_size, dtype=args.dtype, attention=args.attention,
               remat=args.remat, gelu_approximate=getattr(args, "gelu_approximate", False),
-              xla_flags=os.environ.get("XLA_FLAGS", ""))
+              microbatches=microbatches(args), xla_flags=os.environ.get("XLA_FLAGS", ""))
+
+
+def microbatches(args) -> int:
+  """``args.microbatches``; 1 for callers whose arguments predate it (scale.py, older trees)."""
+  return getattr(args, "microbatches", 1)
 
 
 def _error_row(args, name: str, timing: str, error: str) -> dict:
@@ -185,7 +190,8 @@ def bench_rows(args, name: str) -> Iterator[dict]:
   rng = np.random.default_rng(0)
   batches = [jax.device_put(synthetic_batch(rng, args)) for _ in range(3)]
   step = jax.jit(functools.partial(train_lib.train_step, model=model, spec=spec, tx=tx,
-                                   schedule=schedule), donate_argnums=0)
+                                   schedule=schedule, microbatches=microbatches(args)),
+                 donate_argnums=0)
   key = jax.random.key(2)
   compiled = step.lower(state, frozen, batches[0], key).compile()
   holder = {"state": state, "i": 0}
@@ -311,6 +317,8 @@ def main(argv=None, *, isolate: bool = False):
                  help="tanh GELU, as the Google ViT checkpoints use (XLA can fuse it into GEMMs)")
   p.add_argument("--no_infer", dest="infer", action="store_false",
                  help="skip the merged-vs-plain inference timing")
+  p.add_argument("--microbatches", type=int, default=1,
+                 help="accumulate each step's gradient over this many parts of the batch")
   p.add_argument("--steps", type=int, default=10, help="steps per timed repeat (and round)")
   p.add_argument("--repeats", type=int, default=5, help="timed repeats of the training step")
   p.add_argument("--infer_rounds", type=int, default=10,
@@ -323,6 +331,9 @@ def main(argv=None, *, isolate: bool = False):
   if min(args.steps, args.repeats, args.infer_rounds) < 1:
     raise SystemExit(f"--steps {args.steps}, --repeats {args.repeats} and --infer_rounds "
                      f"{args.infer_rounds} must each be at least 1")
+  if args.microbatches < 1 or args.batch % args.microbatches:
+    raise SystemExit(f"--microbatches {args.microbatches} must be at least 1 and divide "
+                     f"--batch {args.batch}")
   if len(names) > 1 or isolate:  # a process per configuration: each row's peak is its own
     for name in names:
       _run_isolated(args, argv, name)

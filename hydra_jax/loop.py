@@ -125,9 +125,15 @@ class _Runner:
       if size % n:
         raise ValueError(f"{name} {size} does not split evenly over the {n} devices of the "
                          f"mesh; expected a multiple of {n} (or set parallel.num_devices)")
+    parts = config.microbatches
+    if config.batch_size % (n * parts):
+      raise ValueError(f"batch_size {config.batch_size} does not split into microbatches={parts} "
+                       f"equal parts on each of the {n} devices of the mesh; expected a multiple "
+                       f"of {n * parts}")
     self.pmap = config.parallel.mode == "pmap"
     step = functools.partial(train_lib.train_step, model=model, spec=spec, tx=tx,
-                             schedule=schedule, axis_name="batch" if self.pmap else None)
+                             schedule=schedule, axis_name="batch" if self.pmap else None,
+                             microbatches=parts)
     rep = parallel.replicated(self.mesh)
     if self.pmap:
       devices = self.mesh.devices.tolist()
@@ -220,7 +226,8 @@ def _check_schedule(config) -> None:
   if config.parallel.fsdp and config.parallel.mode == "pmap":
     raise ValueError("parallel.fsdp=True shards the frozen weights over a jit mesh; pmap keeps a "
                      "whole copy per device (set parallel.mode='jit')")
-  for name, least in (("seed", 0), ("batch_size", 1), ("data.eval_batch_size", 1),
+  for name, least in (("seed", 0), ("batch_size", 1), ("microbatches", 1),
+                      ("data.eval_batch_size", 1),
                       ("num_epochs", 1),
                       ("eval_every_epochs", 1), ("log_every", 1), ("checkpoint_every", 0),
                       ("keep_checkpoints", 1)):

@@ -56,27 +56,26 @@ def loss_fn(trainable, frozen, batch: Batch, rng: jax.Array, *, model: nn.Module
 
 def train_step(state: TrainState, frozen, batch: Batch, rng: jax.Array, *, model: nn.Module,
                spec: adapters_lib.AdapterSpec | None, tx: optax.GradientTransformation,
-               schedule: Callable[[jax.Array], jax.Array], axis_name: str | None = None
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               schedule: Callable[[jax.Array], jax.Array], axis_name: str | None = None,
+               microbatches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step. Pure: jit it (state donated) or pmap it (``axis_name`` set).
 
   Args:
     state: the trainable tree, its optimizer state and the step.
     frozen: the frozen params (not differentiated, not updated).
-    batch: {"image": (B, H, W, 3) float32, "label": (B,) int32}; under pmap, this device's part.
+    batch: {"image": (B, H, W, 3), "label": (B,) int32}; under pmap, this device's part.
     rng: the run's base key; each step folds in its step number (and device under pmap), so a
       resumed run draws the same dropout masks as an uninterrupted one.
+    microbatches: M > 1 accumulates the gradient over M sequential parts of B / M examples
+      (``_accumulated``): the same update with about 1/M of the activations' memory.
   Returns:
     The new state and {"loss", "accuracy", "lr", "grad_norm", "update_norm"} scalars.
   """
   rng = jax.random.fold_in(rng, state.step)
   if axis_name is not None:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, spec=spec,
-                                                 axis_name=axis_name), has_aux=True)
-  (loss, logits), grads = grad_fn(state.trainable, frozen, batch, rng)
-  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-  metrics = {"loss": loss, "accuracy": accuracy}
+  loss = functools.partial(loss_fn, model=model, spec=spec, axis_name=axis_name)
+  grads, metrics = _accumulated(loss, state.trainable, frozen, batch, rng, microbatches)
   if axis_name is not None:
     grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
@@ -86,6 +85,43 @@ def train_step(state: TrainState, frozen, batch: Batch, rng: jax.Array, *, model
   metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["update_norm"] = optax.tree.norm(updates)
   return TrainState(state.step + 1, trainable, opt_state), metrics
+
+
+def _accumulated(loss: Callable, trainable, frozen, batch: Batch, rng: jax.Array,
+                 microbatches: int) -> tuple[Any, dict[str, jax.Array]]:
+  """Gradients of ``loss`` and {"loss", "accuracy"}, averaged over ``microbatches`` equal parts.
+
+  Part i holds examples i, i + M, i + 2M, ...: a batch sharded over a mesh by contiguous rows
+  gives every device its share of every part, so no part waits on one device. The parts run in a
+  ``lax.scan``, so only one part's activations are alive at a time. With M > 1, part i draws
+  dropout from ``fold_in(rng, i)`` and HydraLoRA's balancing loss sees one part's tokens (its
+  statistics are not linear in the batch); otherwise the mean of the parts' gradients is the
+  whole batch's up to float rounding.
+  """
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
+
+  def part(examples: Batch, key: jax.Array):
+    (value, logits), grads = grad_fn(trainable, frozen, examples, key)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == examples["label"])
+    return grads, {"loss": value, "accuracy": accuracy}
+
+  if microbatches == 1:
+    return part(batch, rng)
+  size = len(batch["label"])
+  if size % microbatches:
+    raise ValueError(f"a batch of {size} examples does not split into microbatches="
+                     f"{microbatches} equal parts; expected a multiple of {microbatches}")
+  parts = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, microbatches, *x.shape[1:]), 0, 1),
+                       batch)
+
+  def add(total, xs):
+    examples, i = xs
+    return jax.tree.map(jnp.add, total, part(examples, jax.random.fold_in(rng, i))), None
+
+  zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(part, jax.tree.map(lambda x: x[0], parts),
+                                                      rng))
+  total, _ = jax.lax.scan(add, zero, (parts, jnp.arange(microbatches)))
+  return jax.tree.map(lambda x: x / microbatches, total)
 
 
 def predict_step(trainable, frozen, images: jax.Array, *, model: nn.Module,

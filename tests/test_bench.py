@@ -44,6 +44,14 @@ def test_bench_cli_runs_each_configuration_in_its_own_process(capfd, monkeypatch
     bench.main(["--adapters", "hydra,nope"])
   with pytest.raises(SystemExit, match="--infer_rounds 0 must"):
     bench.main(["--infer_rounds", "0"])
+  with pytest.raises(SystemExit, match="--microbatches 3 must be at least 1 and divide --batch 4"):
+    bench.main([*_TINY, "--microbatches", "3"])
+
+
+def test_bench_times_a_microbatched_step(capsys):
+  bench.main([*_TINY, "--microbatches", "2", "--adapters", "hydra", "--no_infer"])
+  (row,) = _rows(capsys.readouterr().out)
+  assert row["microbatches"] == 2 and row["img_per_s"] > 0 and "error" not in row
 
 
 def test_a_failed_inference_keeps_the_training_row(capsys, monkeypatch):

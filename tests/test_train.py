@@ -262,7 +262,7 @@ def test_an_older_checkpoint_that_does_not_fit_says_so(reference_run, tmp_path, 
   assert "does not record optim" in caplog.text
 
 
-def _step_setup(adapter=None):
+def _step_setup(adapter=None, microbatches=1):
   """The pieces of a train step for the testing config (or ``adapter``), on random data."""
   config = _testing_config()
   if adapter is not None:
@@ -271,7 +271,10 @@ def _step_setup(adapter=None):
   spec = adapters.spec_from_config(config.adapter)
   trainable_params, frozen = optim.split(pre.params, list(config.train_patterns))
   ad = adapters.init(spec, pre.params, jax.random.key(1))
-  ad = jax.tree.map(lambda x: x + 0.01, ad)  # non-zero B: gradients reach every factor
+  # random B: gradients reach every factor (a constant B passes A none: the LayerNorm after
+  # the residual add makes the stream's gradient sum to zero over the features)
+  keys = iter(jax.random.split(jax.random.key(4), len(jax.tree.leaves(ad))))
+  ad = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(next(keys), x.shape), ad)
   trainable = {"adapters": ad, "params": trainable_params}
   config.optim.total_steps, config.optim.warmup_steps = 10, 2
   tx, schedule = train_lib.make_optimizer(config.optim)
@@ -280,12 +283,12 @@ def _step_setup(adapter=None):
   batches = [{"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
               "label": rng.integers(0, 10, size=(16,)).astype(np.int32)} for _ in range(3)]
   step = functools.partial(train_lib.train_step, model=model, spec=spec, tx=tx,
-                           schedule=schedule)
+                           schedule=schedule, microbatches=microbatches)
   return state, frozen, batches, step
 
 
-def _run_jit(num_devices, *, fsdp=False, adapter=None):
-  state, frozen, batches, step = _step_setup(adapter)
+def _run_jit(num_devices, *, fsdp=False, adapter=None, microbatches=1):
+  state, frozen, batches, step = _step_setup(adapter, microbatches)
   mesh = parallel.make_mesh(num_devices)
   shardings = parallel.frozen_shardings(mesh, frozen, fsdp=fsdp, min_size=1024)
   if fsdp:  # the testing model's kernels really are split
@@ -305,9 +308,9 @@ def test_eight_device_step_equals_single_device():
   _assert_trees_equal(_run_jit(8, fsdp=True), single, rtol=2e-5, atol=1e-6)
 
 
-def _run_pmap(adapter=None):
+def _run_pmap(adapter=None, microbatches=1):
   """(trainable of device 0, the pmapped state, mesh) after the steps of ``_step_setup``."""
-  state, frozen, batches, step = _step_setup(adapter)
+  state, frozen, batches, step = _step_setup(adapter, microbatches)
   fn = jax.pmap(functools.partial(step, axis_name="batch"), axis_name="batch",
                 in_axes=(0, 0, 0, None))
   mesh = parallel.make_mesh()
@@ -334,6 +337,72 @@ def test_pmap_balance_loss_is_the_global_batchs():
   adapter = default.adapter_config("hydralora", balance_weight=0.5)
   pmapped, _, _ = _run_pmap(adapter)
   _assert_trees_equal(pmapped, _run_jit(1, adapter=adapter), rtol=2e-5, atol=1e-6)
+
+
+def _gradients(adapter, microbatches):
+  """Gradients and metrics of the testing model's loss on a batch of 16, with a random head (a
+  zero head passes no gradient to the adapters)."""
+  state, frozen, batches, step = _step_setup(adapter)
+  trainable = state.trainable
+  head = trainable["params"]["head"]["kernel"]
+  trainable["params"]["head"]["kernel"] = jax.random.normal(jax.random.key(3), head.shape) / 4
+  loss = functools.partial(train_lib.loss_fn, model=step.keywords["model"],
+                           spec=step.keywords["spec"])
+  return jax.jit(train_lib._accumulated, static_argnums=(0, 5))(
+      loss, trainable, frozen, batches[0], jax.random.key(2), microbatches)
+
+
+@pytest.mark.parametrize("adapter", [None, default.adapter_config("hydralora")],
+                         ids=["hydra-merged", "hydralora-activations"])
+def test_microbatches_give_the_whole_batchs_gradient(adapter):
+  """4 parts of 4 examples: the mean of their gradients, loss and accuracy is the batch's."""
+  whole, whole_metrics = _gradients(adapter, 1)
+  parted, parted_metrics = _gradients(adapter, 4)
+  _assert_trees_equal(parted_metrics, whole_metrics, rtol=1e-6)
+  for x, y in zip(jax.tree.leaves(parted), jax.tree.leaves(whole), strict=True):
+    scale = np.abs(y).max()
+    assert scale > 1e-4  # every leaf has a gradient: the comparison can fail
+    np.testing.assert_allclose(x, y, atol=1e-5 * scale)
+
+
+def test_microbatches_over_a_mesh_and_under_pmap():
+  """Each device holds its share of every part (parts are strided over the batch): 8 devices
+  with 2 parts each, jit (also FSDP) and pmap, train as one device does on whole batches."""
+  single = _run_jit(1)
+  _assert_trees_equal(_run_jit(8, microbatches=2), single, rtol=2e-5, atol=1e-6)
+  _assert_trees_equal(_run_jit(8, fsdp=True, microbatches=2), single, rtol=2e-5, atol=1e-6)
+  _assert_trees_equal(_run_pmap(microbatches=2)[0], single, rtol=2e-5, atol=1e-6)
+
+
+def test_microbatched_step_moves_no_images_between_devices():
+  """The parts' reshape keeps the batch's sharding: the compiled 8-device step gathers and
+  exchanges no more than the whole-batch step does (only the gradients' reductions differ)."""
+  def collectives(microbatches):
+    state, frozen, batches, step = _step_setup(microbatches=microbatches)
+    mesh = parallel.make_mesh(8)
+    batch = parallel.global_batch(batches[0], mesh)
+    text = jax.jit(step).lower(state, frozen, batch, jax.random.key(2)).compile().as_text()
+    return {op: text.count(f" {op}(") for op in ("all-gather", "all-to-all",
+                                                 "collective-permute")}
+  assert collectives(2) == collectives(1)
+
+
+def test_microbatches_keep_one_parts_activations():
+  """XLA's temporaries of the compiled step (a batch of 64) shrink with the parts: the scan
+  keeps one part's activations alive, not all of them."""
+  def temp_bytes(microbatches):
+    state, frozen, batches, step = _step_setup(microbatches=microbatches)
+    batch = {k: np.concatenate([v] * 4) for k, v in batches[0].items()}
+    compiled = jax.jit(step).lower(state, frozen, batch, jax.random.key(2)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+  assert temp_bytes(4) < temp_bytes(1) / 2
+
+
+def test_a_batch_that_does_not_split_into_microbatches_is_refused():
+  state, frozen, batches, step = _step_setup(microbatches=3)
+  with pytest.raises(ValueError, match="a batch of 16 examples does not split into "
+                                       "microbatches=3 equal parts; expected a multiple of 3"):
+    step(state, frozen, batches[0], jax.random.key(2))
 
 
 def test_pmap_mode_end_to_end(reference_run, tmp_path):
@@ -411,6 +480,9 @@ def test_final_merge_check_catches_a_wrong_merge(tmp_path, monkeypatch):
     ("checkpoint_every", -1, "checkpoint_every must be an integer >= 0"),
     ("parallel.mode", "pmapp", "unknown parallel.mode 'pmapp'"),
     ("batch_size", 0, "batch_size must be an integer >= 1; got 0"),
+    ("microbatches", 0, "microbatches must be an integer >= 1; got 0"),
+    ("microbatches", 32, "batch_size 16 does not split into microbatches=32 equal parts on "
+                         "each of the 8 devices of the mesh; expected a multiple of 256"),
     ("data.eval_batch_size", 0, "data.eval_batch_size must be an integer >= 1"),
     ("keep_checkpoints", -1, "keep_checkpoints must be an integer >= 1; got -1"),
     ("model.image_size", 15, "model.image_size 15 is not a multiple of the patch size 4"),
