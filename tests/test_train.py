@@ -405,8 +405,10 @@ def test_a_batch_that_does_not_split_into_microbatches_is_refused():
     step(state, frozen, batches[0], jax.random.key(2))
 
 
-def test_pmap_mode_end_to_end(reference_run, tmp_path):
-  results = train_and_evaluate(_testing_config(**{"parallel.mode": "pmap"}), str(tmp_path))
+@pytest.mark.parametrize("overrides", [{"parallel.mode": "pmap"}, {"microbatches": 2}],
+                         ids=["pmap", "microbatches"])
+def test_a_run_another_way_ends_with_the_reference_params(reference_run, tmp_path, overrides):
+  results = train_and_evaluate(_testing_config(**overrides), str(tmp_path))
   assert results["steps"] == 8
   _assert_trees_equal(_adapters_of(tmp_path), _adapters_of(reference_run[0]),
                       rtol=1e-4, atol=1e-6)
