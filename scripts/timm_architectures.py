@@ -3,9 +3,10 @@
 A timm checkpoint's tensors do not record the head count, the GELU variant, the LayerNorm eps or
 the pooling; timm takes them from the architecture's name. This lists, for every registered
 architecture whose model hydra_jax's ViT computes exactly (timm's VisionTransformer with plain
-blocks, a learned position embedding, an MLP with exact or tanh GELU or timm's SwiGLUPacked, one
-final LayerNorm before or after the pooling, no pre-norm, q/k norm or patch-embedding norm), the
-fields the loader cannot read off the tensors. Each model is built on torch's meta device (no
+blocks, a learned position embedding, an MLP with exact, tanh or quick (CLIP's) GELU or timm's
+SwiGLUPacked, one final LayerNorm before or after the pooling, a LayerNorm or nothing before the
+blocks, no q/k norm or patch-embedding norm), the fields the loader cannot read off the tensors.
+Each model is built on torch's meta device (no
 memory, no weights): about six minutes for timm 1.0.
 
   pip install --no-deps timm && python scripts/timm_architectures.py
@@ -32,14 +33,16 @@ def _identity(module) -> bool:
 
 def describe(model, timm) -> dict | None:
   """The loader's fields of a timm model, or None when hydra_jax's ViT cannot compute it."""
-  from timm.layers import AttentionPoolLatent, GELUTanh, GluMlp, Mlp, PatchEmbed
+  from timm.layers import AttentionPoolLatent, GELUTanh, GluMlp, Mlp, PatchEmbed, QuickGELU
   from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
   if type(model) is not VisionTransformer or type(model.patch_embed) is not PatchEmbed:
     return None
   if model.pos_embed is None or not _identity(model.patch_embed.norm):
     return None
-  if not _identity(model.norm_pre) or _identity(model.norm) == _identity(model.fc_norm):
+  if not (_identity(model.norm_pre) or isinstance(model.norm_pre, nn.LayerNorm)):
+    return None
+  if _identity(model.norm) == _identity(model.fc_norm):
     return None  # one final norm, on the tokens (norm) or on the pooled features (fc_norm)
   block = model.blocks[0]
   if type(block) is not Block or type(block.attn) is not Attention:
@@ -59,11 +62,15 @@ def describe(model, timm) -> dict | None:
     gelu = "tanh"
   elif act is nn.GELU and mlp.act.approximate == "none":
     gelu = "exact"
+  elif act is QuickGELU:
+    gelu = "quick"
   else:
     return None
   final = model.fc_norm if _identity(model.norm) else model.norm
-  if not all(isinstance(n, nn.LayerNorm) for n in (block.norm1, block.norm2, final)):
-    return None  # timm's LayerNorm subclasses nn.LayerNorm (same function)
+  norms = (block.norm1, block.norm2, final,
+           *([] if _identity(model.norm_pre) else [model.norm_pre]))
+  if not all(isinstance(n, nn.LayerNorm) and n.eps == block.norm1.eps for n in norms):
+    return None  # timm's LayerNorm subclasses nn.LayerNorm (same function); the ViT has one eps
   pool = model.global_pool
   # hydra_jax's "map" reads the class token and registers, its "gap" leaves them out
   if model.num_prefix_tokens and model.attn_pool is not None and not model.pool_include_prefix:

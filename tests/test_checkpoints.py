@@ -412,6 +412,8 @@ def test_save_npz_computes_the_same_function(case, tmp_path):
     (dict(pool="gap"), "got pool='gap', class_token=True"),
     (dict(pool="gap", class_token=False, fc_norm=True), "final LayerNorm is on the tokens"),
     (dict(posemb_grid=(2, 5)), "reads a posemb of m\\*m \\+ 1 entries .*\\(2, 5\\): 10"),
+    (dict(pre_norm=True), "no LayerNorm before the blocks \\(got pre_norm=True, as in CLIP\\)"),
+    (dict(quick_gelu=True, gelu_approximate=False), "no quick GELU"),
 ])
 def test_save_npz_refuses_what_big_vision_does_not_compute(fields, match, tmp_path):
   (tmp_path / "bv.npz").write_bytes(b"an earlier file")
@@ -618,17 +620,24 @@ def test_hf_siglip_matches_torch(hf_siglip):
   assert _rel(_apply(gap, images, "features"), ref.last_hidden_state.mean(1)) < 1e-5
 
 
-def test_two_tower_siglip_keeps_the_vision_tower(tmp_path):
-  text = transformers.SiglipTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=2, vocab_size=50)
-  config = transformers.SiglipConfig(text_config=text.to_dict(),
-                                     vision_config=_siglip_vision_config().to_dict())
-  model = _randomise(transformers.SiglipModel(config), seed=6)
+@pytest.mark.parametrize("family", ["Siglip", "CLIP"])
+def test_two_tower_models_keep_the_vision_tower(family, tmp_path):
+  """The text tower is dropped; the image features are the vision tower's (CLIP's projected by
+  the head)."""
+  text = getattr(transformers, f"{family}TextConfig")(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+      vocab_size=50)
+  vision = _siglip_vision_config() if family == "Siglip" else _clip_vision_config()
+  config = getattr(transformers, f"{family}Config")(
+      text_config=text.to_dict(), vision_config=vision.to_dict(),
+      **({"projection_dim": 24} if family == "CLIP" else {}))
+  model = _randomise(getattr(transformers, f"{family}Model")(config), seed=6)
   pretrained = checkpoints.load(_save_hf(model, tmp_path))
   images = _images(16)
   with torch.no_grad():
-    ref = model.vision_model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
-  assert _rel(_apply(pretrained, images, "features"), ref.pooler_output) < 1e-5
+    ref = model.get_image_features(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+  ref = getattr(ref, "pooler_output", ref)  # transformers 5 returns an output object
+  assert _rel(_apply(pretrained, images), ref) < 1e-5
 
 
 def test_siglip_classifier_averages_the_tokens(tmp_path):
@@ -655,6 +664,54 @@ def test_siglip_config_relying_on_transformers_defaults(hf_siglip, tmp_path):
   assert pretrained.model["gelu_approximate"] and pretrained.model["ln_eps"] == 1e-6
   images = _images(16)
   assert _rel(_apply(pretrained, images, "features"), _torch(model, images).pooler_output) < 1e-5
+
+
+# ------------------------------------------------------------------------------------- CLIP
+
+
+def _clip_vision_config(**kw):
+  return transformers.CLIPVisionConfig(intermediate_size=128, projection_dim=24, **TINY, **kw)
+
+
+def test_hf_clip_matches_torch(tmp_path):
+  """CLIP's tower: class_embedding, a bias-free patch embedding, pre_layrnorm (the ViT's
+  embedding_norm), quick GELU, post_layernorm on the pooled class token (pooled_norm), and the
+  bias-free visual_projection as the head (image_embeds), as timm holds it."""
+  model = _randomise(transformers.CLIPVisionModelWithProjection(_clip_vision_config()), seed=11)
+  path = _save_hf(model, tmp_path / "clip")
+  pretrained = checkpoints.load(path)
+  fields = pretrained.model
+  assert fields["pre_norm"] and fields["quick_gelu"] and fields["fc_norm"]
+  assert fields["pool"] == "tok" and fields["ln_eps"] == 1e-5 and not fields["gelu_approximate"]
+  assert pretrained.mean == checkpoints.common.CLIP_MEAN  # no preprocessor_config.json
+  images = _images(16)
+  ref = _torch(model, images)
+  assert _rel(_apply(pretrained, images, "encode"), ref.last_hidden_state) < 1e-5
+  assert _rel(_apply(pretrained, images), ref.image_embeds) < 1e-5
+  resized = checkpoints.load(path, image_size=24, num_classes=3)  # a new head, bicubic posemb
+  assert resized.params["head"]["kernel"].shape == (64, 3)
+  with torch.no_grad():
+    pooled = model.vision_model(pixel_values=torch.from_numpy(_images(24).transpose(0, 3, 1, 2)),
+                                interpolate_pos_encoding=True).pooler_output
+  assert _rel(_apply(resized, _images(24), "features"), pooled) < 1e-5
+  checkpoints.save(tmp_path / "native.safetensors", resized)  # what a run's export writes
+  again = checkpoints.load(tmp_path / "native.safetensors")
+  assert again.model == resized.model
+  assert _rel(_apply(again, _images(24), "features"), pooled) < 1e-5
+
+
+def test_clip_classifier_is_refused_with_the_reason(tmp_path):
+  config = transformers.CLIPConfig(vision_config=_clip_vision_config().to_dict(), num_labels=3)
+  model = transformers.CLIPForImageClassification(config)
+  with pytest.raises(ValueError, match="CLIPForImageClassification classifies the mean of the "
+                                       "patch tokens without a final LayerNorm"):
+    checkpoints.load(_save_hf(model, tmp_path))
+
+
+def test_quick_gelu_excludes_the_other_activations():
+  with pytest.raises(ValueError, match="quick_gelu=True is the MLP's activation"):
+    ViT(num_classes=2, patch_size=4, width=8, depth=1, mlp_dim=8, num_heads=2, posemb_grid=(1, 1),
+        quick_gelu=True, gelu_approximate=True).init(jax.random.key(0), np.zeros((1, 4, 4, 3)))
 
 
 def test_unsupported_hf_models_are_named(tmp_path):

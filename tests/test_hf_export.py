@@ -175,6 +175,8 @@ def test_bfloat16_export_and_replacing_an_export(tmp_path):
     (dict(pool="tok", num_registers=4), True, "register tokens exist in transformers only in"),
     (dict(pool="gap", class_token=False, fc_norm=True), True, "fc_norm .* pool='gap'.* timm"),
     (dict(pool="tok", swiglu=True), True, "SwiGLU MLPs exist in transformers only in DINOv2"),
+    (dict(pool="tok", pre_norm=True, fc_norm=True), False, "CLIP's.* export to timm"),
+    (dict(pool="tok", quick_gelu=True), True, "CLIP's.* export to timm"),
 ])
 def test_models_without_a_transformers_class_are_refused(fields, has_head, match):
   model = dict(dict(class_token=True, representation_size=None, layer_scale=False), **fields)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hydra_jax.models import ViT
-from hydra_jax.models.ops import LayerNorm, gelu
+from hydra_jax.models.ops import LayerNorm, gelu, quick_gelu
 
 
 def _inputs(dtype, seed=0, shape=(3, 7, 48)):
@@ -133,6 +133,21 @@ def test_gelu_backward_keeps_only_its_input(approximate):
   assert [(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(vjp)] == [(x.shape, x.dtype)]
   _, vjp = jax.vjp(lambda x: jax.nn.gelu(x, approximate=approximate), x)
   assert len([leaf for leaf in jax.tree.leaves(vjp) if leaf.shape == x.shape]) >= 3
+
+
+def test_quick_gelu_is_clips_with_its_gradient_and_keeps_only_its_input():
+  reference = lambda x: x * jax.nn.sigmoid(1.702 * x)  # noqa: E731  (CLIP's QuickGELU)
+  x = jax.random.normal(jax.random.key(0), (4, 1000)) * 4
+  w = jax.random.normal(jax.random.key(1), x.shape)
+  np.testing.assert_array_equal(quick_gelu(x), reference(x))
+  grad = lambda f, x: jax.grad(lambda x: (f(x).astype(jnp.float32) * w).sum())(x)  # noqa: E731
+  np.testing.assert_allclose(grad(quick_gelu, x), grad(reference, x), rtol=1e-6, atol=1e-6)
+  x16 = x.astype(jnp.bfloat16)
+  want16 = grad(reference, x16.astype(jnp.float32))
+  ours, theirs = grad(quick_gelu, x16), grad(reference, x16)
+  assert ours.dtype == jnp.bfloat16 and _rel(ours, want16) <= _rel(theirs, want16)
+  _, vjp = jax.vjp(quick_gelu, x16)
+  assert [(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(vjp)] == [(x.shape, x16.dtype)]
 
 
 def test_vit_blocks_keep_no_float32_activations_for_layernorm():

@@ -79,6 +79,13 @@ HUB_CASES = {
     # a MAP head over the class token too
     "map_include_prefix": ("vit_tiny_patch16_224", dict(
         img_size=32, depth=1, num_classes=3, global_pool="map", pool_include_prefix=True)),
+    # CLIP: a LayerNorm before the blocks (norm_pre), eps 1e-5; OpenAI's quick GELU
+    "clip": ("vit_base_patch16_clip_224", dict(img_size=32, depth=1, num_classes=3)),
+    "clip_quickgelu": ("vit_base_patch32_clip_quickgelu_224", dict(img_size=64, depth=2,
+                                                                   num_classes=4)),
+    # act_layer given in model_args, outside the table's architectures
+    "quick_gelu_args": ("vit_tiny_patch16_224", dict(img_size=32, depth=1, num_classes=3,
+                                                     act_layer="quick_gelu")),
 }
 
 
@@ -105,6 +112,7 @@ RESIZE_CASES = {
     # registers with position-embedding entries (kept, not resampled); non-square both ways
     "registers_non_square": ("vit_tiny_patch16_224", dict(
         img_size=(32, 48), depth=1, num_classes=3, reg_tokens=2), (64, 32)),
+    "clip": ("vit_base_patch16_clip_224", dict(img_size=64, depth=1, num_classes=3), (96, 96)),
 }
 
 
@@ -187,7 +195,9 @@ def test_architecture_table_fields_match_timm():
       continue  # a SwiGLU MLP has no GELU
     assert (row["gelu"] == "tanh") == (type(block.mlp.act).__name__ == "GELUTanh"
                                        or getattr(block.mlp.act, "approximate", "") == "tanh")
-  assert "vit_base_patch16_clip_224" not in table  # pre_norm: not computed by the ViT
+  clip = timm_vit.architectures()["vit_base_patch16_clip_224"]  # pre_norm, eps 1e-5
+  assert clip["ln_eps"] == 1e-5 and clip["gelu"] == "exact"
+  assert table["vit_base_patch32_clip_quickgelu_224"]["gelu"] == "quick"
   assert "vit_so150m_patch16_reg4_map_256" not in table  # MAP head over the patches only
 
 
@@ -248,12 +258,9 @@ def test_bare_state_dict_loads_with_timms_defaults_and_says_so(tmp_path, caplog)
 
 
 REFUSED = {
-    "pre_norm": ("vit_base_patch16_clip_224", dict(img_size=32, depth=1), "pre_norm"),
     "distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, depth=1), "distillation"),
     "map_patches_only": ("vit_tiny_patch16_224", dict(img_size=32, depth=1, global_pool="map"),
                          "pool_include_prefix"),
-    "quick_gelu": ("vit_tiny_patch16_224", dict(img_size=32, depth=1, act_layer="quick_gelu"),
-                   "quick_gelu"),
     "avg_over_class_token": ("vit_tiny_patch16_224", dict(
         img_size=32, depth=1, global_pool="avg", fc_norm=False, pool_include_prefix=True),
         "averages the class token"),
@@ -297,6 +304,8 @@ EXPORTS = {  # ViT fields, head classes
     "fc_norm_tok_no_head": (dict(pool="tok", fc_norm=True), None),
     "swiglu_layer_scale": (dict(pool="gap", swiglu=True, layer_scale=True, num_registers=1), 3),
     "non_square_no_head": (dict(pool="tok", posemb_grid=(3, 5), mlp_dim=72), None),
+    "clip": (dict(pool="tok", pre_norm=True, quick_gelu=True, ln_eps=1e-5), 3),
+    "pre_norm_gap": (dict(pool="gap", class_token=False, pre_norm=True), 3),
 }
 
 
@@ -322,7 +331,8 @@ def test_save_timm_loads_in_timm_and_computes_the_vits_function(case, tmp_path):
   fields, num_classes = EXPORTS[case]
   pre = _pretrained(fields, num_classes)
   assert checkpoints.save_timm(tmp_path / "out", pre) == (
-      timm_vit.SWIGLU_ARCHITECTURE if fields.get("swiglu") else timm_vit.EXPORT_ARCHITECTURE)
+      timm_vit.SWIGLU_ARCHITECTURE if fields.get("swiglu") else
+      timm_vit.CLIP_ARCHITECTURE if fields.get("ln_eps") == 1e-5 else timm_vit.EXPORT_ARCHITECTURE)
   model = _load_in_timm(tmp_path / "out")
   gh, gw = pre.model["posemb_grid"]
   images = _images((4 * gh, 4 * gw))

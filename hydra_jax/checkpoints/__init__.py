@@ -30,7 +30,7 @@ FORMATS = (
     "hydra_jax safetensors (checkpoints.save)",
     "google-research/vision_transformer .npz",
     "big_vision .npz (also a two-tower SigLIP / LiT file's image tower)",
-    "Hugging Face ViT/DINOv2/SigLIP directory (config.json + *.safetensors)",
+    "Hugging Face ViT/DINOv2/SigLIP/CLIP directory (config.json + *.safetensors)",
     "timm VisionTransformer directory (config.json + model.safetensors) or state-dict .safetensors",
 )
 
@@ -64,7 +64,7 @@ def load(path, *, num_classes: int | None = None, reset_head: bool = False,
 
   Args:
     path: a native ``.safetensors`` file, a Google / big_vision ``.npz``, a Hugging Face
-      ViT / DINOv2 / SigLIP directory (or its ``model.safetensors``), or a timm
+      ViT / DINOv2 / SigLIP / CLIP directory (or its ``model.safetensors``), or a timm
       VisionTransformer directory (or its ``model.safetensors``, or a bare state dict).
     num_classes: give the params a zero-initialised (features, num_classes) head; the file's head
       is kept only if it already has that shape and ``reset_head`` is False.

@@ -23,6 +23,8 @@ from hydra_jax.models import posemb as posemb_lib
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's preprocessing
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _BLOCK = "Transformer/encoderblock_{}"
 
 
@@ -112,7 +114,8 @@ def infer_model(flat: Mapping[str, np.ndarray], source: str, **fields) -> dict:
       num_registers=flat["registers"].shape[1] if "registers" in flat else 0,
       pool="map" if "MAPHead_0/probe" in flat else "tok" if class_token else "gap",
       representation_size=None if pre_logits is None else pre_logits.shape[1],
-      layer_scale=f"{block}/LayerScale_0/scale" in flat, fc_norm="pooled_norm/scale" in flat)
+      layer_scale=f"{block}/LayerScale_0/scale" in flat, fc_norm="pooled_norm/scale" in flat,
+      pre_norm="embedding_norm/scale" in flat)
   model.update(fields)
   return model
 

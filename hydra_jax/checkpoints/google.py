@@ -133,6 +133,9 @@ def load_big_vision(arrays: Mapping[str, np.ndarray], source: str) -> common.Pre
 def _big_vision_refusal(model: dict) -> str | None:
   """Why big_vision's ViT cannot compute ``ViT(**model)``, or None."""
   pool, cls = model["pool"], model["class_token"]
+  for field, what in (("pre_norm", "LayerNorm before the blocks"), ("quick_gelu", "quick GELU")):
+    if model.get(field):
+      return f"it has no {what} (got {field}=True, as in CLIP)"
   if not model["gelu_approximate"] or model["ln_eps"] != 1e-6:
     return (f"its MLPs use tanh GELU and LayerNorm eps 1e-6 (got gelu_approximate="
             f"{model['gelu_approximate']}, ln_eps={model['ln_eps']:g}, as in DINOv2 and "

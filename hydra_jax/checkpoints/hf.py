@@ -1,5 +1,5 @@
-"""Hugging Face ViT, DINOv2 (also with registers) and SigLIP checkpoints (a ``save_pretrained``
-directory of safetensors).
+"""Hugging Face ViT, DINOv2 (also with registers), SigLIP and CLIP checkpoints (a
+``save_pretrained`` directory of safetensors).
 
 Keys follow the hub naming that ``save_pretrained`` writes (transformers 4 and 5 alike), with or
 without the ``vit.`` / ``dinov2.`` / ``dinov2_with_registers.`` / ``vision_model.`` prefix of the
@@ -14,8 +14,12 @@ embedding with antialiasing (``posemb_resample``; the others without); DINOv2 gi
 (``siglip_vision_model``, or the vision tower of a ``siglip`` model, whose text tower is dropped)
 has no class token; its attention-pooling head becomes ``MAPHead_0`` (pool "map"), the packed
 ``in_proj`` of that head split into query / key / value; ``SiglipForImageClassification``
-classifies the mean of all tokens (pool "gap"), its unused MAP head dropped. ``FAMILY_BLOCK`` /
-``FAMILY_TOP`` name each family's modules (``hf_export`` writes them back).
+classifies the mean of all tokens (pool "gap"), its unused MAP head dropped. CLIP
+(``clip_vision_model``, or a ``clip`` model's vision tower) names its blocks as SigLIP does and adds
+a class token (``class_embedding``), a LayerNorm before the blocks (``pre_layrnorm``: the ViT's
+``embedding_norm``, ``pre_norm``), quick GELU, a final norm on the pooled class token
+(``post_layernorm``: ``pooled_norm``) and a bias-free ``visual_projection`` (the ``head``).
+``FAMILY_BLOCK`` / ``FAMILY_TOP`` name each family's modules (``hf_export`` writes them back).
 Files saved in bfloat16 or float16 load as float32; ``qkv_bias=False`` ViTs get zero q/k/v biases
 (the same function).
 """
@@ -34,10 +38,15 @@ from safetensors.numpy import load_file
 
 from hydra_jax.checkpoints import common
 
-MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers", "siglip", "siglip_vision_model")
+MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers", "siglip", "siglip_vision_model", "clip",
+               "clip_vision_model")
 FAMILY = {"vit": "vit", "dinov2": "dinov2", "dinov2_with_registers": "dinov2", "siglip": "siglip",
-          "siglip_vision_model": "siglip"}  # model_type -> the module names it shares
-_GELUS = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}
+          "siglip_vision_model": "siglip", "clip": "clip",
+          "clip_vision_model": "clip"}  # model_type -> the module names it shares
+_TWO_TOWERS = ("siglip", "clip")  # model_types whose config nests the vision tower's
+# hidden_act -> the ViT's activation fields
+_ACTS = {"gelu": {}, "gelu_new": dict(gelu_approximate=True),
+         "gelu_pytorch_tanh": dict(gelu_approximate=True), "quick_gelu": dict(quick_gelu=True)}
 _BLOCK = re.compile(r"encoder\.layers?\.(\d+)\.(.+)\.(weight|bias|lambda1)")
 # ViT module-path prefixes (public: the exporter writes the same names back).
 ATT = "MultiHeadDotProductAttention_0/"
@@ -73,10 +82,15 @@ FAMILY_TOP = {
                MAP + "LayerNorm_0": "head.layernorm",
                MAP + MLP + "Dense_0": "head.mlp.fc1", MAP + MLP + "Dense_1": "head.mlp.fc2"},
 }
+# CLIP's blocks are named as SigLIP's; its post_layernorm normalises the pooled class token
+# (the ViT's pooled_norm, moved there by load_hf: SigLIP's is the encoder_norm), and
+# visual_projection (bias-free) maps it into the joint embedding space: the head, as in timm
+CLIP_TOP = {"embedding_norm": "pre_layrnorm", "head": "visual_projection"}
 _BLOCK_MODULES = {hf: vit for names in (*FAMILY_BLOCK.values(), SWIGLU_BLOCK)
                   for vit, hf in names.items()}
-_TOP = {hf: vit for names in FAMILY_TOP.values() for vit, hf in names.items()}
-_TEXT_TOWER = ("text_model.", "logit_scale", "logit_bias")  # two-tower SigLIP: not the ViT
+_TOP = {hf: vit for names in (*FAMILY_TOP.values(), CLIP_TOP) for vit, hf in names.items()}
+# two-tower SigLIP and CLIP: not the ViT
+_TEXT_TOWER = ("text_model.", "logit_scale", "logit_bias", "text_projection.")
 # how each model_type's interpolate_pos_encoding resamples (F.interpolate bicubic; antialiased
 # only in DINOv2 with registers); the rest: "bicubic"
 POSEMB_RESAMPLE = {"dinov2_with_registers": "bicubic_antialias"}
@@ -90,6 +104,8 @@ _DEFAULTS = {
                    layer_norm_eps=1e-6),
     "siglip": dict(hidden_size=768, num_attention_heads=12, hidden_act="gelu_pytorch_tanh",
                    layer_norm_eps=1e-6),
+    "clip": dict(hidden_size=768, num_attention_heads=12, hidden_act="quick_gelu",
+                 layer_norm_eps=1e-5),
 }
 
 
@@ -116,7 +132,7 @@ def hf_dir(path: pathlib.Path) -> pathlib.Path | None:
 
 def is_layer_norm(name: str) -> bool:
   """Whether the ViT module ``name`` is a LayerNorm (leaves scale, bias; torch weight, bias)."""
-  return "LayerNorm" in name or name.endswith(("encoder_norm", "pooled_norm"))
+  return "LayerNorm" in name or name.endswith(("encoder_norm", "pooled_norm", "embedding_norm"))
 
 
 def to_flax(name: str, leaf: str, value: np.ndarray, heads: int) -> tuple[str, np.ndarray]:
@@ -142,8 +158,10 @@ def to_flax(name: str, leaf: str, value: np.ndarray, heads: int) -> tuple[str, n
 def rename_key(key: str, value: np.ndarray, heads: int) -> list[tuple[str, np.ndarray]]:
   """One HF tensor -> its (flax path, converted array) pairs (none: dropped)."""
   key = _PREFIX.sub("", key)
-  if key == "embeddings.mask_token":
+  if key in ("embeddings.mask_token", "embeddings.position_ids"):  # (CLIP's, in older files)
     return []
+  if key == "embeddings.class_embedding":  # CLIP: (D,)
+    return [("cls", value.reshape(1, 1, -1))]
   if key == "embeddings.register_tokens":
     return [("registers", value)]
   if key in ("embeddings.cls_token", "embeddings.position_embeddings"):
@@ -175,6 +193,8 @@ def _normalisation(root: pathlib.Path, model_type: str) -> tuple[tuple, tuple]:
       return tuple(cfg["image_mean"]), tuple(cfg["image_std"])
   if FAMILY[model_type] == "dinov2":
     return common.IMAGENET_MEAN, common.IMAGENET_STD
+  if FAMILY[model_type] == "clip":
+    return common.CLIP_MEAN, common.CLIP_STD
   return common.HALF, common.HALF  # ViTImageProcessor's default ([-1, 1])
 
 
@@ -188,21 +208,38 @@ def read_tensors(file: pathlib.Path) -> dict[str, np.ndarray]:
           for k, v in load_file(str(file)).items()}
 
 
+def _clip(flat: dict, source: str, keys: set[str]) -> dict:
+  """CLIP's tower as the ViT holds it: post_layernorm on the pooled class token (pooled_norm),
+  zero biases for its bias-free patch embedding and projection. ``keys``: the file's tensors."""
+  if "classifier.weight" in keys:
+    raise ValueError(f"{source}: CLIPForImageClassification classifies the mean of the patch "
+                     "tokens without a final LayerNorm, which hydra_jax's ViT does not compute; "
+                     "load the CLIP model it was made from (a new head trains on its pooled "
+                     "class token)")
+  flat = {k.replace("Transformer/encoder_norm/", "pooled_norm/"): v for k, v in flat.items()}
+  for name in ("embedding", "head"):
+    kernel = flat.get(f"{name}/kernel")
+    if kernel is not None:
+      flat.setdefault(f"{name}/bias", np.zeros(kernel.shape[-1], np.float32))
+  return flat
+
+
 def load_hf(root: pathlib.Path) -> common.Pretrained:
   """A HF ViT / DINOv2 / SigLIP directory -> ``Pretrained`` (not yet finalized)."""
   config = json.loads((root / "config.json").read_text())
   model_type = config["model_type"]
-  if model_type == "siglip":  # two towers: keep the vision one
-    config = dict(config.get("vision_config") or {}, model_type="siglip")
+  if model_type in _TWO_TOWERS:  # keep the vision tower
+    config = dict(config.get("vision_config") or {}, model_type=model_type)
   config = {**_DEFAULTS[FAMILY[model_type]], **config}
   act = config["hidden_act"]  # SwiGLU MLPs (use_swiglu_ffn) use SiLU whatever it says
-  if act not in _GELUS and not config.get("use_swiglu_ffn", False):
+  if act not in _ACTS and not config.get("use_swiglu_ffn", False):
     raise ValueError(f"{root}: unsupported MLP activation hidden_act={act!r}; expected one of "
-                     f"{tuple(_GELUS)} (or use_swiglu_ffn=True)")
+                     f"{tuple(_ACTS)} (or use_swiglu_ffn=True)")
   heads = config["num_attention_heads"]
-  flat = {}
+  flat, keys = {}, set()
   for file in sorted(root.glob("*.safetensors")):
     for key, value in read_tensors(file).items():
+      keys.add(key)
       if key.startswith(_TEXT_TOWER):
         continue
       flat.update(rename_key(key, value, heads))
@@ -215,7 +252,9 @@ def load_hf(root: pathlib.Path) -> common.Pretrained:
   if "pre_logits/kernel" in flat and config.get("pooler_act", "tanh") != "tanh":
     raise ValueError(f"{root}: pooler_act {config['pooler_act']!r} is not supported; the "
                      "ViT's pre_logits layer is tanh")
-  fields = dict(ln_eps=float(config["layer_norm_eps"]), gelu_approximate=_GELUS.get(act, False),
+  if FAMILY[model_type] == "clip":
+    flat = _clip(flat, str(root), keys)
+  fields = dict(ln_eps=float(config["layer_norm_eps"]), **_ACTS.get(act, {}),
                 posemb_resample=POSEMB_RESAMPLE.get(model_type, "bicubic"))
   head = flat.get("head/kernel")
   if FAMILY[model_type] == "dinov2" and head is not None and (

@@ -52,8 +52,12 @@ def target(model: dict, *, has_head: bool) -> tuple[str, str]:
 
   Raises:
     ValueError: the model has no transformers counterpart (its pooling, pre-logits layer, final
-      norm or SwiGLU MLP).
+      norm, CLIP's pre-norm or quick GELU, or SwiGLU MLP).
   """
+  if model.get("pre_norm") or model.get("quick_gelu"):
+    raise ValueError("a LayerNorm before the blocks or quick GELU (CLIP's) exists in transformers "
+                     "only in the CLIP classes, which hydra_jax does not write: export to timm "
+                     "instead (save_timm, --timm)")
   family, arch = _target(model, has_head=has_head)
   if model.get("swiglu") and family != "dinov2":
     if arch == "ViTModel" and not model.get("representation_size"):

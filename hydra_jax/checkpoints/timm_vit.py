@@ -61,12 +61,15 @@ TIMM_LN_EPS = 1e-6  # timm's VisionTransformer LayerNorm (not configurable from 
 POOLS = {"token": "tok", "avg": "gap", "map": "map"}
 # resample_abs_pos_embed's default, in checkpoint_filter_fn and dynamic_img_size alike
 POSEMB_RESAMPLE = "bicubic_antialias"
-_ACTS = {"gelu": False, "gelu_tanh": True}  # timm act_layer name -> gelu_approximate
+# timm act_layer name -> the ViT's activation fields
+_ACTS = {"gelu": {}, "gelu_tanh": dict(gelu_approximate=True), "quick_gelu": dict(quick_gelu=True)}
+_ROW_ACTS = {"exact": "gelu", "tanh": "gelu_tanh", "quick": "quick_gelu"}  # the JSON's "gelu"
 _SWIGLU_ACTS = ("silu", "swish")  # the act_layer of timm's SwiGLUPacked MLP
+# The architecture ``save_timm`` names for a model with LayerNorm eps 1e-5 (its entrypoint's).
+CLIP_ARCHITECTURE, CLIP_LN_EPS = "vit_base_patch16_clip_224", 1e-5
 # The architecture ``save_timm`` names for a SwiGLU model (its entrypoint's MLP is SwiGLUPacked).
 SWIGLU_ARCHITECTURE = "vit_giant_patch14_dinov2"
 _UNSUPPORTED = {  # a key fragment -> the timm feature hydra_jax's ViT does not compute
-    "norm_pre.": "pre_norm (a LayerNorm before the blocks, as CLIP has)",
     "dist_token": "a distillation token (DeiT distilled)",
     "head_dist.": "a distillation head (DeiT distilled)",
     ".q_norm.": "qk_norm", ".k_norm.": "qk_norm",
@@ -81,7 +84,8 @@ _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias|gamma)")
 _BLOCK_MODULES = {"norm1": "LayerNorm_0", "attn.proj": ATT + "out", "ls1": "LayerScale_0",
                   "norm2": "LayerNorm_1", "mlp.fc1": MLP + "Dense_0", "mlp.fc2": MLP + "Dense_1",
                   "ls2": "LayerScale_1"}
-_TOP = {"patch_embed.proj": "embedding", "norm": "Transformer/encoder_norm",
+_TOP = {"patch_embed.proj": "embedding", "norm_pre": "embedding_norm",
+        "norm": "Transformer/encoder_norm",
         "fc_norm": "pooled_norm", "head": "head",
         "attn_pool.q": MAP + ATT + "query", "attn_pool.proj": MAP + ATT + "out",
         "attn_pool.norm": MAP + "LayerNorm_0", "attn_pool.mlp.fc1": MAP + MLP + "Dense_0",
@@ -127,8 +131,9 @@ def timm_source(path: pathlib.Path) -> tuple[pathlib.Path, dict | None] | None:
 
 
 def _fields(config: dict | None, width: int, tensors: dict, source: str, swiglu: bool) -> dict:
-  """num_heads, gelu_approximate, ln_eps, pool, pool_include_prefix, no_embed_class (None: infer
-  from the shapes) and img_size (None: unknown) of the timm model, by the rule in the docstring.
+  """num_heads, act (the activation's ViT fields), ln_eps, pool, pool_include_prefix,
+  no_embed_class (None: infer from the shapes) and img_size (None: unknown) of the timm model, by
+  the rule in the docstring.
   ``swiglu``: its MLP's fc1 puts out twice what fc2 reads (a packed gated MLP)."""
   class_token, has_head = "cls_token" in tensors, "head.weight" in tensors
   # timm's default pool: the class token where there is one, unless fc_norm says "avg" (timm
@@ -142,7 +147,7 @@ def _fields(config: dict | None, width: int, tensors: dict, source: str, swiglu:
   if act is None and row.get("mlp") == "swiglu":
     act = "silu"
   elif act is None and "gelu" in row:
-    act = "gelu_tanh" if row["gelu"] == "tanh" else "gelu"
+    act = _ROW_ACTS[row["gelu"]]
   acts = _SWIGLU_ACTS if swiglu else tuple(_ACTS)
   if act is not None and act not in acts:
     raise ValueError(f"{source}: timm act_layer {act!r} is not supported with "
@@ -180,7 +185,7 @@ def _fields(config: dict | None, width: int, tensors: dict, source: str, swiglu:
       "input_size", [None])[1:] or None
   return dict(
       num_heads=args.get("num_heads", row.get("num_heads", width // 64)),
-      gelu_approximate=_ACTS.get(act or "gelu", False), ln_eps=row.get("ln_eps", TIMM_LN_EPS),
+      act=_ACTS.get(act or "gelu", {}), ln_eps=row.get("ln_eps", TIMM_LN_EPS),
       pool=POOLS.get(pool, empty_pool),  # "": pooled for a new head
       pool_include_prefix=bool(args.get("pool_include_prefix",
                                         row.get("pool_include_prefix", False))),
@@ -275,6 +280,7 @@ def load_timm(weights: pathlib.Path, config: dict | None) -> common.Pretrained:
   flat = {}
   for key, value in tensors.items():
     flat.update(rename(key, value, heads))
+  flat.setdefault("embedding/bias", np.zeros(width, np.float32))  # pre_norm: a bias-free conv
   for path in [k for k in flat if k.endswith(f"{ATT}query/kernel")]:  # qkv_bias=False
     for name in ("query", "key", "value"):
       flat.setdefault(path.replace("query/kernel", f"{name}/bias"),
@@ -299,8 +305,7 @@ def load_timm(weights: pathlib.Path, config: dict | None) -> common.Pretrained:
                      "config.json beside the weights giving model_args.img_size or "
                      "pretrained_cfg.input_size tells the grid")
   model = common.infer_model(flat, source, ln_eps=fields["ln_eps"], pool=fields["pool"],
-                             gelu_approximate=fields["gelu_approximate"],
-                             posemb_resample=POSEMB_RESAMPLE, **extra)
+                             **fields["act"], posemb_resample=POSEMB_RESAMPLE, **extra)
   pretrained = ((config or {}).get("pretrained_cfg") or {})
   if "mean" in pretrained and "std" in pretrained:
     mean, std = tuple(pretrained["mean"]), tuple(pretrained["std"])
@@ -383,9 +388,10 @@ def model_args(model: dict, num_classes: int | None) -> dict:
       img_size=gh * p if gh == gw else [gh * p, gw * p], patch_size=p, embed_dim=width,
       depth=model["depth"], num_heads=model["num_heads"], mlp_ratio=ratio, qkv_bias=True,
       class_token=model["class_token"], reg_tokens=model.get("num_registers", 0),
-      no_embed_class=False, global_pool=pool, fc_norm=bool(model.get("fc_norm")), pre_norm=False,
-      init_values=1.0 if model["layer_scale"] else None,
-      act_layer="silu" if swiglu else "gelu_tanh" if model["gelu_approximate"] else "gelu",
+      no_embed_class=False, global_pool=pool, fc_norm=bool(model.get("fc_norm")),
+      pre_norm=bool(model.get("pre_norm")), init_values=1.0 if model["layer_scale"] else None,
+      act_layer=("silu" if swiglu else "quick_gelu" if model.get("quick_gelu")
+                 else "gelu_tanh" if model["gelu_approximate"] else "gelu"),
       pool_include_prefix=pool == "map" and prefix > 0, num_classes=num_classes or 0)
 
 
@@ -412,6 +418,9 @@ def _tensors(flat: dict, model: dict) -> dict[str, np.ndarray]:
   for key, (parts, arrays) in packed.items():
     out[key] = np.concatenate([arrays[p] for p in parts])
   pos = flat["pos_embedding"]
+  if model.get("pre_norm"):  # timm's patch embedding then has no bias: it joins the patches'
+    pos = np.concatenate([pos[:, :num_cls], pos[:, num_cls:] + out.pop("patch_embed.proj.bias")],
+                         axis=1)  # position entries (resampling keeps a constant row constant)
   out["pos_embed"] = np.concatenate(
       [pos[:, :num_cls], np.zeros((1, registers, width), pos.dtype), pos[:, num_cls:]], axis=1)
   if num_cls:
@@ -421,14 +430,25 @@ def _tensors(flat: dict, model: dict) -> dict[str, np.ndarray]:
   return out
 
 
+def _export_architecture(model: dict) -> tuple[str, float]:
+  """The timm entrypoint ``config.json`` names for ``model`` and its LayerNorm eps (the one
+  field its model_args cannot set): SwiGLU needs DINOv2 giant's, eps 1e-5 (CLIP) a CLIP one's."""
+  if model["swiglu"]:
+    return SWIGLU_ARCHITECTURE, TIMM_LN_EPS
+  if model["ln_eps"] == CLIP_LN_EPS:
+    return CLIP_ARCHITECTURE, CLIP_LN_EPS
+  return EXPORT_ARCHITECTURE, TIMM_LN_EPS
+
+
 def save_timm(directory, pretrained: common.Pretrained, *, labels: Sequence[str] | None = None,
               dtype: str = "float32") -> str:
   """Writes ``pretrained`` (e.g. a merged fine-tune) as a timm directory.
 
   ``timm.create_model("local-dir:DIR", pretrained=True)`` builds timm's VisionTransformer from
   ``config.json`` (``architecture`` is timm's ``vit_base_patch16_224`` entrypoint, for a SwiGLU
-  model ``vit_giant_patch14_dinov2``, whose MLP is SwiGLUPacked; ``model_args`` give every
-  field) and loads ``model.safetensors`` into it.
+  model ``vit_giant_patch14_dinov2``, whose MLP is SwiGLUPacked, for LayerNorm eps 1e-5 (CLIP)
+  ``vit_base_patch16_clip_224``; ``model_args`` give every other field) and loads
+  ``model.safetensors`` into it.
 
   Args:
     directory: the directory to write; an earlier export there is replaced.
@@ -452,11 +472,11 @@ def save_timm(directory, pretrained: common.Pretrained, *, labels: Sequence[str]
   if labels is not None and (num_classes is None or len(labels) != num_classes):
     raise ValueError(f"labels has {len(labels)} names; the model has "
                      f"{num_classes or 'no'} head outputs")
-  if model["ln_eps"] != TIMM_LN_EPS:
-    logging.warning("timm's VisionTransformer normalises with LayerNorm eps %g; this model's is "
-                    "%g (outputs differ in the last digits)", TIMM_LN_EPS, model["ln_eps"])
+  architecture, eps = _export_architecture(model)
+  if model["ln_eps"] != eps:
+    logging.warning("timm's %s normalises with LayerNorm eps %g; this model's is %g (outputs "
+                    "differ in the last digits)", architecture, eps, model["ln_eps"])
   h, w = model["posemb_grid"][0] * args["patch_size"], model["posemb_grid"][1] * args["patch_size"]
-  architecture = SWIGLU_ARCHITECTURE if model["swiglu"] else EXPORT_ARCHITECTURE
   config = dict(
       architecture=architecture, num_classes=num_classes or 0, num_features=model["width"],
       global_pool=args["global_pool"], model_args=args,

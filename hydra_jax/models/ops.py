@@ -123,3 +123,27 @@ def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
 
 
 gelu.defvjp(_gelu_forward, _gelu_backward)
+
+
+_QUICK = 1.702
+
+
+def _quick_gelu(x: jax.Array) -> jax.Array:
+  return x * jax.nn.sigmoid(jnp.asarray(_QUICK, x.dtype) * x)
+
+
+@jax.custom_vjp
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """OpenAI CLIP's GELU approximation ``x * sigmoid(1.702 x)``, in x's dtype (as PyTorch
+  computes it); its backward pass keeps x alone, the derivative in float32 as ``gelu``'s."""
+  return _quick_gelu(x)
+
+
+def _quick_gelu_backward(x, dy):
+  z = x.astype(_compute_dtype(x))
+  s = jax.nn.sigmoid(_QUICK * z)
+  grad = s + _QUICK * z * s * (1 - s)
+  return ((dy.astype(grad.dtype) * grad).astype(x.dtype),)
+
+
+quick_gelu.defvjp(lambda x: (_quick_gelu(x), x), _quick_gelu_backward)

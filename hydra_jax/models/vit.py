@@ -6,6 +6,7 @@ Param tree ('/'-paths)::
   cls (1,1,D)                                   only with class_token=True
   registers (1,R,D)                             only with num_registers=R (DINOv2 with registers)
   pos_embedding (1, [1+] gh*gw, D)              the class token's first; registers get none
+  embedding_norm/{scale,bias}                   only with pre_norm=True (CLIP's ln_pre)
   Transformer/encoderblock_{i}/LayerNorm_0
   Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/{query,key,value}  kernel (D,H,Dh)
   Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/out                kernel (H,Dh,D)
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from hydra_jax.models import posemb as posemb_lib
-from hydra_jax.models.ops import LayerNorm, gelu
+from hydra_jax.models.ops import LayerNorm, gelu, quick_gelu
 
 SIZES = {
     "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
@@ -146,6 +147,7 @@ class _MlpBlock(nn.Module):
   mlp_dim: int
   gelu_approximate: bool = False
   swiglu: bool = False
+  quick_gelu: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -156,6 +158,8 @@ class _MlpBlock(nn.Module):
     if self.swiglu:
       gate, value = jnp.split(y, 2, axis=-1)
       y = nn.silu(gate) * value
+    elif self.quick_gelu:
+      y = quick_gelu(y)
     else:
       y = gelu(y, self.gelu_approximate)
     return nn.Dense(x.shape[-1], name="Dense_1", **kw)(y)
@@ -168,6 +172,7 @@ class _MAPHead(nn.Module):
   mlp_dim: int
   ln_eps: float = 1e-6
   gelu_approximate: bool = False
+  quick_gelu: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -179,7 +184,8 @@ class _MAPHead(nn.Module):
     probe = jnp.broadcast_to(probe.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
     y = _Attention(self.num_heads, name="MultiHeadDotProductAttention_0", **kw)(probe, kv=x)
     z = LayerNorm(epsilon=self.ln_eps, name="LayerNorm_0", **kw)(y)
-    y = y + _MlpBlock(self.mlp_dim, self.gelu_approximate, name="MlpBlock_0", **kw)(z)
+    y = y + _MlpBlock(self.mlp_dim, self.gelu_approximate, quick_gelu=self.quick_gelu,
+                      name="MlpBlock_0", **kw)(z)
     return y[:, 0]
 
 
@@ -190,6 +196,7 @@ class _EncoderBlock(nn.Module):
   ln_eps: float = 1e-6
   gelu_approximate: bool = False
   swiglu: bool = False
+  quick_gelu: bool = False
   attention: str = "xla"
   drop_path: float = 0.0
   dtype: Any = jnp.float32
@@ -210,7 +217,8 @@ class _EncoderBlock(nn.Module):
       y = _LayerScale(self.param_dtype, name="LayerScale_0")(y)
     x = x + self._residual(y)
     y = LayerNorm(epsilon=self.ln_eps, name="LayerNorm_1", **kw)(x)
-    y = _MlpBlock(self.mlp_dim, self.gelu_approximate, self.swiglu, name="MlpBlock_0", **kw)(y)
+    y = _MlpBlock(self.mlp_dim, self.gelu_approximate, self.swiglu, self.quick_gelu,
+                  name="MlpBlock_0", **kw)(y)
     if self.layer_scale:
       y = _LayerScale(self.param_dtype, name="LayerScale_1")(y)
     return x + self._residual(y)
@@ -265,6 +273,9 @@ class ViT(nn.Module):
       models have. Not with pool "tok+gap" (two features side by side).
     ln_eps: LayerNorm epsilon (1e-6 Google and DINOv2, 1e-12 Hugging Face ViT).
     gelu_approximate: tanh GELU (Google files) instead of the exact erf GELU.
+    quick_gelu: OpenAI CLIP's ``x * sigmoid(1.702 x)`` instead of GELU (blocks and MAP head).
+    pre_norm: a LayerNorm (``embedding_norm``) on the tokens before the first block (CLIP's
+      ``ln_pre``, timm's ``norm_pre``), after the position embedding and registers join.
     swiglu: the blocks' MLPs are SwiGLU (DINOv2 giant): ``Dense_0`` puts out a gate and a value
       (``mlp_dim`` each, packed in that order as timm's ``SwiGLUPacked`` and the DINOv2 files'
       ``weights_in``) and ``Dense_1`` reads silu(gate) * value. A MAP head's MLP stays GELU.
@@ -296,6 +307,8 @@ class ViT(nn.Module):
   fc_norm: bool = False
   ln_eps: float = 1e-6
   gelu_approximate: bool = False
+  quick_gelu: bool = False
+  pre_norm: bool = False
   swiglu: bool = False
   attention: str = "auto"
   pixel_mean: tuple[float, float, float] | None = None
@@ -322,6 +335,10 @@ class ViT(nn.Module):
       raise ValueError(f"num_registers must be >= 0; got {self.num_registers}")
     if "tok" in self.pool and not self.class_token:
       raise ValueError(f"pool={self.pool!r} needs class_token=True")
+    if self.quick_gelu and (self.gelu_approximate or self.swiglu):
+      raise ValueError("quick_gelu=True is the MLP's activation; it excludes gelu_approximate and "
+                       f"swiglu (got gelu_approximate={self.gelu_approximate}, "
+                       f"swiglu={self.swiglu})")
     if self.fc_norm and self.pool == "tok+gap":
       raise ValueError("fc_norm=True normalises one pooled feature; pool 'tok+gap' concatenates "
                        "two: pool with 'tok', 'gap' or 'map'")
@@ -336,8 +353,11 @@ class ViT(nn.Module):
     tokens = self.posemb_grid[0] * self.posemb_grid[1] + int(self.class_token)
     self.pos_embedding = self.param(
         "pos_embedding", nn.initializers.normal(0.02), (1, tokens, d), self.param_dtype)
+    if self.pre_norm:
+      self.embedding_norm = LayerNorm(epsilon=self.ln_eps, **kw)
     block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, layer_scale=self.layer_scale,
                  gelu_approximate=self.gelu_approximate, swiglu=self.swiglu,
+                 quick_gelu=self.quick_gelu,
                  attention=resolve_attention(self.attention, self.dtype))
     self.Transformer = _Encoder(self.depth, block, self.ln_eps, remat, self.drop_path,
                                 final_norm=not self.fc_norm, **kw)
@@ -345,7 +365,7 @@ class ViT(nn.Module):
       self.pooled_norm = LayerNorm(epsilon=self.ln_eps, **kw)
     if self.pool == "map":
       self.MAPHead_0 = _MAPHead(self.num_heads, self.mlp_dim, self.ln_eps, self.gelu_approximate,
-                                **kw)
+                                self.quick_gelu, **kw)
     if self.representation_size:
       self.pre_logits = nn.Dense(self.representation_size, **kw)
     if self.num_classes:
@@ -381,6 +401,8 @@ class ViT(nn.Module):
       n = int(self.class_token)
       registers = jnp.broadcast_to(self.registers.astype(x.dtype), (b, self.num_registers, d))
       x = jnp.concatenate([x[:, :n], registers, x[:, n:]], axis=1)
+    if self.pre_norm:
+      x = self.embedding_norm(x)
     return self.Transformer(x)
 
   def features(self, images: jax.Array) -> jax.Array:
@@ -411,7 +433,7 @@ class ViT(nn.Module):
 ARCHITECTURE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ViT) if f.name in (
     "patch_size", "width", "depth", "mlp_dim", "num_heads", "posemb_grid", "class_token",
     "num_registers", "pool", "representation_size", "layer_scale", "fc_norm", "ln_eps",
-    "gelu_approximate", "swiglu")}
+    "gelu_approximate", "quick_gelu", "pre_norm", "swiglu")}
 
 
 def param_count(tree) -> int:
