@@ -330,6 +330,34 @@ def test_peft_on_siglips_map_head(tmp_path):
   assert _rel(ours, theirs) < 1e-5
 
 
+def test_load_peft_of_a_two_tower_clip_keeps_the_image_towers_lora(tmp_path, caplog):
+  """PEFT's LoRA on both towers of a CLIPModel (q_proj, v_proj match in each): the image
+  tower's computes PEFT's image features; the text tower's is left out, said in a warning."""
+  vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, image_size=16, patch_size=4)
+  text = transformers.CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, vocab_size=50, bos_token_id=0,
+                                     eos_token_id=1)
+  torch.manual_seed(0)
+  model = transformers.CLIPModel(transformers.CLIPConfig(
+      text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=24)).eval()
+  model.save_pretrained(tmp_path / "base")
+  config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+  model = peft.get_peft_model(model, config)
+  model.save_pretrained(tmp_path / "lora")
+  images = _images()
+  with torch.no_grad():
+    theirs = model.get_image_features(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+  theirs = getattr(theirs, "pooler_output", theirs)  # transformers 5 returns an output object
+  pre = checkpoints.load(tmp_path / "base")
+  trainable, spec = checkpoints.load_peft(tmp_path / "lora", pre)
+  assert len(spec.targets) == 4  # query and value of the two vision blocks
+  assert "4 tensors of the text tower left out" in caplog.text
+  ours, _ = adapters.apply_intercepted(checkpoints.build_model(pre), pre.params,
+                                       trainable["adapters"], spec, images)
+  assert _rel(ours, theirs) < 1e-5
+
+
 def test_load_peft_reads_what_peft_saves_in_either_naming(tmp_path):
   """An adapter made by peft itself (per-layer ranks, rsLoRA, bias) == load_peft in hydra_jax."""
   pre = _pretrained(seed=11)

@@ -2,9 +2,9 @@
 
 ``save_peft`` writes what ``peft.PeftModel.from_pretrained(model, directory)`` loads onto the
 transformers model that ``save_hf`` writes for the same base; ``load_peft`` reads a PEFT LoRA
-adapter of a ViT / DINOv2 / SigLIP model as hydra_jax LoRA factors (to merge, weigh, evaluate or
-keep training it in JAX). A directory holds ``adapter_config.json`` and
-``adapter_model.safetensors``.
+adapter of a ViT / DINOv2 / SigLIP / CLIP model as hydra_jax LoRA factors (to merge, weigh,
+evaluate or keep training it in JAX; a two-tower model's text-tower LoRA is left out, with a
+warning). A directory holds ``adapter_config.json`` and ``adapter_model.safetensors``.
 
 The factors map one to one: ``lora_A.weight`` is A^T (r, d_in), ``lora_B.weight`` is B^T
 (d_out, r), PEFT's ``lora_alpha / r`` is ``alpha / rank`` and its ``lora_dropout`` (on the input)
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import math
 import pathlib
 import re
@@ -390,16 +391,23 @@ def load_peft(directory, base: common.Pretrained) -> tuple[dict, spec_lib.Adapte
   alpha = float(config.get("lora_alpha", 8)) * (math.sqrt(rank) if rslora else 1.0)
   spec_scaling = alpha / rank
   heads = {**ARCHITECTURE_DEFAULTS, **base.model}["num_heads"]
-  lora, saved = {}, {}
+  lora, saved, text = {}, {}, set()
   for key, value in hf.read_tensors(root / FILES[1]).items():
     name = key.removeprefix(_PEFT_PREFIX)
+    if name.startswith(hf._TEXT_TOWER):  # a two-tower model's (CLIP, SigLIP): not the ViT
+      text.add(name)
+      continue
     m = _LORA_KEY.fullmatch(name)
     if m and (m[3] == "weight" or m[2] == "B"):  # lora_bias: the bias after B is b
       lora.setdefault(m[1], {})["b" if m[3] == "bias" else m[2]] = (key, value)
     else:
       saved[name] = (key, value)
+  if text:
+    logging.warning("PEFT adapter %s: %d tensors of the text tower left out (%s, ...): the ViT "
+                    "is the image tower", root, len(text), sorted(text)[0])
   if not lora:
-    raise ValueError(f"PEFT adapter {root} holds no lora_A / lora_B weights")
+    raise ValueError(f"PEFT adapter {root} holds no lora_A / lora_B weights"
+                     + (" on the image tower" if text else ""))
   family = _naming_family(list(lora))
   why = {"embedding": "the patch embedding is a convolution",  # (transformers' modules)
          MAP + ATT + "out": "torch's MultiheadAttention reads out_proj.weight without running "
