@@ -175,8 +175,8 @@ def test_bfloat16_export_and_replacing_an_export(tmp_path):
     (dict(pool="tok", num_registers=4), True, "register tokens exist in transformers only in"),
     (dict(pool="gap", class_token=False, fc_norm=True), True, "fc_norm .* pool='gap'.* timm"),
     (dict(pool="tok", swiglu=True), True, "SwiGLU MLPs exist in transformers only in DINOv2"),
-    (dict(pool="tok", pre_norm=True, fc_norm=True), False, "CLIP's.* export to timm"),
-    (dict(pool="tok", quick_gelu=True), True, "CLIP's.* export to timm"),
+    (dict(pool="tok", quick_gelu=True), True, "exists in transformers only in CLIP.* pre_norm="
+                                              "False.* export to timm"),
 ])
 def test_models_without_a_transformers_class_are_refused(fields, has_head, match):
   model = dict(dict(class_token=True, representation_size=None, layer_scale=False), **fields)
@@ -328,6 +328,52 @@ def test_peft_on_siglips_map_head(tmp_path):
                                        {**pre.params, **trainable["params"]},
                                        trainable["adapters"], spec, _images(), method="features")
   assert _rel(ours, theirs) < 1e-5
+
+
+CLIP = dict(pre_norm=True, quick_gelu=True, pool="tok", ln_eps=1e-5)
+
+
+@pytest.mark.parametrize("fields,num_classes", [
+    (dict(CLIP, fc_norm=True), 5),  # the projection: CLIPVisionModelWithProjection
+    (dict(CLIP, layer_scale=True), None),  # final norm on every token, LayerScale folded
+    (dict(CLIP, quick_gelu=False, gelu_approximate=True), None),  # tanh GELU (timm's CLIPs)
+])
+def test_clip_exports_compute_the_vits_function(fields, num_classes, tmp_path):
+  """CLIP's classes: class_embedding, an nn.Embedding position table (the random patch-embedding
+  bias folded into the patches' rows), pre_layrnorm, post_layernorm on the pooled class token,
+  visual_projection; transformers loads every tensor and computes the ViT's features or head."""
+  pre = _pretrained(seed=21, num_classes=num_classes, **fields)
+  if num_classes:  # a projection has no bias
+    pre.params["head"]["bias"] = np.zeros_like(pre.params["head"]["bias"])
+  arch = checkpoints.save_hf(tmp_path / "out", pre)
+  assert arch == ("CLIPVisionModelWithProjection" if num_classes else "CLIPVisionModel")
+  outputs = _torch(_load_torch(tmp_path / "out", arch), _images())
+  theirs = outputs.image_embeds if num_classes else outputs.pooler_output
+  assert _rel(theirs, _apply(pre, _images())) < 1e-5  # without a head: the features
+  back = checkpoints.load(tmp_path / "out")  # and it reads back as the same function
+  assert _rel(_apply(back, _images()), _apply(pre, _images())) < 1e-5
+
+
+@pytest.mark.parametrize("fields,num_classes,match", [
+    (CLIP, 3, "transformers' CLIP has no classifier over the pooled class token"),
+    (dict(CLIP, pool="gap", class_token=False), None, "got pre_norm=True, class_token=False, "
+                                                      "pool='gap'.* export to timm"),
+    (dict(CLIP, pre_norm=False), None, "got pre_norm=False"),
+])
+def test_clip_models_transformers_cannot_hold_are_refused(fields, num_classes, match, tmp_path):
+  with pytest.raises(ValueError, match=match):
+    checkpoints.save_hf(tmp_path / "out", _pretrained(seed=22, num_classes=num_classes, **fields))
+  assert not (tmp_path / "out").exists()
+
+
+def test_peft_for_transformers_clip_is_refused_naming_timm(tmp_path):
+  pre = _pretrained(seed=23, num_classes=None, **CLIP)
+  spec = adapters.AdapterSpec(kind="lora")
+  trainable = {"adapters": as_if_trained(adapters.init(spec, pre.params, jax.random.key(0)), 2)}
+  with pytest.raises(ValueError, match="PEFT adapters for transformers' CLIP classes are not "
+                                       "written.*target='timm'"):
+    checkpoints.save_peft(tmp_path / "lora", trainable, spec, pre)
+  assert checkpoints.save_peft(tmp_path / "lora", trainable, spec, pre, target="timm")
 
 
 def test_load_peft_of_a_two_tower_clip_keeps_the_image_towers_lora(tmp_path, caplog):

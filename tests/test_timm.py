@@ -407,6 +407,8 @@ PEFT_CASES = {  # ViT fields, the spec's targets and bias, adapted layers read b
         (rf"Transformer/encoderblock_\d+/{_LINEAR}", rf"MAPHead_0/{_LINEAR}"), False, 18),
     "swiglu_mlp": (dict(pool="gap", swiglu=True), (r"Transformer/.*/MlpBlock_0/Dense_\d",), True,
                    4),
+    "clip": (dict(pool="tok", pre_norm=True, quick_gelu=True, ln_eps=1e-5),
+             (r"Transformer/.*/(query|value|out)",), False, 6),
 }
 
 

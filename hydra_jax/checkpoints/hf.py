@@ -51,6 +51,10 @@ _BLOCK = re.compile(r"encoder\.layers?\.(\d+)\.(.+)\.(weight|bias|lambda1)")
 # ViT module-path prefixes (public: the exporter writes the same names back).
 ATT = "MultiHeadDotProductAttention_0/"
 MLP = "MlpBlock_0/"
+_CLIP_LIKE_BLOCK = {"LayerNorm_0": "layer_norm1", "LayerNorm_1": "layer_norm2",
+                    ATT + "query": "self_attn.q_proj", ATT + "key": "self_attn.k_proj",
+                    ATT + "value": "self_attn.v_proj", ATT + "out": "self_attn.out_proj",
+                    MLP + "Dense_0": "mlp.fc1", MLP + "Dense_1": "mlp.fc2"}
 # Each family's HF module names, keyed by the ViT's module names: inside a block, then at the top.
 FAMILY_BLOCK = {
     "vit": {"LayerNorm_0": "layernorm_before", "LayerNorm_1": "layernorm_after",
@@ -62,10 +66,8 @@ FAMILY_BLOCK = {
                ATT + "value": "attention.attention.value", ATT + "out": "attention.output.dense",
                MLP + "Dense_0": "mlp.fc1", MLP + "Dense_1": "mlp.fc2",
                "LayerScale_0": "layer_scale1", "LayerScale_1": "layer_scale2"},
-    "siglip": {"LayerNorm_0": "layer_norm1", "LayerNorm_1": "layer_norm2",
-               ATT + "query": "self_attn.q_proj", ATT + "key": "self_attn.k_proj",
-               ATT + "value": "self_attn.v_proj", ATT + "out": "self_attn.out_proj",
-               MLP + "Dense_0": "mlp.fc1", MLP + "Dense_1": "mlp.fc2"},
+    "siglip": _CLIP_LIKE_BLOCK,
+    "clip": _CLIP_LIKE_BLOCK,
 }
 # DINOv2 with use_swiglu_ffn (giant): its files pack [gate, value] in weights_in, as the ViT's
 # swiglu Dense_0 (transformers 5 splits it into gate_proj / up_proj on load, packs it on save)
@@ -81,14 +83,18 @@ FAMILY_TOP = {
                MAP + ATT + "out": "head.attention.out_proj",
                MAP + "LayerNorm_0": "head.layernorm",
                MAP + MLP + "Dense_0": "head.mlp.fc1", MAP + MLP + "Dense_1": "head.mlp.fc2"},
+    # CLIP's post_layernorm normalises the pooled class token (the ViT's pooled_norm; SigLIP's
+    # is the encoder_norm, so _TOP leaves CLIP's out and load_hf moves it); visual_projection
+    # (bias-free) maps it into the joint image-text space: the head, as in timm
+    "clip": {"embedding_norm": "pre_layrnorm", "pooled_norm": "post_layernorm",
+             "embedding": "embeddings.patch_embedding", "head": "visual_projection"},
 }
-# CLIP's blocks are named as SigLIP's; its post_layernorm normalises the pooled class token
-# (the ViT's pooled_norm, moved there by load_hf: SigLIP's is the encoder_norm), and
-# visual_projection (bias-free) maps it into the joint embedding space: the head, as in timm
-CLIP_TOP = {"embedding_norm": "pre_layrnorm", "head": "visual_projection"}
+PLURAL_LAYERS = ("siglip", "clip")  # families whose blocks are encoder.layers.i (else layer.i)
 _BLOCK_MODULES = {hf: vit for names in (*FAMILY_BLOCK.values(), SWIGLU_BLOCK)
                   for vit, hf in names.items()}
-_TOP = {hf: vit for names in (*FAMILY_TOP.values(), CLIP_TOP) for vit, hf in names.items()}
+_TOP = {hf: vit for family, names in FAMILY_TOP.items() if family != "clip"
+        for vit, hf in names.items()}
+_TOP.update(pre_layrnorm="embedding_norm", visual_projection="head")  # CLIP's own names
 # two-tower SigLIP and CLIP: not the ViT
 _TEXT_TOWER = ("text_model.", "logit_scale", "logit_bias", "text_projection.")
 # how each model_type's interpolate_pos_encoding resamples (F.interpolate bicubic; antialiased

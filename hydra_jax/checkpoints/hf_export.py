@@ -17,6 +17,12 @@ same class with that norm on every token (LayerNorm is per token: the class toke
 Register tokens make it ``Dinov2WithRegistersForImageClassification`` (pool "tok+gap") or
 ``Dinov2WithRegistersModel`` (no head).
 
+A LayerNorm before the blocks or quick GELU (CLIP's) makes it ``CLIPVisionModel`` (no head) or
+``CLIPVisionModelWithProjection`` (a bias-free head: CLIP's projection): a class token pooled "tok",
+the final norm on it (``post_layernorm``), the patch embedding's bias folded into the patches'
+position entries (CLIP's convolution has none). transformers has no classifier over CLIP's
+pooled class token, so a trained classification head is refused (export it to timm).
+
 LayerScale is folded into the linear layer before it where the target has none (exact); DINOv2
 targets without it get scales of one; q/k/v biases are always written. The directory holds
 ``config.json``, ``model.safetensors`` and a ``preprocessor_config.json`` (bicubic resize to the
@@ -43,7 +49,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 PREFIX = {"ViTForImageClassification": "vit.", "Dinov2ForImageClassification": "dinov2.",
           "Dinov2WithRegistersForImageClassification": "dinov2_with_registers.",
-           "SiglipForImageClassification": "vision_model.", "SiglipVisionModel": "vision_model."}
+           "SiglipForImageClassification": "vision_model.", "SiglipVisionModel": "vision_model.",
+          "CLIPVisionModel": "vision_model.", "CLIPVisionModelWithProjection": "vision_model."}
 BLOCK = "Transformer/encoderblock_"  # the ViT's block path prefix
 
 
@@ -52,12 +59,10 @@ def target(model: dict, *, has_head: bool) -> tuple[str, str]:
 
   Raises:
     ValueError: the model has no transformers counterpart (its pooling, pre-logits layer, final
-      norm, CLIP's pre-norm or quick GELU, or SwiGLU MLP).
+      norm or SwiGLU MLP; a pre-norm or quick GELU outside CLIP's shape).
   """
   if model.get("pre_norm") or model.get("quick_gelu"):
-    raise ValueError("a LayerNorm before the blocks or quick GELU (CLIP's) exists in transformers "
-                     "only in the CLIP classes, which hydra_jax does not write: export to timm "
-                     "instead (save_timm, --timm)")
+    return _clip_target(model, has_head=has_head)
   family, arch = _target(model, has_head=has_head)
   if model.get("swiglu") and family != "dinov2":
     if arch == "ViTModel" and not model.get("representation_size"):
@@ -66,6 +71,21 @@ def target(model: dict, *, has_head: bool) -> tuple[str, str]:
                      f"token, no pre_logits, and a head over pool 'tok+gap' or no head (got "
                      f"pool={model['pool']!r}{', a head' if has_head else ''}): export to timm")
   return family, arch
+
+
+def _clip_target(model: dict, *, has_head: bool) -> tuple[str, str]:
+  """CLIP's classes: a LayerNorm before the blocks, a class token pooled "tok" and nothing else
+  the ViT adds; the head is the bias-free projection (``save_hf`` checks the bias)."""
+  extra = {f: model.get(f) for f in ("num_registers", "swiglu", "representation_size")
+           if model.get(f)}
+  if not model.get("pre_norm") or not model["class_token"] or model["pool"] != "tok" or extra:
+    raise ValueError(f"a LayerNorm before the blocks or quick GELU exists in transformers only in "
+                     f"CLIP, which has both a LayerNorm before the blocks and a class token pooled "
+                     f"'tok' and no registers, SwiGLU or pre_logits (got pre_norm="
+                     f"{bool(model.get('pre_norm'))}, class_token={model['class_token']}, "
+                     f"pool={model['pool']!r}{''.join(f', {k}={v}' for k, v in extra.items())}): "
+                     f"export to timm instead (save_timm, --timm)")
+  return "clip", "CLIPVisionModelWithProjection" if has_head else "CLIPVisionModel"
 
 
 def _target(model: dict, *, has_head: bool) -> tuple[str, str]:
@@ -148,15 +168,17 @@ def _tensors(flat: dict, family: str, arch: str, swiglu: bool) -> dict[str, np.n
   """The ViT's flat params -> HF state dict names and layouts of ``arch``."""
   prefix = PREFIX.get(arch, "")
   block_names = {**FAMILY_BLOCK[family], **(SWIGLU_BLOCK if swiglu else {})}
-  layer = "encoder.layers" if family == "siglip" else "encoder.layer"
+  layer = "encoder.layers" if family in hf.PLURAL_LAYERS else "encoder.layer"
   out, packed = {}, {}
   for path, value in flat.items():
     name, _, leaf = path.rpartition("/")
-    if path == "cls":
+    if path == "cls" and family == "clip":
+      out[prefix + "embeddings.class_embedding"] = value.reshape(-1)
+    elif path == "cls":
       out[prefix + "embeddings.cls_token"] = value
     elif path == "registers":
       out[prefix + "embeddings.register_tokens"] = value
-    elif path == "pos_embedding" and family == "siglip":  # an nn.Embedding: (N, D)
+    elif path == "pos_embedding" and family in hf.PLURAL_LAYERS:  # an nn.Embedding: (N, D)
       out[prefix + "embeddings.position_embedding.weight"] = value[0]
     elif path == "pos_embedding":
       out[prefix + "embeddings.position_embeddings"] = value
@@ -171,7 +193,8 @@ def _tensors(flat: dict, family: str, arch: str, swiglu: bool) -> dict[str, np.n
     else:
       hf_leaf, array = to_torch(name, leaf, value)
       module = FAMILY_TOP[family][name]
-      out[("" if module == "classifier" else prefix) + f"{module}.{hf_leaf}"] = array
+      top = module in ("classifier", "visual_projection")  # outside the (vision) model
+      out[("" if top else prefix) + f"{module}.{hf_leaf}"] = array
   for leaf, parts in packed.items():
     out[f"{prefix}head.attention.in_proj_{'weight' if leaf == 'kernel' else 'bias'}"] = (
         np.concatenate([parts["query"], parts["key"], parts["value"]]))
@@ -205,6 +228,12 @@ def _config(family: str, arch: str, model: dict, num_classes: int | None,
     if model.get("num_registers"):
       config.update(model_type="dinov2_with_registers",
                     num_register_tokens=model["num_registers"])
+  elif family == "clip":
+    config.update(model_type="clip_vision_model", intermediate_size=mlp, hidden_act=(
+        "quick_gelu" if model.get("quick_gelu") else config["hidden_act"]))
+    if num_classes:  # the projection's width (no classes: CLIP's head is not a classifier)
+      config.update(projection_dim=num_classes)
+      num_classes = None
   elif family == "vit":
     config.update(model_type="vit", intermediate_size=mlp, qkv_bias=True)
     if model.get("representation_size"):  # the pooler: tanh(Dense(class token))
@@ -281,6 +310,26 @@ def write_dir(directory, files: tuple[str, ...], write: Callable[[pathlib.Path],
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _clip_flat(flat: dict, labels: Sequence[str] | None) -> dict:
+  """The ViT's params as CLIP's tower holds them: the final norm on the pooled class token, no
+  bias after the patch embedding (it joins the patches' position entries) or the projection.
+
+  Raises:
+    ValueError: a head with a bias or class names (a classifier: transformers' CLIP has none over
+      the pooled class token).
+  """
+  if "head/kernel" in flat and (labels is not None or np.any(flat["head/bias"])):
+    raise ValueError("transformers' CLIP has no classifier over the pooled class token (its head "
+                     "is the bias-free projection; CLIPForImageClassification averages the "
+                     "un-normalised patch tokens): export the model without its head (features) "
+                     "or to timm (save_timm, --timm)")
+  flat = {k.replace("Transformer/encoder_norm/", "pooled_norm/"): v for k, v in flat.items()
+          if k != "head/bias"}
+  bias, pos = flat.pop("embedding/bias"), flat["pos_embedding"]
+  flat["pos_embedding"] = np.concatenate([pos[:, :1], pos[:, 1:] + bias], axis=1)
+  return flat
+
+
 def save_hf(directory, pretrained: common.Pretrained, *, labels: Sequence[str] | None = None,
             dtype: str = "float32") -> str:
   """Writes ``pretrained`` (e.g. a merged fine-tune) as a transformers model directory.
@@ -305,7 +354,9 @@ def save_hf(directory, pretrained: common.Pretrained, *, labels: Sequence[str] |
   family, arch = target(model, has_head=num_classes is not None)
   config = _config(family, arch, model, num_classes, labels, dtype)
   flat = layer_scale(flat, model["depth"], keep=family == "dinov2")
-  if model.get("fc_norm"):  # pool "tok" (target refuses the others)
+  if family == "clip":
+    flat = _clip_flat(flat, labels)
+  elif model.get("fc_norm"):  # pool "tok" (target refuses the others)
     flat = norm_every_token(flat)
   tensors = {k: np.ascontiguousarray(v.astype(jnp.dtype(dtype)))
              for k, v in _tensors(flat, family, arch, bool(model.get("swiglu"))).items()}

@@ -108,7 +108,7 @@ def module_name(path: str, family: str, arch: str, version: tuple[int, int]) -> 
       name = names.get(module, FAMILY_BLOCK[family][module]) if renamed else (
           FAMILY_BLOCK[family][module])
       blocks = "layers" if (family, renamed) == ("vit", True) else (
-          "encoder.layers" if family == "siglip" else "encoder.layer")
+          "encoder.layers" if family in hf.PLURAL_LAYERS else "encoder.layer")
       return f"{prefix}{blocks}.{block}.{name}"
   elif path in _LINEAR_TOP and path in FAMILY_TOP[family]:
     name = FAMILY_TOP[family][path]
@@ -196,6 +196,10 @@ def save_peft(directory, trainable, spec: spec_lib.AdapterSpec, base: common.Pre
     family, arch = "timm", "VisionTransformer"
   else:
     family, arch = hf_export.target(model, has_head=has_head)
+  if family == "clip":  # its module names moved (vision_model. dropped) in an unverified release
+    raise ValueError("PEFT adapters for transformers' CLIP classes are not written (their module "
+                     "names changed within transformers 5); write them for timm instead "
+                     "(target='timm', --peft-target timm)")
   layers = list(transform.adapted_layers(base.params, trainable.get("adapters", {}), spec))
   if not layers and not trained:
     raise ValueError("nothing to export: the adapters tree is empty and no head is trained")
