@@ -145,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                  help="tensor dtype of the model (with --peft: of base/; the adapter is float32)")
   p.add_argument("--labels", default=None, help="class names, comma-separated "
                  "(--hf default: LABEL_i)")
+  p.add_argument("--no-head", action="store_true", help="--hf / --timm / --npz: leave the "
+                 "head out (write the features model, e.g. a CLIP tower for transformers)")
   p.add_argument("--peft-target", default="transformers",
                  choices=checkpoints.peft_lora.TARGETS, help="--peft: the base model's library "
                  "(timm: base/ is a timm directory, the adapter names timm's modules)")
@@ -159,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _convert(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   labels = args.labels.split(",") if args.labels else None
+  if args.peft and args.no_head:
+    p.error("--no-head applies to --hf / --timm / --npz (a LoRA run's head is the adapter's)")
   if args.peft:
     arch = save_peft_run(args.source, args.peft, transformers_version=args.transformers_version,
                          labels=labels, dtype=args.dtype, target=args.peft_target)
@@ -167,12 +171,13 @@ def _convert(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   if args.npz:
     if args.labels or args.dtype != "float32":
       p.error("--npz writes float32 params only (no --labels, no --dtype)")
-    checkpoints.save_npz(args.npz, checkpoints.load(args.source))
+    checkpoints.save_npz(args.npz, checkpoints.load(args.source, reset_head=args.no_head))
     print(f"wrote {args.npz} (big_vision ViT, inputs in [-1, 1])")
     return
   save, directory = (checkpoints.save_timm, args.timm) if args.timm else (checkpoints.save_hf,
                                                                           args.hf)
-  arch = save(directory, checkpoints.load(args.source), labels=labels, dtype=args.dtype)
+  arch = save(directory, checkpoints.load(args.source, reset_head=args.no_head), labels=labels,
+              dtype=args.dtype)
   print(f"wrote {directory} ({arch})")
 
 

@@ -366,6 +366,24 @@ def test_clip_models_transformers_cannot_hold_are_refused(fields, num_classes, m
   assert not (tmp_path / "out").exists()
 
 
+def test_export_cli_writes_a_fine_tuned_clips_features_with_no_head(tmp_path, capsys):
+  """A CLIP classifier has no transformers class: refused, naming --no-head, which writes the
+  tower without the head (features; CLIPVisionModel)."""
+  pre = _pretrained(seed=24, num_classes=3, **CLIP)
+  checkpoints.save(tmp_path / "merged.safetensors", pre)
+  args = [str(tmp_path / "merged.safetensors"), "--hf", str(tmp_path / "hf")]
+  with pytest.raises(SystemExit):
+    export.main(args)
+  assert "--no-head" in capsys.readouterr().err
+  export.main([*args, "--no-head"])
+  model = _load_torch(tmp_path / "hf", "CLIPVisionModel")
+  assert _rel(_torch(model, _images()).pooler_output,
+              _apply(pre, _images(), method="features")) < 1e-5
+  with pytest.raises(SystemExit):
+    export.main([str(tmp_path), "--peft", str(tmp_path / "p"), "--no-head"])
+  assert "--no-head applies to --hf / --timm / --npz" in capsys.readouterr().err
+
+
 def test_peft_for_transformers_clip_is_refused_naming_timm(tmp_path):
   pre = _pretrained(seed=23, num_classes=None, **CLIP)
   spec = adapters.AdapterSpec(kind="lora")

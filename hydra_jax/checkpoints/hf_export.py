@@ -321,8 +321,8 @@ def _clip_flat(flat: dict, labels: Sequence[str] | None) -> dict:
   if "head/kernel" in flat and (labels is not None or np.any(flat["head/bias"])):
     raise ValueError("transformers' CLIP has no classifier over the pooled class token (its head "
                      "is the bias-free projection; CLIPForImageClassification averages the "
-                     "un-normalised patch tokens): export the model without its head (features) "
-                     "or to timm (save_timm, --timm)")
+                     "un-normalised patch tokens): export the model without its head (--no-head; "
+                     "checkpoints.load(..., reset_head=True)) or to timm (save_timm, --timm)")
   flat = {k.replace("Transformer/encoder_norm/", "pooled_norm/"): v for k, v in flat.items()
           if k != "head/bias"}
   bias, pos = flat.pop("embedding/bias"), flat["pos_embedding"]
