@@ -700,6 +700,29 @@ def test_hf_clip_matches_torch(tmp_path):
   assert _rel(_apply(again, _images(24), "features"), pooled) < 1e-5
 
 
+def test_clip_config_of_older_files_with_a_vision_config_dict(tmp_path):
+  """Older CLIPModel configs hold the tower's fields in vision_config_dict, which transformers
+  lets override vision_config: 8 heads of 12 there, not the default 12 heads of 8."""
+  vision = transformers.CLIPVisionConfig(hidden_size=96, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=8, patch_size=4, image_size=16)
+  text = transformers.CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, vocab_size=50)
+  model = _randomise(transformers.CLIPModel(transformers.CLIPConfig(
+      text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=24)), seed=13)
+  path = _save_hf(model, tmp_path)
+  config = json.loads((path / "config.json").read_text())
+  config.update(vision_config=None, vision_config_dict=dict(
+      hidden_size=96, intermediate_size=128, num_hidden_layers=1, num_attention_heads=8,
+      patch_size=4, image_size=16))
+  (path / "config.json").write_text(json.dumps(config))
+  pretrained = checkpoints.load(path)
+  assert pretrained.model["num_heads"] == 8
+  images = _images(16)
+  with torch.no_grad():
+    ref = model.get_image_features(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+  assert _rel(_apply(pretrained, images), getattr(ref, "pooler_output", ref)) < 1e-5
+
+
 def test_clip_classifier_is_refused_with_the_reason(tmp_path):
   config = transformers.CLIPConfig(vision_config=_clip_vision_config().to_dict(), num_labels=3)
   model = transformers.CLIPForImageClassification(config)

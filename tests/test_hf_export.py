@@ -78,6 +78,9 @@ CLASSIFIERS = {  # ViT fields -> the transformers class computing the same logit
                                          "ViTForImageClassification"),
     "siglip": (dict(pool="gap", class_token=False, gelu_approximate=True),
                "SiglipForImageClassification"),
+    # quick GELU without CLIP's pre-norm: every family takes hidden_act="quick_gelu"
+    "vit_quick_gelu": (dict(pool="tok", quick_gelu=True), "ViTForImageClassification"),
+    "dinov2_quick_gelu": (dict(pool="tok+gap", quick_gelu=True), "Dinov2ForImageClassification"),
     # DINOv2 giant's MLP: use_swiglu_ffn with mlp_ratio 3 (96 * 2/3 = 64 hidden units)
     "dinov2_swiglu": (dict(pool="tok+gap", layer_scale=True, swiglu=True),
                       "Dinov2ForImageClassification"),
@@ -175,8 +178,6 @@ def test_bfloat16_export_and_replacing_an_export(tmp_path):
     (dict(pool="tok", num_registers=4), True, "register tokens exist in transformers only in"),
     (dict(pool="gap", class_token=False, fc_norm=True), True, "fc_norm .* pool='gap'.* timm"),
     (dict(pool="tok", swiglu=True), True, "SwiGLU MLPs exist in transformers only in DINOv2"),
-    (dict(pool="tok", quick_gelu=True), True, "exists in transformers only in CLIP.* pre_norm="
-                                              "False.* export to timm"),
 ])
 def test_models_without_a_transformers_class_are_refused(fields, has_head, match):
   model = dict(dict(class_token=True, representation_size=None, layer_scale=False), **fields)
@@ -356,9 +357,9 @@ def test_clip_exports_compute_the_vits_function(fields, num_classes, tmp_path):
 
 @pytest.mark.parametrize("fields,num_classes,match", [
     (CLIP, 3, "transformers' CLIP has no classifier over the pooled class token"),
-    (dict(CLIP, pool="gap", class_token=False), None, "got pre_norm=True, class_token=False, "
+    (dict(CLIP, pool="gap", class_token=False), None, "only in CLIP.*\\(got class_token=False, "
                                                       "pool='gap'.* export to timm"),
-    (dict(CLIP, pre_norm=False), None, "got pre_norm=False"),
+    (dict(CLIP, num_registers=2), None, "got class_token=True, pool='tok', num_registers=2"),
 ])
 def test_clip_models_transformers_cannot_hold_are_refused(fields, num_classes, match, tmp_path):
   with pytest.raises(ValueError, match=match):

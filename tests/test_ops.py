@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from hydra_jax.models import ViT
 from hydra_jax.models.ops import LayerNorm, gelu, quick_gelu
@@ -135,17 +136,30 @@ def test_gelu_backward_keeps_only_its_input(approximate):
   assert len([leaf for leaf in jax.tree.leaves(vjp) if leaf.shape == x.shape]) >= 3
 
 
-def test_quick_gelu_is_clips_with_its_gradient_and_keeps_only_its_input():
-  reference = lambda x: x * jax.nn.sigmoid(1.702 * x)  # noqa: E731  (CLIP's QuickGELU)
+def test_quick_gelu_is_torchs_with_its_gradient_and_keeps_only_its_input():
+  """float32: PyTorch's QuickGELU (transformers', timm's: x * sigmoid(1.702 x)) to rounding;
+  bf16: the float32 value rounded once, nearer float64's than PyTorch's op-by-op bf16."""
   x = jax.random.normal(jax.random.key(0), (4, 1000)) * 4
   w = jax.random.normal(jax.random.key(1), x.shape)
-  np.testing.assert_array_equal(quick_gelu(x), reference(x))
+  with torch.no_grad():
+    theirs = lambda x: np.asarray(  # noqa: E731
+        (lambda t: (t * torch.sigmoid(1.702 * t)).float())(torch.from_numpy(np.array(
+            x.astype(jnp.float32))).to(torch.bfloat16 if x.dtype == jnp.bfloat16 else
+                                       torch.float32)))
+  np.testing.assert_allclose(quick_gelu(x), theirs(x), rtol=1e-6, atol=1e-6)
+  x16 = x.astype(jnp.bfloat16)
+  ours16 = quick_gelu(x16)
+  np.testing.assert_array_equal(ours16, quick_gelu(x16.astype(jnp.float32)).astype(jnp.bfloat16))
+  with jax.enable_x64(True):
+    exact = np.asarray(quick_gelu(x16.astype(jnp.float64)))
+  assert (np.abs(np.asarray(ours16, np.float64) - exact).mean()
+          < np.abs(theirs(x16).astype(np.float64) - exact).mean())
+  reference = lambda x: x * jax.nn.sigmoid(1.702 * x)  # noqa: E731
   grad = lambda f, x: jax.grad(lambda x: (f(x).astype(jnp.float32) * w).sum())(x)  # noqa: E731
   np.testing.assert_allclose(grad(quick_gelu, x), grad(reference, x), rtol=1e-6, atol=1e-6)
-  x16 = x.astype(jnp.bfloat16)
   want16 = grad(reference, x16.astype(jnp.float32))
-  ours, theirs = grad(quick_gelu, x16), grad(reference, x16)
-  assert ours.dtype == jnp.bfloat16 and _rel(ours, want16) <= _rel(theirs, want16)
+  ours, theirs16 = grad(quick_gelu, x16), grad(reference, x16)
+  assert ours.dtype == jnp.bfloat16 and _rel(ours, want16) <= _rel(theirs16, want16)
   _, vjp = jax.vjp(quick_gelu, x16)
   assert [(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(vjp)] == [(x.shape, x16.dtype)]
 

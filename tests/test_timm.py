@@ -257,6 +257,19 @@ def test_bare_state_dict_loads_with_timms_defaults_and_says_so(tmp_path, caplog)
   assert _rel(_ours(pre, images), _timm_logits(model, images)) < 1e-5
 
 
+def test_bare_clip_state_dict_takes_clips_eps_and_says_so(tmp_path, caplog):
+  """Without a config, a pre-norm file is read with CLIP's LayerNorm eps 1e-5 (every pre-norm
+  architecture in timm's registry has it), named in the warning."""
+  model = _timm("vit_base_patch16_clip_224", img_size=32, depth=1, num_classes=3)
+  file = tmp_path / "weights.safetensors"
+  save_torch(model.state_dict(), str(file))
+  with caplog.at_level(logging.WARNING):
+    pre = checkpoints.load(file)
+  assert pre.model["ln_eps"] == 1e-5 and "LayerNorm eps 1e-05 (a pre-norm model" in caplog.text
+  images = _images(model)
+  assert _rel(_ours(pre, images), _timm_logits(model, images)) < 1e-5
+
+
 REFUSED = {
     "distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, depth=1), "distillation"),
     "map_patches_only": ("vit_tiny_patch16_224", dict(img_size=32, depth=1, global_pool="map"),

@@ -231,11 +231,12 @@ def _clip(flat: dict, source: str, keys: set[str]) -> dict:
 
 
 def load_hf(root: pathlib.Path) -> common.Pretrained:
-  """A HF ViT / DINOv2 / SigLIP directory -> ``Pretrained`` (not yet finalized)."""
+  """A HF ViT / DINOv2 / SigLIP / CLIP directory -> ``Pretrained`` (not yet finalized)."""
   config = json.loads((root / "config.json").read_text())
   model_type = config["model_type"]
-  if model_type in _TWO_TOWERS:  # keep the vision tower
-    config = dict(config.get("vision_config") or {}, model_type=model_type)
+  if model_type in _TWO_TOWERS:  # the vision tower's; older files' *_dict overrides (as there)
+    config = dict(config.get("vision_config") or {}, **(config.get("vision_config_dict") or {}),
+                  model_type=model_type)
   config = {**_DEFAULTS[FAMILY[model_type]], **config}
   act = config["hidden_act"]  # SwiGLU MLPs (use_swiglu_ffn) use SiLU whatever it says
   if act not in _ACTS and not config.get("use_swiglu_ffn", False):

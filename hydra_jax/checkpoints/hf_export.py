@@ -17,7 +17,7 @@ same class with that norm on every token (LayerNorm is per token: the class toke
 Register tokens make it ``Dinov2WithRegistersForImageClassification`` (pool "tok+gap") or
 ``Dinov2WithRegistersModel`` (no head).
 
-A LayerNorm before the blocks or quick GELU (CLIP's) makes it ``CLIPVisionModel`` (no head) or
+A LayerNorm before the blocks (CLIP's) makes it ``CLIPVisionModel`` (no head) or
 ``CLIPVisionModelWithProjection`` (a bias-free head: CLIP's projection): a class token pooled "tok",
 the final norm on it (``post_layernorm``), the patch embedding's bias folded into the patches'
 position entries (CLIP's convolution has none). transformers has no classifier over CLIP's
@@ -59,9 +59,9 @@ def target(model: dict, *, has_head: bool) -> tuple[str, str]:
 
   Raises:
     ValueError: the model has no transformers counterpart (its pooling, pre-logits layer, final
-      norm or SwiGLU MLP; a pre-norm or quick GELU outside CLIP's shape).
+      norm or SwiGLU MLP; a pre-norm outside CLIP's shape).
   """
-  if model.get("pre_norm") or model.get("quick_gelu"):
+  if model.get("pre_norm"):
     return _clip_target(model, has_head=has_head)
   family, arch = _target(model, has_head=has_head)
   if model.get("swiglu") and family != "dinov2":
@@ -74,17 +74,16 @@ def target(model: dict, *, has_head: bool) -> tuple[str, str]:
 
 
 def _clip_target(model: dict, *, has_head: bool) -> tuple[str, str]:
-  """CLIP's classes: a LayerNorm before the blocks, a class token pooled "tok" and nothing else
+  """CLIP's classes (a LayerNorm before the blocks): a class token pooled "tok" and nothing else
   the ViT adds; the head is the bias-free projection (``save_hf`` checks the bias)."""
   extra = {f: model.get(f) for f in ("num_registers", "swiglu", "representation_size")
            if model.get(f)}
-  if not model.get("pre_norm") or not model["class_token"] or model["pool"] != "tok" or extra:
-    raise ValueError(f"a LayerNorm before the blocks or quick GELU exists in transformers only in "
-                     f"CLIP, which has both a LayerNorm before the blocks and a class token pooled "
-                     f"'tok' and no registers, SwiGLU or pre_logits (got pre_norm="
-                     f"{bool(model.get('pre_norm'))}, class_token={model['class_token']}, "
-                     f"pool={model['pool']!r}{''.join(f', {k}={v}' for k, v in extra.items())}): "
-                     f"export to timm instead (save_timm, --timm)")
+  if not model["class_token"] or model["pool"] != "tok" or extra:
+    raise ValueError(f"a LayerNorm before the blocks exists in transformers only in CLIP, which "
+                     f"has a class token pooled 'tok' and no registers, SwiGLU or pre_logits (got "
+                     f"class_token={model['class_token']}, pool={model['pool']!r}"
+                     f"{''.join(f', {k}={v}' for k, v in extra.items())}): export to timm instead "
+                     f"(save_timm, --timm)")
   return "clip", "CLIPVisionModelWithProjection" if has_head else "CLIPVisionModel"
 
 
@@ -214,7 +213,8 @@ def _config(family: str, arch: str, model: dict, num_classes: int | None,
   config = dict(hidden_size=width, num_hidden_layers=model["depth"], num_channels=3,
                 num_attention_heads=model["num_heads"], image_size=gh * model["patch_size"],
                 patch_size=model["patch_size"], layer_norm_eps=model["ln_eps"],
-                hidden_act="gelu_pytorch_tanh" if model["gelu_approximate"] else "gelu")
+                hidden_act="quick_gelu" if model.get("quick_gelu") else
+                "gelu_pytorch_tanh" if model["gelu_approximate"] else "gelu")
   if family == "dinov2":
     if model.get("swiglu"):
       ratio = _swiglu_ratio(width, mlp)
@@ -229,8 +229,7 @@ def _config(family: str, arch: str, model: dict, num_classes: int | None,
       config.update(model_type="dinov2_with_registers",
                     num_register_tokens=model["num_registers"])
   elif family == "clip":
-    config.update(model_type="clip_vision_model", intermediate_size=mlp, hidden_act=(
-        "quick_gelu" if model.get("quick_gelu") else config["hidden_act"]))
+    config.update(model_type="clip_vision_model", intermediate_size=mlp)
     if num_classes:  # the projection's width (no classes: CLIP's head is not a classifier)
       config.update(projection_dim=num_classes)
       num_classes = None

@@ -164,6 +164,11 @@ def _fields(config: dict | None, width: int, tensors: dict, source: str, swiglu:
   if act is None:
     assumed.append("SwiGLUPacked: silu(first half of fc1) * second half" if swiglu
                    else "exact GELU")
+  ln_eps = row.get("ln_eps")
+  if ln_eps is None:  # timm's pre-norm (CLIP) architectures all normalise with eps 1e-5
+    ln_eps = CLIP_LN_EPS if "norm_pre.weight" in tensors else TIMM_LN_EPS
+    assumed.append(f"LayerNorm eps {ln_eps:g}" + (" (a pre-norm model: CLIP's)"
+                                                  if ln_eps == CLIP_LN_EPS else ""))
   if pool is None and "attn_pool.latent" in tensors:
     pool = "map"  # the only pool with a MAP head
   elif pool is None:
@@ -185,7 +190,7 @@ def _fields(config: dict | None, width: int, tensors: dict, source: str, swiglu:
       "input_size", [None])[1:] or None
   return dict(
       num_heads=args.get("num_heads", row.get("num_heads", width // 64)),
-      act=_ACTS.get(act or "gelu", {}), ln_eps=row.get("ln_eps", TIMM_LN_EPS),
+      act=_ACTS.get(act or "gelu", {}), ln_eps=ln_eps,
       pool=POOLS.get(pool, empty_pool),  # "": pooled for a new head
       pool_include_prefix=bool(args.get("pool_include_prefix",
                                         row.get("pool_include_prefix", False))),
