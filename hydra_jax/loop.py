@@ -144,6 +144,8 @@ class _Runner:
       self.frozen = jax.device_put(
           frozen, parallel.frozen_shardings(self.mesh, frozen, fsdp=config.parallel.fsdp,
                                             min_size=config.parallel.fsdp_min_size))
+      if parts > 1 and n > 1 and not config.parallel.fsdp:  # one gradient all-reduce per step
+        step = parallel.per_device(functools.partial(step, axis_name=parallel.DATA), self.mesh)
       self.step = jax.jit(step, donate_argnums=0, out_shardings=(rep, rep))
     self.state = self.place(state)
     self.predict = jax.jit(functools.partial(train_lib.predict_step, model=model, spec=spec))

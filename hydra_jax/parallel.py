@@ -43,6 +43,19 @@ def initialize_distributed(*, coordinator: str | None, num_processes: int | None
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def per_device(step, mesh: Mesh):
+  """``step(state, frozen, batch, rng) -> (state, metrics)`` on each device's rows of the batch
+  (``shard_map`` over the mesh's data axis; everything else replicated), for a step that reduces
+  over ``DATA`` itself (``train_step(..., axis_name=DATA)``, as under pmap). Gradient accumulation
+  needs it: under plain jit, GSPMD all-reduces the gradients inside the microbatch loop, once per
+  part, where this reduces once per step. As under pmap, each device differentiates its own
+  loss (no automatic reduction: ``check_vma=False``, which custom VJPs such as the LayerNorm's
+  need) and the step's ``pmean`` makes the result the whole batch's."""
+  rep = PartitionSpec()
+  return jax.shard_map(step, mesh=mesh, in_specs=(rep, rep, PartitionSpec(DATA), rep),
+                       out_specs=(rep, rep), check_vma=False)
+
+
 def make_mesh(num_devices: int | None = None) -> Mesh:
   """A 1-D ("data",) mesh over the first ``num_devices`` devices (all by default).
 

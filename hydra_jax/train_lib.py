@@ -93,12 +93,13 @@ def _accumulated(loss: Callable, trainable, frozen, batch: Batch, rng: jax.Array
 
   Part i holds examples i, i + M, i + 2M, ...: a batch sharded over a mesh by contiguous rows
   gives every device its share of every part, so no part waits on one device and no images
-  move. Under jit over a mesh the gradients' all-reduce runs once per part (GSPMD reduces inside
-  the loop); under pmap once, after it. The parts run in a ``lax.scan``, so only one part's
-  activations are alive at a time. With M > 1, part i draws
-  dropout from ``fold_in(rng, i)`` and HydraLoRA's balancing loss sees one part's tokens (its
-  statistics are not linear in the batch); otherwise the mean of the parts' gradients is the
-  whole batch's up to float rounding.
+  move. Under plain jit over a mesh GSPMD all-reduces the gradients inside the loop, once per
+  part; with ``axis_name`` (pmap, or ``parallel.per_device``, which the run uses) each device
+  accumulates its own rows and the step reduces once. The parts run in a ``lax.scan``, so one
+  part's activations are alive at a time. With M > 1, part i draws dropout from
+  ``fold_in(rng, i)`` and HydraLoRA's balancing loss sees one part's tokens (its statistics are
+  not linear in the batch); otherwise the mean of the parts' gradients is the whole batch's up to
+  float rounding.
   """
   grad_fn = jax.value_and_grad(loss, has_aux=True)
 

@@ -4,6 +4,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -385,6 +386,28 @@ def test_microbatched_step_moves_no_images_between_devices():
     return {op: text.count(f" {op}(") for op in ("all-gather", "all-to-all",
                                                  "collective-permute")}
   assert collectives(2) == collectives(1)
+
+
+def _loop_bodies_with_all_reduce(hlo: str) -> list[str]:
+  """The while-loop bodies (the microbatch scan) of compiled HLO that all-reduce."""
+  computations = {c.split(" ", 1)[0]: c for c in re.split(r"\n(?=\S)", hlo)}
+  return [body for body in set(re.findall(r"body=(%[\w.\-]+)", hlo))
+          if re.search(r" all-reduce(-start)?\(", computations.get(body, ""))]
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_a_microbatched_runner_reduces_the_gradients_once_per_step(fsdp):
+  """The run's jit step accumulates on each device's rows (shard_map) and all-reduces after the
+  scan; with FSDP it stays with GSPMD, which reduces inside it (once per part: documented)."""
+  state, frozen, batches, step = _step_setup()
+  config = _testing_config(microbatches=2, **{"parallel.fsdp": fsdp})
+  runner = loop._Runner(config, *(step.keywords[k] for k in ("model", "spec", "tx", "schedule")),
+                        frozen, state)
+  batch = parallel.global_batch(batches[0], runner.mesh)
+  hlo = runner.step.lower(runner.state, runner.frozen, batch, jax.random.key(2)).compile()
+  hlo = hlo.as_text()
+  assert " all-reduce" in hlo
+  assert bool(_loop_bodies_with_all_reduce(hlo)) == fsdp
 
 
 def test_microbatches_keep_one_parts_activations():
