@@ -443,13 +443,14 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode", ["jit", "pmap", "fsdp"])
+@pytest.mark.parametrize("mode", ["jit", "pmap", "fsdp", "microbatches"])
 def test_two_process_run_equals_one_process(reference_run, tmp_path, mode):
-  """fsdp: the frozen kernels split over both hosts' devices (the merged export gathers them)."""
+  """fsdp: the frozen kernels split over both hosts' devices (the merged export gathers them);
+  microbatches: each device accumulates its rows (shard_map over both hosts' devices)."""
   port = _free_port()
-  flags = ["--config.parallel.mode=pmap"] if mode == "pmap" else []
-  if mode == "fsdp":
-    flags = ["--config.parallel.fsdp=True", "--config.parallel.fsdp_min_size=1024"]
+  flags = {"jit": [], "pmap": ["--config.parallel.mode=pmap"],
+           "fsdp": ["--config.parallel.fsdp=True", "--config.parallel.fsdp_min_size=1024"],
+           "microbatches": ["--config.microbatches=2"]}[mode]
   env = {**os.environ, "PYTHONPATH": str(ROOT),
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   procs = [subprocess.Popen(
