@@ -146,6 +146,17 @@ def norm_every_token(flat: dict) -> dict:
   return {k.replace("pooled_norm/", "Transformer/encoder_norm/"): v for k, v in flat.items()}
 
 
+def fold_patch_bias(flat: dict) -> dict:
+  """The patch embedding's bias moved into the patches' position entries, for targets whose patch
+  convolution has none (CLIP's, timm's pre-norm models): both are added to every patch token, and
+  resampling the position embedding keeps a constant added row constant."""
+  flat = dict(flat)
+  bias, pos = flat.pop("embedding/bias"), flat["pos_embedding"]
+  num_cls = int("cls" in flat)
+  flat["pos_embedding"] = np.concatenate([pos[:, :num_cls], pos[:, num_cls:] + bias], axis=1)
+  return flat
+
+
 def to_torch(name: str, leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
   """One ViT param (module name, leaf) -> (HF leaf, torch layout); the inverse of hf.to_flax."""
   if "LayerScale" in name:
@@ -309,24 +320,21 @@ def write_dir(directory, files: tuple[str, ...], write: Callable[[pathlib.Path],
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _clip_flat(flat: dict, labels: Sequence[str] | None) -> dict:
+def _clip_flat(flat: dict) -> dict:
   """The ViT's params as CLIP's tower holds them: the final norm on the pooled class token, no
   bias after the patch embedding (it joins the patches' position entries) or the projection.
 
   Raises:
-    ValueError: a head with a bias or class names (a classifier: transformers' CLIP has none over
-      the pooled class token).
+    ValueError: a head with a bias (a classifier: transformers' CLIP has none over the pooled
+      class token; ``_config`` refuses class names for its projection).
   """
-  if "head/kernel" in flat and (labels is not None or np.any(flat["head/bias"])):
+  if "head/kernel" in flat and np.any(flat["head/bias"]):
     raise ValueError("transformers' CLIP has no classifier over the pooled class token (its head "
                      "is the bias-free projection; CLIPForImageClassification averages the "
                      "un-normalised patch tokens): export the model without its head (--no-head; "
                      "checkpoints.load(..., reset_head=True)) or to timm (save_timm, --timm)")
-  flat = {k.replace("Transformer/encoder_norm/", "pooled_norm/"): v for k, v in flat.items()
-          if k != "head/bias"}
-  bias, pos = flat.pop("embedding/bias"), flat["pos_embedding"]
-  flat["pos_embedding"] = np.concatenate([pos[:, :1], pos[:, 1:] + bias], axis=1)
-  return flat
+  return fold_patch_bias({k.replace("Transformer/encoder_norm/", "pooled_norm/"): v
+                          for k, v in flat.items() if k != "head/bias"})
 
 
 def save_hf(directory, pretrained: common.Pretrained, *, labels: Sequence[str] | None = None,
@@ -354,7 +362,7 @@ def save_hf(directory, pretrained: common.Pretrained, *, labels: Sequence[str] |
   config = _config(family, arch, model, num_classes, labels, dtype)
   flat = layer_scale(flat, model["depth"], keep=family == "dinov2")
   if family == "clip":
-    flat = _clip_flat(flat, labels)
+    flat = _clip_flat(flat)
   elif model.get("fc_norm"):  # pool "tok" (target refuses the others)
     flat = norm_every_token(flat)
   tensors = {k: np.ascontiguousarray(v.astype(jnp.dtype(dtype)))

@@ -423,9 +423,6 @@ def _tensors(flat: dict, model: dict) -> dict[str, np.ndarray]:
   for key, (parts, arrays) in packed.items():
     out[key] = np.concatenate([arrays[p] for p in parts])
   pos = flat["pos_embedding"]
-  if model.get("pre_norm"):  # timm's patch embedding then has no bias: it joins the patches'
-    pos = np.concatenate([pos[:, :num_cls], pos[:, num_cls:] + out.pop("patch_embed.proj.bias")],
-                         axis=1)  # position entries (resampling keeps a constant row constant)
   out["pos_embed"] = np.concatenate(
       [pos[:, :num_cls], np.zeros((1, registers, width), pos.dtype), pos[:, num_cls:]], axis=1)
   if num_cls:
@@ -491,6 +488,8 @@ def save_timm(directory, pretrained: common.Pretrained, *, labels: Sequence[str]
                           first_conv="patch_embed.proj", classifier="head"))
   if labels is not None:
     config["label_names"] = list(labels)
+  if model.get("pre_norm"):  # timm's pre-norm models build their patch embedding without a bias
+    flat = hf_export.fold_patch_bias(flat)
   tensors = {k: np.ascontiguousarray(v.astype(jnp.dtype(dtype)))
              for k, v in _tensors(flat, model).items()}
 
