@@ -1,4 +1,5 @@
-"""LayerNorm and GELU whose backward passes keep only their input (and two numbers per token).
+"""LayerNorm and GELU (exact, tanh, and CLIP's quick GELU) whose backward passes keep only their
+input (and two numbers per token).
 
 Autodiff keeps whatever a formula touches on the way. flax's ``nn.LayerNorm`` computes in float32,
 so it keeps the input cast to float32, ``x - mean`` and ``rsqrt(var + eps) * scale`` broadcast to
