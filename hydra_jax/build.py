@@ -101,10 +101,17 @@ def init_head(params: dict, how: str | None, rng: jax.Array) -> dict:
       "bias": np.asarray(jax.random.uniform(k_bias, (classes,), jnp.float32, -bound, bound))}}
 
 
+def runtime_fields(config) -> dict:
+  """The ViT fields of ``config.model`` that no checkpoint records (how it computes, not what):
+  dtype, attention, remat, drop_path."""
+  cfg = config.model
+  return dict(dtype=_dtype(cfg.dtype), attention=cfg.attention, remat=cfg.remat,
+              drop_path=cfg.get("drop_path", 0.0))
+
+
 def _build(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:
   cfg, num_classes = config.model, config.data.num_classes
-  runtime = dict(dtype=_dtype(cfg.dtype), attention=cfg.attention, remat=cfg.remat,
-                 drop_path=cfg.get("drop_path", 0.0))
+  runtime = runtime_fields(config)
   if checkpoint_name(cfg) == "random":
     kwargs = {**ARCHITECTURE_DEFAULTS, **variant(cfg.variant), **cfg.get("overrides", {})}
     if cfg.image_size % kwargs["patch_size"]:

@@ -96,7 +96,9 @@ def _with_given_params(trainable_params, given):
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def _sources(config):
+def sources(config):
+  """The (train, validation, test) sources of ``config.data`` (Fashion-MNIST prepared offline on
+  first use); each split's class count is checked against ``data.num_classes``."""
   cfg = config.data
   if cfg.name == "fashion_mnist_offline":
     if jax.process_index() == 0:  # one writer; the others wait for it
@@ -250,7 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   rng = jax.random.key(config.seed)
   model, pre = build_model(config, model_rng(config))
   spec, given = _given_adapters(config, pre)
-  train_src, val_src, test_src = _sources(config)
+  train_src, val_src, test_src = sources(config)
   steps_per_epoch = len(train_src) // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_src)} train examples")
@@ -391,6 +393,21 @@ def _check_merge(config, runner, model, spec, state, frozen, merged, images) -> 
   return err
 
 
+def score(config, mesh, logits_fn, val_src, test_src) -> dict[str, Any]:
+  """Accuracy of ``logits_fn`` (a batch -> (b, classes) logits) on the validation and test
+  sources, over the first ``data.val_limit`` / ``data.test_limit`` examples of each, with the
+  images scored and the seconds taken."""
+  t0 = time.perf_counter()
+  results: dict[str, Any] = {}
+  for name, src, limit in (("val", val_src, config.data.val_limit),
+                           ("test", test_src, config.data.test_limit)):
+    results[f"{name}_accuracy"] = train_lib.evaluate(
+        logits_fn, _eval_batches(config, mesh, src, limit))
+    results[f"{name}_images"] = data.eval_size(src, limit or None)
+  results["eval_seconds"] = time.perf_counter() - t0
+  return results
+
+
 def _final(config, runner, spec, model, pre, val_src, test_src, workdir) -> dict[str, Any]:
   """Evaluates the merged model (checking it against the unmerged one) and exports it."""
   state, frozen = runner.host_state(), runner.frozen_params()
@@ -407,13 +424,7 @@ def _final(config, runner, spec, model, pre, val_src, test_src, workdir) -> dict
     logits_fn = lambda b: runner.apply(merged, b["image"])  # noqa: E731
   else:
     logits_fn = lambda b: runner.predict(state.trainable, frozen, b["image"])  # noqa: E731
-  t0 = time.perf_counter()
-  for name, src, limit in (("val", val_src, config.data.val_limit),
-                           ("test", test_src, config.data.test_limit)):
-    batches = _eval_batches(config, runner.mesh, src, limit)
-    results[f"{name}_accuracy"] = train_lib.evaluate(logits_fn, batches)
-    results[f"{name}_images"] = data.eval_size(src, limit or None)
-  results["eval_seconds"] = time.perf_counter() - t0
+  results.update(score(config, runner.mesh, logits_fn, val_src, test_src))
   results["model"] = "merged" if merged is not None else "unmerged (input-dependent router)"
   # on every process: FSDP across hosts leaves parts of the merged params on other hosts
   merged = parallel.fetch(merged) if config.export and merged is not None else None

@@ -1,0 +1,237 @@
+"""Weighted sums of fine-tuned runs (task arithmetic, model soups) as one plain checkpoint.
+
+A finished run's merged export is its base model plus a task vector: the adapters' folded weight
+change and the change of any other param it trained. For runs fine-tuned from one base,
+
+  merged = base + sum_i w_i (merged_i - base)
+
+(summed in float64, stored float32) is the base architecture with the base's cost; for runs that
+trained only adapters and a head it is the base plus the weighted sum of the adapters' weight
+changes, what ``adapters.combine`` computes from the factors. Runs may mix adapter kinds (and
+full fine-tuning); HydraLoRA runs have no merged export (their router depends on the input:
+merge them in Python with fixed routing, ``adapters.merge(..., routing=w)``).
+
+The classifier head is each task's own, not a change of the base: ``head="mean"`` takes the
+weights' mean of the runs' heads (``sum_i w_i h_i / sum_i w_i``: a soup of runs of one task),
+``head=i`` run i's head as it is, ``head=None`` no head (a features model).
+
+  python -m hydra_jax.merge /tmp/soup.safetensors /tmp/h:0.5 /tmp/l:0.5 --eval
+  python -m hydra_jax.merge /tmp/ta.safetensors /tmp/a:0.3 /tmp/b:0.3 --head /tmp/a --eval
+
+``--eval`` scores the result on each run's validation and test splits (as the run scored itself)
+with the head that run would use here: the written mean head, else the run's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from hydra_jax import build, checkpoints, loop, parallel
+
+HEAD = "head"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A finished run: its workdir, config and merged model (``export/merged.safetensors``)."""
+  workdir: pathlib.Path
+  config: ml_collections.ConfigDict
+  merged: checkpoints.Pretrained
+
+
+def load_run(workdir: str | pathlib.Path) -> Run:
+  """Reads a finished run's config and merged export."""
+  workdir = pathlib.Path(workdir).expanduser()
+  config_file, merged = workdir / "config.json", workdir / "export" / "merged.safetensors"
+  if not config_file.is_file():
+    raise FileNotFoundError(f"{workdir} is not a run directory (no config.json)")
+  config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+  if not merged.is_file():
+    why = ("a HydraLoRA run has none: its router depends on the input; merge its adapters with "
+           "fixed routing in Python, adapters.merge(..., routing=w)"
+           if config.adapter.get("kind") == "hydralora" else
+           "unfinished, or run with export=False")
+    raise FileNotFoundError(f"{workdir} has no merged export {merged} ({why})")
+  return Run(workdir, config, checkpoints.load(merged))
+
+
+def _flat(params) -> dict[str, np.ndarray]:
+  return traverse_util.flatten_dict(params, sep="/")
+
+
+def _body(params) -> dict[str, np.ndarray]:
+  """Every param but the classifier head, flat."""
+  return {k: v for k, v in _flat(params).items() if k.split("/")[0] != HEAD}
+
+
+def task_sum(base, items: Sequence[tuple[float, dict]], *, head: str | int | None = "mean") -> dict:
+  """``base + sum_i w_i (params_i - base)`` for every param but the head, plus the chosen head.
+
+  Args:
+    base: the param tree the runs started from (its head is not read).
+    items: [(w_i, params_i), ...], each params_i of base's tree (heads may differ).
+    head: "mean" (``sum_i w_i head_i / sum_i w_i``; the heads' shapes must agree), an index
+      into ``items`` (that head as it is) or None (no head).
+
+  Returns:
+    the summed param tree, float32 numpy leaves.
+  """
+  if not items:
+    raise ValueError("task_sum needs at least one (weight, params) item")
+  want, bodies = _body(base), [(w, _body(params)) for w, params in items]
+  for i, (_, body) in enumerate(bodies):
+    try:
+      checkpoints.check_tree(want, body)
+    except ValueError as e:
+      raise ValueError(f"item {i} does not fit the base's tree: {e}") from None
+  out = {}
+  for path, b in want.items():
+    b = np.asarray(b, np.float64)
+    total = b + sum(w * (np.asarray(body[path], np.float64) - b) for w, body in bodies)
+    out[path] = total.astype(np.float32)
+  out.update({f"{HEAD}/{k}": v for k, v in _flat(_choose_head(items, head)).items()})
+  return traverse_util.unflatten_dict(out, sep="/")
+
+
+def _choose_head(items, head) -> dict:
+  heads = [p.get(HEAD) for _, p in items]
+  if head is None:
+    return {}
+  if head != "mean":
+    if not isinstance(head, int) or not 0 <= head < len(items):
+      raise ValueError(f"head={head!r}; expected 'mean', None or an item index 0..{len(items) - 1}")
+    if heads[head] is None:
+      raise ValueError(f"head={head}: item {head} has no head")
+    return {k: np.asarray(v, np.float32) for k, v in heads[head].items()}
+  shapes = [None if h is None else {k: np.shape(v) for k, v in h.items()} for h in heads]
+  if any(s != shapes[0] for s in shapes) or shapes[0] is None:
+    raise ValueError(f"head='mean' needs heads of one shape in every item; got {shapes} (choose "
+                     "one item's head, or none)")
+  weight = sum(w for w, _ in items)
+  if weight == 0:
+    raise ValueError("head='mean' needs weights that do not sum to 0 (choose one item's head, or "
+                     "none)")
+  return {k: (sum(w * np.asarray(p[HEAD][k], np.float64) for w, p in items) / weight
+              ).astype(np.float32) for k in heads[0]}
+
+
+def _same_base(ref: checkpoints.Pretrained, other: checkpoints.Pretrained) -> str | None:
+  """What differs between two bases (the heads aside), or None."""
+  for field in ("model", "mean", "std"):
+    if getattr(ref, field) != getattr(other, field):
+      return f"{field} {getattr(ref, field)} vs {getattr(other, field)}"
+  a, b = _body(ref.params), _body(other.params)
+  if a.keys() != b.keys():
+    return f"params {sorted(a.keys() ^ b.keys())[:3]} in only one"
+  for path in sorted(a):
+    if np.shape(a[path]) != np.shape(b[path]) or not np.array_equal(a[path], b[path]):
+      return f"param {path}"
+  return None
+
+
+def merge_runs(runs: Sequence[Run], weights: Sequence[float], *,
+               head: str | int | None = "mean") -> checkpoints.Pretrained:
+  """``task_sum`` of finished runs over their common base, as a plain checkpoint.
+
+  Each run's base is rebuilt from its config as the run built it; runs from different bases
+  (checkpoint, image size, pooling, normalisation, a random backbone's seed) are refused.
+  """
+  if len(runs) != len(weights):
+    raise ValueError(f"{len(runs)} runs but {len(weights)} weights")
+  base = None
+  for run in runs:
+    _, pre = build.build_model(run.config, build.model_rng(run.config))
+    if base is None:
+      base = pre
+    elif (diff := _same_base(base, pre)) is not None:
+      raise ValueError(f"{run.workdir} and {runs[0].workdir} were fine-tuned from different "
+                       f"bases: {diff}")
+  params = task_sum(base.params, [(w, r.merged.params) for w, r in zip(weights, runs, strict=True)],
+                    head=head)
+  terms = " + ".join(f"{w:g} * {r.workdir}" for w, r in zip(weights, runs, strict=True))
+  return dataclasses.replace(base, params=params, source=f"task sum: {terms}")
+
+
+def evaluate(run: Run, pre: checkpoints.Pretrained) -> dict:
+  """``pre``'s accuracy on ``run``'s validation and test splits (with its config's limits, as
+  the run scored itself), on one device; ``pre``'s head must have the run's class count."""
+  model = checkpoints.build_model(pre, **build.runtime_fields(run.config))
+  if model.num_classes != run.config.data.num_classes:
+    raise ValueError(f"the model has {model.num_classes} classes; {run.workdir} has "
+                     f"{run.config.data.num_classes}")
+  mesh = parallel.make_mesh(1)
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  params = jax.device_put(pre.params, parallel.replicated(mesh))
+  _, val_src, test_src = loop.sources(run.config)
+  return loop.score(run.config, mesh, lambda b: apply(params, b["image"]), val_src, test_src)
+
+
+def with_head(pre: checkpoints.Pretrained, run: Run) -> checkpoints.Pretrained:
+  """``pre`` with ``run``'s own head (its merged export's)."""
+  return dataclasses.replace(pre, params={**pre.params, HEAD: run.merged.params[HEAD]})
+
+
+def _parse(text: str) -> tuple[str, float]:
+  """"RUN[:WEIGHT]" -> (RUN, weight); the weight defaults to 1."""
+  path, sep, weight = text.rpartition(":")
+  if sep:
+    try:
+      return path, float(weight)
+    except ValueError:
+      pass
+  return text, 1.0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """Writes the task sum of finished runs; ``argv`` without the program name."""
+  p = argparse.ArgumentParser(prog="python -m hydra_jax.merge", description=__doc__.split(
+      "\n\n")[0].replace("\n", " "))
+  p.add_argument("out", help="the .safetensors file to write (replaced atomically)")
+  p.add_argument("runs", nargs="+", metavar="RUN[:WEIGHT]",
+                 help="a finished run's workdir and its weight (default 1)")
+  p.add_argument("--head", default="mean", help="'mean' (the weighted mean of the runs' heads), "
+                 "'none', or one of the RUN workdirs (its head as it is)")
+  p.add_argument("--eval", action="store_true", help="score the result on each run's "
+                 "validation and test splits and print a JSON line per run")
+  args = p.parse_args(argv)
+  try:
+    _merge(args)
+  except (ValueError, OSError) as e:  # refusals and bad paths name the reason
+    p.error(str(e))
+
+
+def _merge(args: argparse.Namespace) -> None:
+  parsed = [_parse(r) for r in args.runs]
+  runs = [load_run(path) for path, _ in parsed]
+  head: str | int | None = {"mean": "mean", "none": None}.get(args.head, args.head)
+  if head not in ("mean", None):
+    dirs = [r.workdir.resolve() for r in runs]
+    given = pathlib.Path(args.head).expanduser().resolve()
+    if given not in dirs:
+      raise ValueError(f"--head {args.head}: expected 'mean', 'none' or one of the runs "
+                       f"{[str(r.workdir) for r in runs]}")
+    head = dirs.index(given)
+  merged = merge_runs(runs, [w for _, w in parsed], head=head)
+  checkpoints.save(args.out, merged)
+  print(json.dumps({"wrote": str(args.out), "source": merged.source}))
+  if args.eval:
+    for run, (_, weight) in zip(runs, parsed, strict=True):
+      own = json.loads((run.workdir / "results.json").read_text()) if (
+          run.workdir / "results.json").is_file() else {}
+      scores = evaluate(run, merged if head == "mean" else with_head(merged, run))
+      print(json.dumps({"run": str(run.workdir), "weight": weight, **scores,
+                        **{f"run_{k}": own[k] for k in ("val_accuracy", "test_accuracy")
+                           if k in own}}))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,161 @@
+"""Task sums of finished runs (hydra_jax.merge): the arithmetic, two real runs, the CLI."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import default
+from hydra_jax import adapters, build, checkpoints, export, merge
+from hydra_jax.loop import train_and_evaluate
+
+
+def _tree(rng, classes=3):
+  return {"Dense_0": {"kernel": rng.normal(size=(4, 5)).astype(np.float32),
+                      "bias": rng.normal(size=(5,)).astype(np.float32)},
+          "head": {"kernel": rng.normal(size=(5, classes)).astype(np.float32),
+                   "bias": rng.normal(size=(classes,)).astype(np.float32)}}
+
+
+def test_task_sum_adds_weighted_changes_and_chooses_the_head():
+  rng = np.random.default_rng(0)
+  base, p, q = _tree(rng), _tree(rng), _tree(rng)
+  out = merge.task_sum(base, [(0.3, p), (-0.5, q)])
+  for k in ("kernel", "bias"):
+    b = base["Dense_0"][k]
+    np.testing.assert_allclose(out["Dense_0"][k], b + 0.3 * (p["Dense_0"][k] - b)
+                               - 0.5 * (q["Dense_0"][k] - b), rtol=1e-6)
+    np.testing.assert_allclose(out["head"][k], (0.3 * p["head"][k] - 0.5 * q["head"][k]) / -0.2,
+                               rtol=1e-5)
+  assert jax.tree.map(np.shape, out) == jax.tree.map(np.shape, base)
+  chosen = merge.task_sum(base, [(1.0, p), (2.0, q)], head=1)
+  np.testing.assert_array_equal(chosen["head"]["kernel"], q["head"]["kernel"])
+  assert "head" not in merge.task_sum(base, [(1.0, p)], head=None)
+
+
+def test_one_item_of_weight_one_is_that_item_exactly():
+  rng = np.random.default_rng(1)
+  base, p = _tree(rng), _tree(rng)
+  out = merge.task_sum(base, [(1.0, p)])
+  for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(p), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("items, head, message", [
+    ([(1.0, "other_classes")], "mean", "heads of one shape"),
+    ([(1.0, "same"), (-1.0, "same")], "mean", "do not sum to 0"),
+    ([(1.0, "same")], 3, "expected 'mean', None or an item index 0..0"),
+    ([(1.0, "wider")], "mean", "item 0 does not fit the base's tree"),
+])
+def test_task_sum_refuses(items, head, message):
+  rng = np.random.default_rng(2)
+  base = _tree(rng)
+  made = {"same": _tree(rng), "other_classes": _tree(rng, classes=4),
+          "wider": {**_tree(rng), "Dense_0": {"kernel": np.zeros((4, 6)), "bias": np.zeros(6)}}}
+  if items[0][1] == "other_classes":
+    items = [*items, (1.0, "same")]
+  with pytest.raises(ValueError, match=message):
+    merge.task_sum(base, [(w, made[name]) for w, name in items], head=head)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Two finished runs of the testing config from one random base: Hydra and LoRA."""
+  out = {}
+  for kind in ("hydra", "lora"):
+    config = default.get_testing_config()
+    config.adapter.kind = kind
+    workdir = tmp_path_factory.mktemp(kind)
+    results = train_and_evaluate(config, str(workdir))
+    out[kind] = (workdir, results)
+  return out
+
+
+def _body(params):
+  flat = traverse_util.flatten_dict(params, sep="/")
+  return {k: v for k, v in flat.items() if not k.startswith("head/")}
+
+
+def test_a_run_alone_is_its_merged_export_and_scores_its_results(runs):
+  workdir, results = runs["hydra"]
+  run = merge.load_run(workdir)
+  merged = merge.merge_runs([run], [1.0])
+  for x, y in zip(jax.tree.leaves(merged.params), jax.tree.leaves(run.merged.params), strict=True):
+    np.testing.assert_array_equal(x, y)
+  assert merged.model == run.merged.model and merged.mean == run.merged.mean
+  scores = merge.evaluate(run, merged)
+  assert {k: scores[k] for k in ("val_accuracy", "test_accuracy", "val_images", "test_images")} \
+      == {k: results[k] for k in ("val_accuracy", "test_accuracy", "val_images", "test_images")}
+
+
+def test_two_runs_sum_as_adapters_combine_does(runs):
+  loaded = [merge.load_run(runs[k][0]) for k in ("hydra", "lora")]
+  merged = merge.merge_runs(loaded, [0.5, 0.7])
+  config = loaded[0].config
+  _, base = build.build_model(config, build.model_rng(config))
+  items = []
+  for run, w in zip(loaded, (0.5, 0.7), strict=True):
+    trainable, spec = export.load_adapters(run.workdir / "export" / "adapters.safetensors")
+    items.append((w, spec, trainable["adapters"]))
+  want, got = _body(adapters.combine(base.params, items)), _body(merged.params)
+  moved = max(float(np.abs(want[k] - _body(base.params)[k]).max()) for k in want)
+  assert moved > 1e-3  # the adapters changed the weights: the comparison below can fail
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  heads = [run.merged.params["head"]["kernel"] for run in loaded]
+  np.testing.assert_allclose(merged.params["head"]["kernel"],
+                             (0.5 * heads[0] + 0.7 * heads[1]) / 1.2, rtol=1e-5, atol=1e-7)
+
+
+def test_cli_writes_a_checkpoint_and_scores_each_run(runs, tmp_path, capsys):
+  h, lora = (runs[k][0] for k in ("hydra", "lora"))
+  out = tmp_path / "ta.safetensors"
+  merge.main([str(out), f"{h}:0.4", f"{lora}:0.6", "--head", str(lora), "--eval"])
+  lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+  assert lines[0]["wrote"] == str(out) and f"0.6 * {lora}" in lines[0]["source"]
+  assert [x["run"] for x in lines[1:]] == [str(h), str(lora)]
+  assert all(0 <= x["test_accuracy"] <= 1 and x["test_images"] == 64 for x in lines[1:])
+  assert lines[1]["run_test_accuracy"] == runs["hydra"][1]["test_accuracy"]
+  written = checkpoints.load(out)
+  np.testing.assert_array_equal(written.params["head"]["kernel"],
+                                merge.load_run(lora).merged.params["head"]["kernel"])
+  merge.main([str(tmp_path / "features.safetensors"), str(h), "--head", "none"])
+  assert "head" not in checkpoints.load(tmp_path / "features.safetensors").params
+
+
+def _copy_run(src, dst, **config_changes):
+  shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+  config = json.loads((dst / "config.json").read_text())
+  for key, value in config_changes.items():
+    section, _, field = key.rpartition(".")
+    (config[section] if section else config)[field] = value
+  (dst / "config.json").write_text(json.dumps(config))
+  return dst
+
+
+def test_cli_refusals_name_the_reason(runs, tmp_path, capsys):
+  h = runs["hydra"][0]
+  other_seed = _copy_run(h, tmp_path / "seed1", seed=1)  # a random backbone drawn from seed 1
+  hydralora = _copy_run(h, tmp_path / "hl", **{"adapter.kind": "hydralora"})
+  (hydralora / "export" / "merged.safetensors").unlink()
+  out = str(tmp_path / "x.safetensors")
+  for argv, message in [
+      ([out, str(h), str(other_seed)], "were fine-tuned from different bases: param "),
+      ([out, str(h), str(hydralora)], "fixed routing"),
+      ([out, str(h), "--head", str(tmp_path)], "expected 'mean', 'none' or one of the runs"),
+      ([out, str(tmp_path / "nowhere")], "is not a run directory"),
+  ]:
+    with pytest.raises(SystemExit):
+      merge.main(argv)
+    assert message in capsys.readouterr().err, argv
+  assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_parse_reads_an_optional_weight():
+  assert merge._parse("/r/a:0.25") == ("/r/a", 0.25)
+  assert merge._parse("/r/a") == ("/r/a", 1.0)
+  assert merge._parse("/r/a:-1e-1") == ("/r/a", -0.1)
+  assert merge._parse("/r/a:b") == ("/r/a:b", 1.0)
