@@ -224,10 +224,15 @@ def _merge(args: argparse.Namespace) -> None:
   checkpoints.save(args.out, merged)
   print(json.dumps({"wrote": str(args.out), "source": merged.source}))
   if args.eval:
+    scored: dict[str, dict] = {}  # with one head for all, runs of one dataset score alike
     for run, (_, weight) in zip(runs, parsed, strict=True):
       own = json.loads((run.workdir / "results.json").read_text()) if (
           run.workdir / "results.json").is_file() else {}
-      scores = evaluate(run, merged if head == "mean" else with_head(merged, run))
+      key = json.dumps([run.config.data.to_dict(), str(build.runtime_fields(run.config))],
+                       sort_keys=True)
+      if head != "mean" or key not in scored:
+        scored[key] = evaluate(run, merged if head == "mean" else with_head(merged, run))
+      scores = scored[key]
       print(json.dumps({"run": str(run.workdir), "weight": weight, **scores,
                         **{f"run_{k}": own[k] for k in ("val_accuracy", "test_accuracy")
                            if k in own}}))

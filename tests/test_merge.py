@@ -110,7 +110,7 @@ def test_two_runs_sum_as_adapters_combine_does(runs):
                              (0.5 * heads[0] + 0.7 * heads[1]) / 1.2, rtol=1e-5, atol=1e-7)
 
 
-def test_cli_writes_a_checkpoint_and_scores_each_run(runs, tmp_path, capsys):
+def test_cli_writes_a_checkpoint_and_scores_each_run(runs, tmp_path, capsys, monkeypatch):
   h, lora = (runs[k][0] for k in ("hydra", "lora"))
   out = tmp_path / "ta.safetensors"
   merge.main([str(out), f"{h}:0.4", f"{lora}:0.6", "--head", str(lora), "--eval"])
@@ -122,6 +122,10 @@ def test_cli_writes_a_checkpoint_and_scores_each_run(runs, tmp_path, capsys):
   written = checkpoints.load(out)
   np.testing.assert_array_equal(written.params["head"]["kernel"],
                                 merge.load_run(lora).merged.params["head"]["kernel"])
+  calls = []
+  monkeypatch.setattr(merge, "evaluate", lambda run, pre: calls.append(run) or {"test_accuracy": 1})
+  merge.main([str(out), f"{h}:0.4", f"{lora}:0.6", "--eval"])  # one head, one dataset
+  assert len(calls) == 1 and len(capsys.readouterr().out.splitlines()) == 3
   merge.main([str(tmp_path / "features.safetensors"), str(h), "--head", "none"])
   assert "head" not in checkpoints.load(tmp_path / "features.safetensors").params
 
