@@ -89,6 +89,9 @@ def test_a_run_alone_is_its_merged_export_and_scores_its_results(runs):
   scores = merge.evaluate(run, merged)
   assert {k: scores[k] for k in ("val_accuracy", "test_accuracy", "val_images", "test_images")} \
       == {k: results[k] for k in ("val_accuracy", "test_accuracy", "val_images", "test_images")}
+  features = merge.merge_runs([run], [1.0], head=None)
+  with pytest.raises(ValueError, match=f"the model has None classes; {workdir} has 10"):
+    merge.evaluate(run, features)
 
 
 def test_two_runs_sum_as_adapters_combine_does(runs):
