@@ -11,6 +11,8 @@ changes, what ``adapters.combine`` computes from the factors. Runs may mix adapt
 full fine-tuning); HydraLoRA runs have no merged export (their router depends on the input:
 merge them in Python with fixed routing, ``adapters.merge(..., routing=w)``).
 
+``method`` "ties" (TIES-merging), "dare" or "dare_ties" replaces the plain sum (``task_sum``).
+
 The classifier head is each task's own, not a change of the base: ``head="mean"`` takes the
 weights' mean of the runs' heads (``sum_i w_i h_i / sum_i w_i``: a soup of runs of one task),
 ``head=i`` run i's head as it is, ``head=None`` no head (a features model).
@@ -73,33 +75,79 @@ def _body(params) -> dict[str, np.ndarray]:
   return {k: v for k, v in _flat(params).items() if k.split("/")[0] != HEAD}
 
 
-def task_sum(base, items: Sequence[tuple[float, dict]], *, head: str | int | None = "mean") -> dict:
-  """``base + sum_i w_i (params_i - base)`` for every param but the head, plus the chosen head.
+METHODS = ("sum", "ties", "dare", "dare_ties")
+
+
+def task_sum(base, items: Sequence[tuple[float, dict]], *, head: str | int | None = "mean",
+             method: str = "sum", density: float = 1.0, seed: int = 0) -> dict:
+  """``base`` plus a merge of the weighted changes ``tau_i = w_i (params_i - base)``, every param
+  but the head, plus the chosen head.
+
+  Methods, each param tensor on its own:
+
+  - "sum": ``sum_i tau_i`` (task arithmetic);
+  - "ties" (TIES-merging, Yadav et al. 2023): keep each ``tau_i``'s ``density`` share of largest
+    magnitudes, elect each entry's sign as that of the kept values' sum, and take the mean of the
+    kept values of that sign (0 where none);
+  - "dare" (Yu et al. 2023): keep each entry of each ``tau_i`` with probability ``density``,
+    scaled by ``1 / density`` (the rest 0; ``seed`` draws), then "sum";
+  - "dare_ties": DARE's draw, then TIES' sign election and mean.
 
   Args:
     base: the param tree the runs started from (its head is not read).
     items: [(w_i, params_i), ...], each params_i of base's tree (heads may differ).
     head: "mean" (``sum_i w_i head_i / sum_i w_i``; the heads' shapes must agree), an index
       into ``items`` (that head as it is) or None (no head).
+    method, density, seed: as above; density in (0, 1].
 
   Returns:
-    the summed param tree, float32 numpy leaves.
+    the merged param tree, float32 numpy leaves (float64 arithmetic).
   """
   if not items:
     raise ValueError("task_sum needs at least one (weight, params) item")
+  if method not in METHODS:
+    raise ValueError(f"unknown merge method {method!r}; expected one of {METHODS}")
+  if not 0 < density <= 1:
+    raise ValueError(f"density={density}; expected a share in (0, 1]")
+  if method == "sum" and density != 1:
+    raise ValueError(f"density={density} applies to ties and dare, not to method 'sum'")
   want, bodies = _body(base), [(w, _body(params)) for w, params in items]
   for i, (_, body) in enumerate(bodies):
     try:
       checkpoints.check_tree(want, body)
     except ValueError as e:
       raise ValueError(f"item {i} does not fit the base's tree: {e}") from None
+  rng = np.random.default_rng(seed)
   out = {}
   for path, b in want.items():
     b = np.asarray(b, np.float64)
-    total = b + sum(w * (np.asarray(body[path], np.float64) - b) for w, body in bodies)
-    out[path] = total.astype(np.float32)
+    taus = [w * (np.asarray(body[path], np.float64) - b) for w, body in bodies]
+    if method.startswith("dare"):
+      taus = [t * (rng.random(t.shape) < density) / density for t in taus]
+    if method == "ties":
+      taus = [_largest(t, density) for t in taus]
+    out[path] = (b + (_sign_elected_mean(taus) if method.endswith("ties") else sum(taus))
+                 ).astype(np.float32)
   out.update({f"{HEAD}/{k}": v for k, v in _flat(_choose_head(items, head)).items()})
   return traverse_util.unflatten_dict(out, sep="/")
+
+
+def _largest(t: np.ndarray, density: float) -> np.ndarray:
+  """``t`` with all but its ceil(density * size) largest magnitudes set to 0."""
+  keep = int(np.ceil(density * t.size))
+  flat = t.ravel()
+  out = np.zeros_like(flat)
+  top = np.argpartition(np.abs(flat), flat.size - keep)[flat.size - keep:]
+  out[top] = flat[top]
+  return out.reshape(t.shape)
+
+
+def _sign_elected_mean(taus: Sequence[np.ndarray]) -> np.ndarray:
+  """Per entry: the mean of the non-zero values whose sign is that of the sum (0 where none)."""
+  stacked = np.stack(taus)
+  agree = (np.sign(stacked) == np.sign(stacked.sum(0))) & (stacked != 0)
+  count = agree.sum(0)
+  return np.where(count > 0, (stacked * agree).sum(0) / np.maximum(count, 1), 0.0)
 
 
 def _choose_head(items, head) -> dict:
@@ -139,8 +187,9 @@ def _same_base(ref: checkpoints.Pretrained, other: checkpoints.Pretrained) -> st
 
 
 def merge_runs(runs: Sequence[Run], weights: Sequence[float], *,
-               head: str | int | None = "mean") -> checkpoints.Pretrained:
-  """``task_sum`` of finished runs over their common base, as a plain checkpoint.
+               head: str | int | None = "mean", **merge) -> checkpoints.Pretrained:
+  """``task_sum`` of finished runs over their common base, as a plain checkpoint; ``merge``:
+  ``task_sum``'s method, density and seed.
 
   Each run's base is rebuilt from its config as the run built it; runs from different bases
   (checkpoint, image size, pooling, normalisation, a random backbone's seed) are refused.
@@ -156,9 +205,11 @@ def merge_runs(runs: Sequence[Run], weights: Sequence[float], *,
       raise ValueError(f"{run.workdir} and {runs[0].workdir} were fine-tuned from different "
                        f"bases: {diff}")
   params = task_sum(base.params, [(w, r.merged.params) for w, r in zip(weights, runs, strict=True)],
-                    head=head)
-  terms = " + ".join(f"{w:g} * {r.workdir}" for w, r in zip(weights, runs, strict=True))
-  return dataclasses.replace(base, params=params, source=f"task sum: {terms}")
+                    head=head, **merge)
+  terms = ", ".join(f"{w:g} * {r.workdir}" for w, r in zip(weights, runs, strict=True))
+  how = ", ".join(f"{k}={v}" for k, v in sorted(merge.items()))
+  return dataclasses.replace(base, params=params,
+                             source=f"merge of runs ({how or 'method=sum'}): {terms}")
 
 
 def evaluate(run: Run, pre: checkpoints.Pretrained) -> dict:
@@ -191,6 +242,10 @@ def _parse(text: str) -> tuple[str, float]:
   return text, 1.0
 
 
+# TIES-merging's paper keeps the top 20%; for DARE, half (its paper drops 10% to 99%)
+_DEFAULT_DENSITY = {"ties": 0.2, "dare": 0.5, "dare_ties": 0.5}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   """Writes the task sum of finished runs; ``argv`` without the program name."""
   p = argparse.ArgumentParser(prog="python -m hydra_jax.merge", description=__doc__.split(
@@ -200,6 +255,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                  help="a finished run's workdir and its weight (default 1)")
   p.add_argument("--head", default="mean", help="'mean' (the weighted mean of the runs' heads), "
                  "'none', or one of the RUN workdirs (its head as it is)")
+  p.add_argument("--method", default="sum", choices=METHODS, help="sum (task arithmetic), "
+                 "ties, dare or dare_ties (see task_sum)")
+  p.add_argument("--density", type=float, default=None, help="ties / dare: the share of each "
+                 "run's change kept (default 0.2 for ties, 0.5 for dare)")
+  p.add_argument("--seed", type=int, default=0, help="dare: the seed of the random drop")
   p.add_argument("--eval", action="store_true", help="score the result on each run's "
                  "validation and test splits and print a JSON line per run")
   args = p.parse_args(argv)
@@ -220,7 +280,13 @@ def _merge(args: argparse.Namespace) -> None:
       raise ValueError(f"--head {args.head}: expected 'mean', 'none' or one of the runs "
                        f"{[str(r.workdir) for r in runs]}")
     head = dirs.index(given)
-  merged = merge_runs(runs, [w for _, w in parsed], head=head)
+  how = {"method": args.method}
+  density = args.density if args.density is not None else _DEFAULT_DENSITY.get(args.method)
+  if density is not None:
+    how["density"] = density
+  if args.method.startswith("dare"):
+    how["seed"] = args.seed
+  merged = merge_runs(runs, [w for _, w in parsed], head=head, **how)
   checkpoints.save(args.out, merged)
   print(json.dumps({"wrote": str(args.out), "source": merged.source}))
   if args.eval:

@@ -61,6 +61,52 @@ def test_task_sum_refuses(items, head, message):
     merge.task_sum(base, [(w, made[name]) for w, name in items], head=head)
 
 
+def _vec(*values):
+  return {"Dense_0": {"kernel": np.asarray(values, np.float32)},
+          "head": {"kernel": np.zeros((1, 2), np.float32)}}
+
+
+def _kernel(tree):
+  return tree["Dense_0"]["kernel"]
+
+
+def test_ties_trims_elects_the_sign_and_averages_agreeing_values():
+  base = _vec(0, 0, 0, 0)
+  # density 0.5 keeps [3, 0, 0, 2] and [-2, -4, 0, 0]: signs of the sum [+, -, 0, +]
+  out = merge.task_sum(base, [(1.0, _vec(3, -1, 0.5, 2)), (1.0, _vec(-2, -4, 1, 1))],
+                       method="ties", density=0.5)
+  np.testing.assert_array_equal(_kernel(out), [3, -4, 0, 2])
+  out = merge.task_sum(_vec(1, 1), [(1.0, _vec(2, 3)), (0.5, _vec(7, 9))], method="ties")
+  np.testing.assert_allclose(_kernel(out), [1 + (1 + 3) / 2, 1 + (2 + 4) / 2])  # all kept: means
+
+
+def test_dare_keeps_a_density_share_rescaled_and_is_seeded():
+  rng = np.random.default_rng(3)
+  base, item = _vec(*rng.normal(size=10_000)), _vec(*rng.normal(size=10_000))
+  tau = _kernel(item) - _kernel(base)
+  out = merge.task_sum(base, [(2.0, item)], method="dare", density=0.25, seed=1)
+  change = _kernel(out) - _kernel(base)
+  kept = np.abs(change) > 1e-6
+  assert 0.23 < kept.mean() < 0.27
+  np.testing.assert_allclose(change[kept], 2.0 * tau[kept] / 0.25, rtol=1e-4)
+  again = merge.task_sum(base, [(2.0, item)], method="dare", density=0.25, seed=1)
+  np.testing.assert_array_equal(_kernel(again), _kernel(out))
+  other = merge.task_sum(base, [(2.0, item)], method="dare", density=0.25, seed=2)
+  assert not np.array_equal(_kernel(other), _kernel(out))
+  ties = merge.task_sum(base, [(2.0, item)], method="dare_ties", density=0.25, seed=1)
+  np.testing.assert_array_equal(_kernel(ties), _kernel(out))  # one item: its own sign
+
+
+@pytest.mark.parametrize("how, message", [
+    ({"method": "mean"}, "unknown merge method 'mean'"),
+    ({"method": "ties", "density": 0.0}, r"expected a share in \(0, 1\]"),
+    ({"method": "sum", "density": 0.5}, "applies to ties and dare"),
+])
+def test_task_sum_refuses_bad_methods(how, message):
+  with pytest.raises(ValueError, match=message):
+    merge.task_sum(_vec(0), [(1.0, _vec(1))], **how)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """Two finished runs of the testing config from one random base: Hydra and LoRA."""
@@ -129,6 +175,17 @@ def test_cli_writes_a_checkpoint_and_scores_each_run(runs, tmp_path, capsys, mon
   monkeypatch.setattr(merge, "evaluate", lambda run, pre: calls.append(run) or {"test_accuracy": 1})
   merge.main([str(out), f"{h}:0.4", f"{lora}:0.6", "--eval"])  # one head, one dataset
   assert len(calls) == 1 and len(capsys.readouterr().out.splitlines()) == 3
+  merge.main([str(out), str(h), str(lora), "--method", "ties", "--density", "0.3"])
+  assert "(density=0.3, method=ties)" in json.loads(capsys.readouterr().out)["source"]
+  config = merge.load_run(h).config
+  _, base = build.build_model(config, build.model_rng(config))
+  want = merge.task_sum(base.params, [(1.0, merge.load_run(r).merged.params) for r in (h, lora)],
+                        method="ties", density=0.3)
+  for x, y in zip(jax.tree.leaves(checkpoints.load(out).params), jax.tree.leaves(want),
+                  strict=True):
+    np.testing.assert_array_equal(x, y)
+  merge.main([str(out), str(h), "--method", "dare"])
+  assert "(density=0.5, method=dare, seed=0)" in capsys.readouterr().out
   merge.main([str(tmp_path / "features.safetensors"), str(h), "--head", "none"])
   assert "head" not in checkpoints.load(tmp_path / "features.safetensors").params
 
