@@ -73,6 +73,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.val_limit = placeholder(int)  # evaluate all 200 validation images
   c.data.test_limit = 2000  # first 2,000 of 10,000 test images (~1 min on 2 CPU cores); 0: all
   c.data.eval_batch_size = 200
+  # augmentation of the training images inside the step (none in the VTAB-1k protocol)
+  c.data.augment = ml_collections.ConfigDict()
+  c.data.augment.flip = False  # mirror left-right with probability 1/2
+  # a random resized crop covering this (min, max) share of the area, e.g. (0.08, 1.0) as
+  # torchvision's RandomResizedCrop; None: no crop
+  c.data.augment.crop_scale = placeholder(tuple)
+  c.data.augment.crop_ratio = (3 / 4, 4 / 3)  # the crop's width / height range
 
   c.batch_size = 32  # global batch
   # accumulate each step's gradient over this many sequential parts of the batch: the same

@@ -38,6 +38,7 @@ from flax import traverse_util
 
 from hydra_jax import adapters, flops, optim, train_lib
 from hydra_jax.build import DTYPES
+from hydra_jax.data import augment
 from hydra_jax.models import ViT, variant
 from hydra_jax.models.vit import ATTENTIONS, REMATS, resolve_attention
 
@@ -164,12 +165,17 @@ def _identity(args, name: str) -> dict:
   return dict(framework="jax", model=args.model, adapter=name, batch=args.batch,
               image_size=args.image_size, dtype=args.dtype, attention=args.attention,
               remat=args.remat, gelu_approximate=getattr(args, "gelu_approximate", False),
-              microbatches=microbatches(args), xla_flags=os.environ.get("XLA_FLAGS", ""))
+              microbatches=microbatches(args), augment=getattr(args, "augment", False),
+              xla_flags=os.environ.get("XLA_FLAGS", ""))
 
 
 def microbatches(args) -> int:
   """``args.microbatches``; 1 for callers whose arguments predate it (scale.py, older trees)."""
   return getattr(args, "microbatches", 1)
+
+
+# what --augment times: torchvision's RandomResizedCrop defaults and a flip, on the device
+AUGMENT = augment.Augment(flip=True, crop_scale=(0.08, 1.0))
 
 
 def _error_row(args, name: str, timing: str, error: str) -> dict:
@@ -190,7 +196,8 @@ def bench_rows(args, name: str) -> Iterator[dict]:
   rng = np.random.default_rng(0)
   batches = [jax.device_put(synthetic_batch(rng, args)) for _ in range(3)]
   step = jax.jit(functools.partial(train_lib.train_step, model=model, spec=spec, tx=tx,
-                                   schedule=schedule, microbatches=microbatches(args)),
+                                   schedule=schedule, microbatches=microbatches(args),
+                                   augment=AUGMENT if getattr(args, "augment", False) else None),
                  donate_argnums=0)
   key = jax.random.key(2)
   compiled = step.lower(state, frozen, batches[0], key).compile()
@@ -319,6 +326,8 @@ def main(argv=None, *, isolate: bool = False):
                  help="skip the merged-vs-plain inference timing")
   p.add_argument("--microbatches", type=int, default=1,
                  help="accumulate each step's gradient over this many parts of the batch")
+  p.add_argument("--augment", action="store_true", help="with a random resized crop (area "
+                 "0.08-1) and flip of each image inside the step (data.augment)")
   p.add_argument("--steps", type=int, default=10, help="steps per timed repeat (and round)")
   p.add_argument("--repeats", type=int, default=5, help="timed repeats of the training step")
   p.add_argument("--infer_rounds", type=int, default=10,

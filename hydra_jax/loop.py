@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from hydra_jax import adapters as adapters_lib
 from hydra_jax import checkpointing, checkpoints, data, export, metrics, optim, parallel, train_lib
 from hydra_jax.build import build_model, checkpoint_name, data_dir, model_rng, open_source
+from hydra_jax.data import augment as augment_lib
 
 # Merged vs factored logits: float32 agrees to rounding; bfloat16 rounds the two paths apart.
 _MERGE_RTOL = {"float32": 1e-4, "bfloat16": 3e-2}
@@ -135,7 +136,8 @@ class _Runner:
     self.pmap = config.parallel.mode == "pmap"
     step = functools.partial(train_lib.train_step, model=model, spec=spec, tx=tx,
                              schedule=schedule, axis_name="batch" if self.pmap else None,
-                             microbatches=parts)
+                             microbatches=parts,
+                             augment=augment_lib.from_config(config.data.get("augment")))
     rep = parallel.replicated(self.mesh)
     if self.pmap:
       devices = self.mesh.devices.tolist()
@@ -198,7 +200,7 @@ _RESUME_KEYS = ("seed", "batch_size", "adapter", "train_patterns", "init_adapter
                 "model.checkpoint", "model.variant", "model.overrides", "model.image_size",
                 "model.pool", "model.pre_logits", "model.pixel_mean", "model.pixel_std",
                 "model.drop_path", "data.name", "data.train_split", "data.vtab_task",
-                "data.num_classes")
+                "data.num_classes", "data.augment")
 
 
 def _field(config, name: str):

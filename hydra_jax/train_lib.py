@@ -45,10 +45,19 @@ def forward(model: nn.Module, spec: adapters_lib.AdapterSpec | None, trainable, 
                               train=train, axis_name=axis_name)
 
 
+# the key of the step's augmentation: folded out of the step's key, whose dropout draws it keeps
+_AUGMENT_STREAM = 0x417567
+
+
 def loss_fn(trainable, frozen, batch: Batch, rng: jax.Array, *, model: nn.Module,
-            spec: adapters_lib.AdapterSpec | None, axis_name: str | None = None):
-  """Mean cross-entropy plus the router's load-balancing loss (already weighted by the spec)."""
-  logits, aux = forward(model, spec, trainable, frozen, batch["image"], rng=rng, train=True,
+            spec: adapters_lib.AdapterSpec | None, axis_name: str | None = None,
+            augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None):
+  """Mean cross-entropy plus the router's load-balancing loss (already weighted by the spec);
+  ``augment(images, key)`` (e.g. ``data.augment.Augment``) transforms the images first."""
+  images = batch["image"]
+  if augment is not None:
+    images = augment(images, jax.random.fold_in(rng, _AUGMENT_STREAM))
+  logits, aux = forward(model, spec, trainable, frozen, images, rng=rng, train=True,
                         axis_name=axis_name)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
   return loss + aux["balance_loss"], logits
@@ -57,7 +66,8 @@ def loss_fn(trainable, frozen, batch: Batch, rng: jax.Array, *, model: nn.Module
 def train_step(state: TrainState, frozen, batch: Batch, rng: jax.Array, *, model: nn.Module,
                spec: adapters_lib.AdapterSpec | None, tx: optax.GradientTransformation,
                schedule: Callable[[jax.Array], jax.Array], axis_name: str | None = None,
-               microbatches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+               microbatches: int = 1, augment: Callable | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step. Pure: jit it (state donated) or pmap it (``axis_name`` set).
 
   Args:
@@ -68,13 +78,15 @@ def train_step(state: TrainState, frozen, batch: Batch, rng: jax.Array, *, model
       resumed run draws the same dropout masks as an uninterrupted one.
     microbatches: M > 1 accumulates the gradient over M sequential parts of B / M examples
       (``_accumulated``): the same update with about 1/M of the activations' memory.
+    augment: ``augment(images, key) -> images`` applied to the training images inside the step
+      (``data.augment``), drawn from the step's key like dropout; None: the images as given.
   Returns:
     The new state and {"loss", "accuracy", "lr", "grad_norm", "update_norm"} scalars.
   """
   rng = jax.random.fold_in(rng, state.step)
   if axis_name is not None:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-  loss = functools.partial(loss_fn, model=model, spec=spec, axis_name=axis_name)
+  loss = functools.partial(loss_fn, model=model, spec=spec, axis_name=axis_name, augment=augment)
   grads, metrics = _accumulated(loss, state.trainable, frozen, batch, rng, microbatches)
   if axis_name is not None:
     grads, metrics = jax.lax.pmean((grads, metrics), axis_name)

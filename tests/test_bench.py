@@ -48,10 +48,11 @@ def test_bench_cli_runs_each_configuration_in_its_own_process(capfd, monkeypatch
     bench.main([*_TINY, "--microbatches", "3"])
 
 
-def test_bench_times_a_microbatched_step(capsys):
-  bench.main([*_TINY, "--microbatches", "2", "--adapters", "hydra", "--no_infer"])
+def test_bench_times_a_microbatched_augmented_step(capsys):
+  bench.main([*_TINY, "--microbatches", "2", "--augment", "--adapters", "hydra", "--no_infer"])
   (row,) = _rows(capsys.readouterr().out)
-  assert row["microbatches"] == 2 and row["img_per_s"] > 0 and "error" not in row
+  assert row["microbatches"] == 2 and row["augment"] and row["img_per_s"] > 0
+  assert "error" not in row
 
 
 def test_a_failed_inference_keeps_the_training_row(capsys, monkeypatch):

@@ -236,6 +236,7 @@ def test_a_random_backbone_resumes_under_any_spelling(reference_run, tmp_path):
     ("data.train_split", "train[:48]", "data.train_split='train\\[:48\\]' but the checkpoint"),
     ("model.image_size", 32, "model.image_size=32 but the checkpoint at step 8"),
     ("model.drop_path", 0.1, "model.drop_path=0.1 but the checkpoint at step 8"),
+    ("data.augment.flip", True, "data.augment=.*'flip': True.* but the checkpoint at step 8"),
     ("optim.lr", 0.5, "optim=.*'lr': 0.5.* but the checkpoint at step 8"),
     ("num_epochs", 1, "step 8 .* is past this run's 4 steps \\(num_epochs=1\\); give "
                       "num_epochs >= 2"),

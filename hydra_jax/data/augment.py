@@ -1,0 +1,107 @@
+"""Training-time augmentation on the device: random resized crops and horizontal flips.
+
+Batches reach the step as uint8 (B, H, W, 3) at the model's input size (the host resizes once
+and caches, ``pipeline``). Inside the jitted step each example draws its own crop and flip from
+the step's key, is resampled on the device and rounded back to uint8, so the model normalises it
+as it does every input and the host pipeline stays as cheap as it is. The crop follows
+torchvision's ``RandomResizedCrop``: an area share uniform in ``crop_scale`` and an aspect ratio
+log-uniform in ``crop_ratio``, redrawn up to 10 times until the box fits, else the centred box of
+the nearest allowed ratio. The box is real-valued (torchvision rounds it to whole pixels) and
+sampled bilinearly at (H, W) points inside it from the whole image (torchvision cuts the box out
+first, so near the box's edges its samples stay inside where these blend with the neighbouring
+pixels). Crops come from the already-resized image, not the original.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+_TRIES = 10  # torchvision's RandomResizedCrop redraws this many times
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  """A random (crop and) flip of uint8 image batches; see the module docstring.
+
+  Attributes:
+    flip: mirror each image left-right with probability 1/2.
+    crop_scale: (min, max) share of the image's area a crop covers, e.g. (0.08, 1.0)
+      (torchvision's default); None: no crop.
+    crop_ratio: (min, max) width / height of a crop.
+  """
+  flip: bool = False
+  crop_scale: tuple[float, float] | None = None
+  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+  def __post_init__(self):
+    if self.crop_scale is not None:
+      lo, hi = self.crop_scale
+      if not 0 < lo <= hi <= 1:
+        raise ValueError(f"crop_scale={self.crop_scale!r}; expected (min, max) with "
+                         "0 < min <= max <= 1")
+    lo, hi = self.crop_ratio
+    if not 0 < lo <= hi:
+      raise ValueError(f"crop_ratio={self.crop_ratio!r}; expected (min, max) with 0 < min <= max")
+
+  def __call__(self, images: jax.Array, rng: jax.Array) -> jax.Array:
+    """uint8 (B, H, W, 3) -> uint8 (B, H, W, 3), drawn from ``rng``."""
+    k_crop, k_flip = jax.random.split(rng)
+    b, h, w, _ = images.shape
+    if self.crop_scale is not None:
+      boxes = crop_boxes(k_crop, b, (h, w), self.crop_scale, self.crop_ratio)
+      images = jax.vmap(resized_crop)(images, boxes)
+    if self.flip:
+      mirror = jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1))
+      images = jnp.where(mirror, images[:, :, ::-1], images)
+    return images
+
+
+def crop_boxes(rng: jax.Array, n: int, size: tuple[int, int], scale: tuple[float, float],
+               ratio: tuple[float, float]) -> jax.Array:
+  """(n, 4) float32 boxes (top, left, height, width) in pixels of an image of ``size`` (H, W)."""
+  height, width = size
+  k_area, k_ratio, k_top, k_left = jax.random.split(rng, 4)
+  area = height * width * jax.random.uniform(k_area, (n, _TRIES), minval=scale[0],
+                                             maxval=scale[1])
+  log_lo, log_hi = jnp.log(jnp.asarray(ratio, jnp.float32))
+  aspect = jnp.exp(jax.random.uniform(k_ratio, (n, _TRIES), minval=log_lo, maxval=log_hi))
+  w, h = jnp.sqrt(area * aspect), jnp.sqrt(area / aspect)
+  fits = (w <= width) & (h <= height)
+  first = jnp.argmax(fits, axis=1)  # the first try that fits (0 where none does)
+  pick = lambda x: jnp.take_along_axis(x, first[:, None], axis=1)[:, 0]  # noqa: E731
+  # none fits: the whole image cut to the nearest allowed ratio, centred (torchvision's fallback)
+  given = width / height
+  fw, fh = ((width, width / ratio[0]) if given < ratio[0] else
+            (height * ratio[1], height) if given > ratio[1] else (width, height))
+  ok = jnp.any(fits, axis=1)
+  h, w = jnp.where(ok, pick(h), fh), jnp.where(ok, pick(w), fw)
+  top = jnp.where(ok, jax.random.uniform(k_top, (n,)) * (height - h), (height - h) / 2)
+  left = jnp.where(ok, jax.random.uniform(k_left, (n,)) * (width - w), (width - w) / 2)
+  return jnp.stack([top, left, h, w], axis=1).astype(jnp.float32)
+
+
+def resized_crop(image: jax.Array, box: jax.Array) -> jax.Array:
+  """The ``box`` (top, left, height, width) of uint8 (H, W, C) ``image`` bilinearly resampled to
+  (H, W, C) uint8: output pixel (i, j) samples the image at (top + (i + 1/2) h / H, left +
+  (j + 1/2) w / W), pixel edges at integer coordinates, the image's edge pixels extending it."""
+  height, width = image.shape[:2]
+  top, left, h, w = box[0], box[1], box[2], box[3]
+  scale = jnp.stack([height / h, width / w])
+  out = jax.image.scale_and_translate(
+      image.astype(jnp.float32), image.shape, (0, 1), scale, -jnp.stack([top, left]) * scale,
+      method="linear", antialias=False)
+  return jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)
+
+
+def from_config(cfg) -> Augment | None:
+  """The ``Augment`` of a config's ``data.augment`` (None when it changes nothing)."""
+  if cfg is None:
+    return None
+  scale = cfg.get("crop_scale")
+  augment = Augment(flip=bool(cfg.get("flip", False)),
+                    crop_scale=None if scale is None else tuple(float(x) for x in scale),
+                    crop_ratio=tuple(float(x) for x in cfg.get("crop_ratio", (3 / 4, 4 / 3))))
+  return augment if augment.flip or augment.crop_scale is not None else None
