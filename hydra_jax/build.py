@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from hydra_jax import assets, checkpoints, data
@@ -45,6 +47,14 @@ def _dtype(name: str):
   if name not in DTYPES:
     raise ValueError(f"unknown dtype {name!r}; expected one of {tuple(DTYPES)}")
   return DTYPES[name]
+
+
+def run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """The config a run recorded (``workdir/config.json``)."""
+  path = pathlib.Path(workdir).expanduser() / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path.parent} is not a run directory (no config.json)")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def model_rng(config) -> jax.Array:
@@ -104,9 +114,9 @@ def init_head(params: dict, how: str | None, rng: jax.Array) -> dict:
 def runtime_fields(config) -> dict:
   """The ViT fields of ``config.model`` that no checkpoint records (how it computes, not what):
   dtype, attention, remat, drop_path."""
-  cfg = config.model
-  return dict(dtype=_dtype(cfg.dtype), attention=cfg.attention, remat=cfg.remat,
-              drop_path=cfg.get("drop_path", 0.0))
+  cfg = config.model  # .get: configs recorded before a field existed ran with its default
+  return dict(dtype=_dtype(cfg.get("dtype", "float32")), attention=cfg.get("attention", "auto"),
+              remat=cfg.get("remat", "none"), drop_path=cfg.get("drop_path", 0.0))
 
 
 def _build(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:

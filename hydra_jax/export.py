@@ -36,7 +36,6 @@ import pathlib
 from collections.abc import Sequence
 
 import jax
-import ml_collections
 import safetensors
 from flax import traverse_util
 
@@ -101,14 +100,13 @@ def save_peft_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
   renamed into place, so ``out`` never pairs a new adapter with an old base. ``labels`` /
   ``dtype``: the base's. Returns the class the adapter applies to.
   """
-  workdir, out = pathlib.Path(workdir), pathlib.Path(out).expanduser()
-  files = [workdir / "config.json", workdir / "export" / "adapters.safetensors"]
-  missing = [str(f) for f in files if not f.is_file()]
-  if missing:
+  workdir, out = pathlib.Path(workdir).expanduser(), pathlib.Path(out).expanduser()
+  config = build.run_config(workdir)
+  exported = workdir / "export" / "adapters.safetensors"
+  if not exported.is_file():
     raise FileNotFoundError(f"{workdir} is not a finished run with exported adapters (no "
-                            f"{missing})")
-  config = ml_collections.ConfigDict(json.loads(files[0].read_text()))
-  trainable, spec = load_adapters(files[1])
+                            f"{exported})")
+  trainable, spec = load_adapters(exported)
   _, base = build.build_model(config, build.model_rng(config))
   archs = []
   timm = target == "timm"

@@ -217,6 +217,7 @@ def resume_meta(config) -> dict[str, Any]:
   """The config fields a checkpoint records so that a resume can check them."""
   meta = {key: _field(config, key) for key in _RESUME_KEYS}
   meta["model.checkpoint"] = checkpoint_name(config.model)  # None and "random" agree
+  meta["data.augment"] = augment_lib.describe(config.data.get("augment"))  # what it draws
   return meta
 
 

@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import zlib
 from collections.abc import Sequence
 
 import jax
@@ -37,7 +38,8 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from hydra_jax import build, checkpoints, loop, parallel
+from hydra_jax import build, checkpoints, export, loop, optim, parallel
+from hydra_jax.adapters import transform
 
 HEAD = "head"
 
@@ -53,10 +55,7 @@ class Run:
 def load_run(workdir: str | pathlib.Path) -> Run:
   """Reads a finished run's config and merged export."""
   workdir = pathlib.Path(workdir).expanduser()
-  config_file, merged = workdir / "config.json", workdir / "export" / "merged.safetensors"
-  if not config_file.is_file():
-    raise FileNotFoundError(f"{workdir} is not a run directory (no config.json)")
-  config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+  config, merged = build.run_config(workdir), workdir / "export" / "merged.safetensors"
   if not merged.is_file():
     why = ("a HydraLoRA run has none: its router depends on the input; merge its adapters with "
            "fixed routing in Python, adapters.merge(..., routing=w)"
@@ -79,26 +78,31 @@ METHODS = ("sum", "ties", "dare", "dare_ties")
 
 
 def task_sum(base, items: Sequence[tuple[float, dict]], *, head: str | int | None = "mean",
-             method: str = "sum", density: float = 1.0, seed: int = 0) -> dict:
-  """``base`` plus a merge of the weighted changes ``tau_i = w_i (params_i - base)``, every param
-  but the head, plus the chosen head.
+             method: str = "sum", density: float = 1.0, scale: float = 1.0,
+             seed: int = 0) -> dict:
+  """``base + scale * merge_i(w_i, tau_i)`` over the changes ``tau_i = params_i - base`` of every
+  param but the head, plus the chosen head.
 
-  Methods, each param tensor on its own:
+  Methods, each param tensor on its own (as mergekit and PEFT do; TIES' paper trims over the
+  whole task vector):
 
-  - "sum": ``sum_i tau_i`` (task arithmetic);
+  - "sum": ``sum_i w_i tau_i`` (task arithmetic; ``scale`` multiplies every weight);
   - "ties" (TIES-merging, Yadav et al. 2023): keep each ``tau_i``'s ``density`` share of largest
-    magnitudes, elect each entry's sign as that of the kept values' sum, and take the mean of the
-    kept values of that sign (0 where none);
+    magnitudes, elect each entry's sign as that of ``sum_i w_i tau_i`` over the kept values, and
+    take the ``w``-weighted mean of the kept values of that sign (0 where none): the weights
+    weigh the runs (their scale cancels, so they must be positive) and ``scale`` is the paper's
+    lambda (equal weights and ``scale=1``: the paper's merge at lambda 1);
   - "dare" (Yu et al. 2023): keep each entry of each ``tau_i`` with probability ``density``,
-    scaled by ``1 / density`` (the rest 0; ``seed`` draws), then "sum";
-  - "dare_ties": DARE's draw, then TIES' sign election and mean.
+    scaled by ``1 / density`` (the rest 0; item i's mask of a tensor draws from (``seed``, i, the
+    tensor's path)), then "sum";
+  - "dare_ties": DARE's draw, then TIES' sign election and weighted mean.
 
   Args:
     base: the param tree the runs started from (its head is not read).
     items: [(w_i, params_i), ...], each params_i of base's tree (heads may differ).
     head: "mean" (``sum_i w_i head_i / sum_i w_i``; the heads' shapes must agree), an index
       into ``items`` (that head as it is) or None (no head).
-    method, density, seed: as above; density in (0, 1].
+    method, density, scale, seed: as above; density in (0, 1].
 
   Returns:
     the merged param tree, float32 numpy leaves (float64 arithmetic).
@@ -111,23 +115,31 @@ def task_sum(base, items: Sequence[tuple[float, dict]], *, head: str | int | Non
     raise ValueError(f"density={density}; expected a share in (0, 1]")
   if method == "sum" and density != 1:
     raise ValueError(f"density={density} applies to ties and dare, not to method 'sum'")
-  want, bodies = _body(base), [(w, _body(params)) for w, params in items]
-  for i, (_, body) in enumerate(bodies):
+  weights = [float(w) for w, _ in items]
+  if not all(np.isfinite([*weights, scale])):
+    raise ValueError(f"weights {weights} and scale {scale} must be finite numbers")
+  if method.endswith("ties") and min(weights) <= 0:
+    raise ValueError(f"{method} weighs the runs inside a mean: weights must be positive, got "
+                     f"{weights} (scale sets the size of the change)")
+  want, bodies = _body(base), [_body(params) for _, params in items]
+  for i, body in enumerate(bodies):
     try:
       checkpoints.check_tree(want, body)
     except ValueError as e:
       raise ValueError(f"item {i} does not fit the base's tree: {e}") from None
-  rng = np.random.default_rng(seed)
   out = {}
   for path, b in want.items():
     b = np.asarray(b, np.float64)
-    taus = [w * (np.asarray(body[path], np.float64) - b) for w, body in bodies]
+    taus = [np.asarray(body[path], np.float64) - b for body in bodies]
     if method.startswith("dare"):
-      taus = [t * (rng.random(t.shape) < density) / density for t in taus]
+      keep = [np.random.default_rng([seed, i, zlib.crc32(path.encode())]).random(t.shape)
+              < density for i, t in enumerate(taus)]
+      taus = [t * k / density for t, k in zip(taus, keep, strict=True)]
     if method == "ties":
       taus = [_largest(t, density) for t in taus]
-    out[path] = (b + (_sign_elected_mean(taus) if method.endswith("ties") else sum(taus))
-                 ).astype(np.float32)
+    change = (_sign_elected_mean(taus, weights) if method.endswith("ties") else
+              sum(w * t for w, t in zip(weights, taus, strict=True)))
+    out[path] = (b + scale * change).astype(np.float32)
   out.update({f"{HEAD}/{k}": v for k, v in _flat(_choose_head(items, head)).items()})
   return traverse_util.unflatten_dict(out, sep="/")
 
@@ -142,12 +154,14 @@ def _largest(t: np.ndarray, density: float) -> np.ndarray:
   return out.reshape(t.shape)
 
 
-def _sign_elected_mean(taus: Sequence[np.ndarray]) -> np.ndarray:
-  """Per entry: the mean of the non-zero values whose sign is that of the sum (0 where none)."""
+def _sign_elected_mean(taus: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+  """Per entry: the ``weights``-weighted mean of the non-zero values whose sign is that of
+  their weighted sum (0 where none)."""
   stacked = np.stack(taus)
-  agree = (np.sign(stacked) == np.sign(stacked.sum(0))) & (stacked != 0)
-  count = agree.sum(0)
-  return np.where(count > 0, (stacked * agree).sum(0) / np.maximum(count, 1), 0.0)
+  w = np.asarray(weights, np.float64).reshape(-1, *[1] * (stacked.ndim - 1))
+  agree = (np.sign(stacked) == np.sign((w * stacked).sum(0))) & (stacked != 0)
+  total = (w * agree).sum(0)
+  return np.where(total > 0, (w * stacked * agree).sum(0) / np.where(total > 0, total, 1), 0.0)
 
 
 def _choose_head(items, head) -> dict:
@@ -165,9 +179,9 @@ def _choose_head(items, head) -> dict:
     raise ValueError(f"head='mean' needs heads of one shape in every item; got {shapes} (choose "
                      "one item's head, or none)")
   weight = sum(w for w, _ in items)
-  if weight == 0:
-    raise ValueError("head='mean' needs weights that do not sum to 0 (choose one item's head, or "
-                     "none)")
+  if abs(weight) <= 1e-6 * sum(abs(w) for w, _ in items):
+    raise ValueError(f"head='mean' divides by the weights' sum, {weight:g} here (choose one "
+                     "item's head, or none)")
   return {k: (sum(w * np.asarray(p[HEAD][k], np.float64) for w, p in items) / weight
               ).astype(np.float32) for k in heads[0]}
 
@@ -189,16 +203,20 @@ def _same_base(ref: checkpoints.Pretrained, other: checkpoints.Pretrained) -> st
 def merge_runs(runs: Sequence[Run], weights: Sequence[float], *,
                head: str | int | None = "mean", **merge) -> checkpoints.Pretrained:
   """``task_sum`` of finished runs over their common base, as a plain checkpoint; ``merge``:
-  ``task_sum``'s method, density and seed.
+  ``task_sum``'s method, density, scale and seed.
 
   Each run's base is rebuilt from its config as the run built it; runs from different bases
-  (checkpoint, image size, pooling, normalisation, a random backbone's seed) are refused.
+  (checkpoint, image size, pooling, normalisation, a random backbone's seed) are refused, and so
+  is a run whose rebuilt base differs from its merged export where the run changed nothing (its
+  config names another base than it was trained from, say a checkpoint file since replaced; a
+  full fine-tune changes every param, so its base is compared with the other runs' only).
   """
   if len(runs) != len(weights):
     raise ValueError(f"{len(runs)} runs but {len(weights)} weights")
   base = None
   for run in runs:
     _, pre = build.build_model(run.config, build.model_rng(run.config))
+    _check_trained_from(run, pre)
     if base is None:
       base = pre
     elif (diff := _same_base(base, pre)) is not None:
@@ -210,6 +228,28 @@ def merge_runs(runs: Sequence[Run], weights: Sequence[float], *,
   how = ", ".join(f"{k}={v}" for k, v in sorted(merge.items()))
   return dataclasses.replace(base, params=params,
                              source=f"merge of runs ({how or 'method=sum'}): {terms}")
+
+
+def _check_trained_from(run: Run, base: checkpoints.Pretrained) -> None:
+  """Refuses ``base`` where it differs from ``run``'s merged export outside what the run changed
+  (the params its ``train_patterns`` select and the layers its adapters adapt)."""
+  trained, _ = optim.split(base.params, list(run.config.train_patterns))
+  changed = set(_body(trained))
+  exported = run.workdir / "export" / "adapters.safetensors"
+  if exported.is_file():
+    trainable, _ = export.load_adapters(exported)
+    layers = tuple("/".join(path) + "/" for path, _ in transform.factor_dicts(
+        trainable["adapters"]))
+    changed |= {k for k in _body(base.params) if k.startswith(layers)}
+  merged = _body(run.merged.params)
+  for path, value in _body(base.params).items():
+    if path not in changed and (path not in merged or np.shape(merged[path]) != np.shape(value)
+                                or not np.array_equal(merged[path], value)):
+      raise ValueError(
+          f"{run.workdir}: the base its config rebuilds (model.checkpoint="
+          f"{run.config.model.get('checkpoint')}) differs from the run's merged export at "
+          f"{path}, which the run neither trained nor adapted: it was fine-tuned from another "
+          "base")
 
 
 def evaluate(run: Run, pre: checkpoints.Pretrained) -> dict:
@@ -232,14 +272,15 @@ def with_head(pre: checkpoints.Pretrained, run: Run) -> checkpoints.Pretrained:
 
 
 def _parse(text: str) -> tuple[str, float]:
-  """"RUN[:WEIGHT]" -> (RUN, weight); the weight defaults to 1."""
+  """"RUN[:WEIGHT]" -> (RUN, weight); the weight defaults to 1 (also for an existing directory
+  whose name ends in ":digits")."""
   path, sep, weight = text.rpartition(":")
-  if sep:
-    try:
-      return path, float(weight)
-    except ValueError:
-      pass
-  return text, 1.0
+  if not sep or pathlib.Path(text).expanduser().is_dir():
+    return text, 1.0
+  try:
+    return path, float(weight)
+  except ValueError:
+    return text, 1.0
 
 
 # TIES-merging's paper keeps the top 20%; for DARE, half (its paper drops 10% to 99%)
@@ -259,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                  "ties, dare or dare_ties (see task_sum)")
   p.add_argument("--density", type=float, default=None, help="ties / dare: the share of each "
                  "run's change kept (default 0.2 for ties, 0.5 for dare)")
+  p.add_argument("--scale", type=float, default=1.0, help="multiplies the merged change (TIES' "
+                 "lambda)")
   p.add_argument("--seed", type=int, default=0, help="dare: the seed of the random drop")
   p.add_argument("--eval", action="store_true", help="score the result on each run's "
                  "validation and test splits and print a JSON line per run")
@@ -284,6 +327,8 @@ def _merge(args: argparse.Namespace) -> None:
   density = args.density if args.density is not None else _DEFAULT_DENSITY.get(args.method)
   if density is not None:
     how["density"] = density
+  if args.scale != 1:
+    how["scale"] = args.scale
   if args.method.startswith("dare"):
     how["seed"] = args.seed
   merged = merge_runs(runs, [w for _, w in parsed], head=head, **how)

@@ -81,6 +81,14 @@ def _config(**fields):
                                     "crop_ratio": (3 / 4, 4 / 3), **fields})
 
 
+def test_describe_records_the_draws():
+  assert augment.describe(_config()) is None
+  assert augment.describe(_config(crop_ratio=(1, 2))) is None  # no crop: the ratio draws nothing
+  assert augment.describe(_config(flip=True)) == {"flip": True, "crop_scale": None}
+  assert augment.describe(_config(crop_scale=(0.5, 1), crop_ratio=None)) == {
+      "flip": False, "crop_scale": [0.5, 1.0], "crop_ratio": [0.75, 4 / 3]}
+
+
 def test_from_config():
   assert augment.from_config(None) is None
   assert augment.from_config(_config()) is None  # nothing to do: the step skips it
@@ -93,9 +101,7 @@ def test_from_config():
     augment.from_config(_config(crop_scale=(0.5, 1.0), crop_ratio=(0, 1)))
 
 
-@pytest.mark.parametrize("microbatches", [1, 2])
-def test_the_step_trains_on_the_augmented_images(microbatches):
-  """An augmentation that blanks the images gives the step of blank images."""
+def _step_pieces():
   config = default.get_testing_config()
   model, pre = build_model(config, jax.random.key(0))
   spec = adapters.spec_from_config(config.adapter)
@@ -108,10 +114,16 @@ def test_the_step_trains_on_the_augmented_images(microbatches):
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.integers(0, 256, (16, 16, 16, 3)), jnp.uint8),
            "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32)}
-  blank = lambda images, key: jnp.zeros_like(images)  # noqa: E731
+  return state, frozen, batch, functools.partial(train_lib.train_step, model=model, spec=spec,
+                                                 tx=tx, schedule=schedule)
 
-  step = functools.partial(train_lib.train_step, model=model, spec=spec, tx=tx,
-                           schedule=schedule, microbatches=microbatches)
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_the_step_trains_on_the_augmented_images(microbatches):
+  """An augmentation that blanks the images gives the step of blank images."""
+  state, frozen, batch, step = _step_pieces()
+  step = functools.partial(step, microbatches=microbatches)
+  blank = lambda images, key: jnp.zeros_like(images)  # noqa: E731
   _, with_blank = step(state, frozen, batch, jax.random.key(2), augment=blank)
   _, blank_input = step(state, frozen, {**batch, "image": jnp.zeros_like(batch["image"])},
                         jax.random.key(2))
@@ -119,3 +131,22 @@ def test_the_step_trains_on_the_augmented_images(microbatches):
   # the zero head gives every batch the loss log(10): the gradients tell the inputs apart
   np.testing.assert_allclose(with_blank["grad_norm"], blank_input["grad_norm"], rtol=1e-5)
   assert abs(float(with_blank["grad_norm"]) - float(plain["grad_norm"])) > 1e-3
+
+
+def test_every_device_and_microbatch_part_draws_its_own_key():
+  """pmap over 2 devices, 2 parts each: 4 augmentation keys, none the dropout key's."""
+  state, frozen, batch, step = _step_pieces()
+  seen = []
+
+  def spy(images, key):
+    jax.debug.callback(lambda k: seen.append(np.asarray(k).tobytes()), jax.random.key_data(key))
+    return images
+
+  devices = jax.devices()[:2]
+  pstep = jax.pmap(functools.partial(step, microbatches=2, augment=spy, axis_name="batch"),
+                   axis_name="batch", in_axes=(0, 0, 0, None), devices=devices)
+  shard = lambda x: jnp.stack([x, x])  # noqa: E731
+  per_device = {k: v.reshape(2, -1, *v.shape[1:]) for k, v in batch.items()}
+  jax.block_until_ready(pstep(jax.tree.map(shard, state), jax.tree.map(shard, frozen),
+                              per_device, jax.random.key(2)))
+  assert len(seen) == 4 and len(set(seen)) == 4

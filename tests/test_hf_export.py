@@ -583,3 +583,9 @@ def test_export_cli_writes_a_lora_run_for_peft(tmp_path, capsys):
   assert "base/NOTES.md" in capsys.readouterr().err
   assert (tmp_path / "peft" / "base" / "NOTES.md").read_text() == "mine"
   assert (tmp_path / "peft" / "lora" / "adapter_model.safetensors").read_bytes() == before
+  for run, message in [(tmp_path / "nowhere", "is not a run directory (no config.json)"),
+                       (tmp_path / "run", "is not a finished run with exported adapters")]:
+    (tmp_path / "run" / "export" / "adapters.safetensors").unlink(missing_ok=True)
+    with pytest.raises(SystemExit):
+      export.main([str(run), "--peft", str(tmp_path / "peft2")])
+    assert message in capsys.readouterr().err

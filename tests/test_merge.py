@@ -46,7 +46,7 @@ def test_one_item_of_weight_one_is_that_item_exactly():
 
 @pytest.mark.parametrize("items, head, message", [
     ([(1.0, "other_classes")], "mean", "heads of one shape"),
-    ([(1.0, "same"), (-1.0, "same")], "mean", "do not sum to 0"),
+    ([(1.0, "same"), (-1.0, "same")], "mean", "divides by the weights' sum, 0 here"),
     ([(1.0, "same")], 3, "expected 'mean', None or an item index 0..0"),
     ([(1.0, "wider")], "mean", "item 0 does not fit the base's tree"),
 ])
@@ -76,8 +76,13 @@ def test_ties_trims_elects_the_sign_and_averages_agreeing_values():
   out = merge.task_sum(base, [(1.0, _vec(3, -1, 0.5, 2)), (1.0, _vec(-2, -4, 1, 1))],
                        method="ties", density=0.5)
   np.testing.assert_array_equal(_kernel(out), [3, -4, 0, 2])
-  out = merge.task_sum(_vec(1, 1), [(1.0, _vec(2, 3)), (0.5, _vec(7, 9))], method="ties")
-  np.testing.assert_allclose(_kernel(out), [1 + (1 + 3) / 2, 1 + (2 + 4) / 2])  # all kept: means
+  # all kept, signs agree: the weighted mean of the changes [1, 2] and [6, 8], times scale
+  out = merge.task_sum(_vec(1, 1), [(1.0, _vec(2, 3)), (0.5, _vec(7, 9))], method="ties",
+                       scale=0.5)
+  np.testing.assert_allclose(_kernel(out), [1 + 0.5 * (1 + 3) / 1.5, 1 + 0.5 * (2 + 4) / 1.5])
+  # a weighted sign election: 1 * (-1) + 3 * 0.5 > 0 elects +, and only the + value counts
+  out = merge.task_sum(_vec(0), [(1.0, _vec(-1)), (3.0, _vec(0.5))], method="ties", density=1)
+  np.testing.assert_allclose(_kernel(out), [0.5])
 
 
 def test_dare_keeps_a_density_share_rescaled_and_is_seeded():
@@ -93,27 +98,38 @@ def test_dare_keeps_a_density_share_rescaled_and_is_seeded():
   np.testing.assert_array_equal(_kernel(again), _kernel(out))
   other = merge.task_sum(base, [(2.0, item)], method="dare", density=0.25, seed=2)
   assert not np.array_equal(_kernel(other), _kernel(out))
+  # one item: its own sign, and the weighted mean of one change is that change (the weight
+  # cancels); its mask is drawn from (seed, item 0, the tensor's path) alone
   ties = merge.task_sum(base, [(2.0, item)], method="dare_ties", density=0.25, seed=1)
-  np.testing.assert_array_equal(_kernel(ties), _kernel(out))  # one item: its own sign
+  once = merge.task_sum(base, [(1.0, item)], method="dare", density=0.25, seed=1)
+  np.testing.assert_allclose(_kernel(ties), _kernel(once), rtol=1e-6)
+  np.testing.assert_allclose(_kernel(once) - _kernel(base), change / 2, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("how, message", [
     ({"method": "mean"}, "unknown merge method 'mean'"),
     ({"method": "ties", "density": 0.0}, r"expected a share in \(0, 1\]"),
     ({"method": "sum", "density": 0.5}, "applies to ties and dare"),
+    ({"method": "sum", "scale": float("nan")}, "must be finite numbers"),
 ])
 def test_task_sum_refuses_bad_methods(how, message):
   with pytest.raises(ValueError, match=message):
     merge.task_sum(_vec(0), [(1.0, _vec(1))], **how)
+  with pytest.raises(ValueError, match=r"ties weighs the runs inside a mean: weights must be "
+                     r"positive, got \[1.0, -1.0\]"):
+    merge.task_sum(_vec(0), [(1.0, _vec(1)), (-1.0, _vec(2))], method="ties")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """Two finished runs of the testing config from one random base: Hydra and LoRA."""
+  """Finished runs of the testing config from one random base: Hydra, LoRA, full fine-tuning."""
   out = {}
-  for kind in ("hydra", "lora"):
+  for kind in ("hydra", "lora", "full"):
     config = default.get_testing_config()
-    config.adapter.kind = kind
+    if kind == "full":
+      config.adapter, config.train_patterns = default.adapter_config("none"), (".*",)
+    else:
+      config.adapter.kind = kind
     workdir = tmp_path_factory.mktemp(kind)
     results = train_and_evaluate(config, str(workdir))
     out[kind] = (workdir, results)
@@ -200,14 +216,37 @@ def _copy_run(src, dst, **config_changes):
   return dst
 
 
+def test_a_full_fine_tune_mixes_in(runs):
+  loaded = [merge.load_run(runs[k][0]) for k in ("hydra", "full")]
+  merged = merge.merge_runs(loaded, [0.5, 0.5])
+  config = loaded[0].config
+  _, base = build.build_model(config, build.model_rng(config))
+  b, got = _body(base.params), _body(merged.params)
+  h, f = (_body(run.merged.params) for run in loaded)
+  assert all(not np.array_equal(f[k], b[k]) for k in b)  # every param trained
+  for k in b:
+    np.testing.assert_allclose(got[k], b[k] + 0.5 * (h[k] - b[k]) + 0.5 * (f[k] - b[k]),
+                               rtol=1e-6, atol=1e-7, err_msg=k)
+
+
 def test_cli_refusals_name_the_reason(runs, tmp_path, capsys):
   h = runs["hydra"][0]
-  other_seed = _copy_run(h, tmp_path / "seed1", seed=1)  # a random backbone drawn from seed 1
+  # a run trained from seed 0's random backbone whose config now names seed 1's
+  wrong_base = _copy_run(h, tmp_path / "wrong", seed=1)
+  # a run of seed 1's backbone that changed nothing: consistent, but not hydra's base
+  other_base = _copy_run(h, tmp_path / "other", seed=1)
+  config = merge.load_run(other_base).config
+  checkpoints.save(other_base / "export" / "merged.safetensors",
+                   build.build_model(config, build.model_rng(config))[1])
+  (other_base / "export" / "adapters.safetensors").unlink()
   hydralora = _copy_run(h, tmp_path / "hl", **{"adapter.kind": "hydralora"})
   (hydralora / "export" / "merged.safetensors").unlink()
   out = str(tmp_path / "x.safetensors")
   for argv, message in [
-      ([out, str(h), str(other_seed)], "were fine-tuned from different bases: param "),
+      ([out, str(wrong_base)], "which the run neither trained nor adapted: it was fine-tuned from "
+                               "another base"),
+      ([out, str(h), str(other_base)], "were fine-tuned from different bases: param "),
+      ([out, f"{h}:nan"], "must be finite numbers"),
       ([out, str(h), str(hydralora)], "fixed routing"),
       ([out, str(h), "--head", str(tmp_path)], "expected 'mean', 'none' or one of the runs"),
       ([out, str(tmp_path / "nowhere")], "is not a run directory"),
@@ -218,8 +257,10 @@ def test_cli_refusals_name_the_reason(runs, tmp_path, capsys):
   assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_parse_reads_an_optional_weight():
+def test_parse_reads_an_optional_weight(tmp_path):
   assert merge._parse("/r/a:0.25") == ("/r/a", 0.25)
+  (tmp_path / "run:12").mkdir()  # a directory's own name wins over a weight
+  assert merge._parse(str(tmp_path / "run:12")) == (str(tmp_path / "run:12"), 1.0)
   assert merge._parse("/r/a") == ("/r/a", 1.0)
   assert merge._parse("/r/a:-1e-1") == ("/r/a", -0.1)
   assert merge._parse("/r/a:b") == ("/r/a:b", 1.0)

@@ -84,6 +84,14 @@ def test_end_to_end_run(reference_run):
   assert any(np.abs(x).max() > 0 for x in jax.tree.leaves(trained["adapters"]))
 
 
+def test_augmentation_reaches_the_run(reference_run, tmp_path):
+  """The same run with flips ends elsewhere (the images the step saw changed)."""
+  train_and_evaluate(_testing_config(**{"data.augment.flip": True}), str(tmp_path))
+  flipped, plain = _adapters_of(tmp_path), _adapters_of(reference_run[0])
+  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(flipped),
+                                                      jax.tree.leaves(plain), strict=True))
+
+
 _KILL_CHILD = """
 import os, signal, sys
 from hydra_jax import checkpointing

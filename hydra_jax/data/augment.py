@@ -15,6 +15,7 @@ pixels). Crops come from the already-resized image, not the original.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -100,8 +101,20 @@ def from_config(cfg) -> Augment | None:
   """The ``Augment`` of a config's ``data.augment`` (None when it changes nothing)."""
   if cfg is None:
     return None
-  scale = cfg.get("crop_scale")
+  scale, ratio = cfg.get("crop_scale"), cfg.get("crop_ratio") or Augment.crop_ratio
   augment = Augment(flip=bool(cfg.get("flip", False)),
                     crop_scale=None if scale is None else tuple(float(x) for x in scale),
-                    crop_ratio=tuple(float(x) for x in cfg.get("crop_ratio", (3 / 4, 4 / 3))))
+                    crop_ratio=tuple(float(x) for x in ratio))
   return augment if augment.flip or augment.crop_scale is not None else None
+
+
+def describe(cfg) -> dict | None:
+  """What a run records of ``data.augment`` for its resume check: the draws it makes (a
+  ``crop_ratio`` without a crop draws nothing), None for none."""
+  augment = from_config(cfg)
+  if augment is None:
+    return None
+  fields = dataclasses.asdict(augment)
+  if augment.crop_scale is None:
+    del fields["crop_ratio"]
+  return json.loads(json.dumps(fields))
