@@ -131,7 +131,7 @@ def _build(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:
     kwargs["posemb_grid"] = (grid, grid)
     if cfg.get("pool"):
       kwargs["pool"] = cfg.pool
-    mean, std = _pixel_stats(cfg, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    mean, std = pixel_stats(cfg, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     model = ViT(num_classes=num_classes, **kwargs, **runtime, pixel_mean=mean, pixel_std=std)
     images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
     params = jax.jit(model.init)(rng, images)["params"]
@@ -142,13 +142,14 @@ def _build(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:
   pre = checkpoints.load(path, num_classes=num_classes, image_size=cfg.image_size,
                          pool=cfg.get("pool") or None, reset_head=cfg.get("reset_head", False),
                          drop_pre_logits=not cfg.get("pre_logits", True))
-  mean, std = _pixel_stats(cfg, pre.mean, pre.std)
+  mean, std = pixel_stats(cfg, pre.mean, pre.std)
   pre = dataclasses.replace(pre, mean=mean, std=std)
   return checkpoints.build_model(pre, num_classes=num_classes, **runtime), pre
 
 
-def _pixel_stats(cfg, mean, std) -> tuple[tuple, tuple]:
-  """The checkpoint's input normalisation, or ``model.pixel_mean`` / ``pixel_std`` instead."""
+def pixel_stats(cfg, mean, std) -> tuple[tuple, tuple]:
+  """The checkpoint's input normalisation ``mean`` / ``std``, or ``cfg.pixel_mean`` /
+  ``pixel_std`` (a config's ``model``) instead."""
   want_mean, want_std = cfg.get("pixel_mean"), cfg.get("pixel_std")
   if want_mean is None and want_std is None:
     return tuple(mean), tuple(std)

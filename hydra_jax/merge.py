@@ -33,12 +33,11 @@ import pathlib
 import zlib
 from collections.abc import Sequence
 
-import jax
 import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from hydra_jax import build, checkpoints, export, loop, optim, parallel
+from hydra_jax import build, checkpoints, evaluate, export, optim
 from hydra_jax.adapters import transform
 
 HEAD = "head"
@@ -252,20 +251,6 @@ def _check_trained_from(run: Run, base: checkpoints.Pretrained) -> None:
           "base")
 
 
-def evaluate(run: Run, pre: checkpoints.Pretrained) -> dict:
-  """``pre``'s accuracy on ``run``'s validation and test splits (with its config's limits, as
-  the run scored itself), on one device; ``pre``'s head must have the run's class count."""
-  model = checkpoints.build_model(pre, **build.runtime_fields(run.config))
-  if model.num_classes != run.config.data.num_classes:
-    raise ValueError(f"the model has {model.num_classes} classes; {run.workdir} has "
-                     f"{run.config.data.num_classes}")
-  mesh = parallel.make_mesh(1)
-  apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
-  params = jax.device_put(pre.params, parallel.replicated(mesh))
-  _, val_src, test_src = loop.sources(run.config)
-  return loop.score(run.config, mesh, lambda b: apply(params, b["image"]), val_src, test_src)
-
-
 def with_head(pre: checkpoints.Pretrained, run: Run) -> checkpoints.Pretrained:
   """``pre`` with ``run``'s own head (its merged export's)."""
   return dataclasses.replace(pre, params={**pre.params, HEAD: run.merged.params[HEAD]})
@@ -342,7 +327,8 @@ def _merge(args: argparse.Namespace) -> None:
       key = json.dumps([run.config.data.to_dict(), str(build.runtime_fields(run.config))],
                        sort_keys=True)
       if head != "mean" or key not in scored:
-        scored[key] = evaluate(run, merged if head == "mean" else with_head(merged, run))
+        scored[key] = evaluate.evaluate_pretrained(
+            run.config, merged if head == "mean" else with_head(merged, run))
       scores = scored[key]
       print(json.dumps({"run": str(run.workdir), "weight": weight, **scores,
                         **{f"run_{k}": own[k] for k in ("val_accuracy", "test_accuracy")

@@ -1,7 +1,11 @@
 """Task sums of finished runs (hydra_jax.merge): the arithmetic, two real runs, the CLI."""
 
 import json
+import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -9,8 +13,10 @@ import pytest
 from flax import traverse_util
 
 from configs import default
-from hydra_jax import adapters, build, checkpoints, export, merge
+from hydra_jax import adapters, build, checkpoints, evaluate, export, merge
 from hydra_jax.loop import train_and_evaluate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _tree(rng, classes=3):
@@ -148,12 +154,29 @@ def test_a_run_alone_is_its_merged_export_and_scores_its_results(runs):
   for x, y in zip(jax.tree.leaves(merged.params), jax.tree.leaves(run.merged.params), strict=True):
     np.testing.assert_array_equal(x, y)
   assert merged.model == run.merged.model and merged.mean == run.merged.mean
-  scores = merge.evaluate(run, merged)
+  scores = evaluate.evaluate_pretrained(run.config, merged)
   assert {k: scores[k] for k in ("val_accuracy", "test_accuracy", "val_images", "test_images")} \
       == {k: results[k] for k in ("val_accuracy", "test_accuracy", "val_images", "test_images")}
   features = merge.merge_runs([run], [1.0], head=None)
-  with pytest.raises(ValueError, match=f"the model has None classes; {workdir} has 10"):
-    merge.evaluate(run, features)
+  with pytest.raises(ValueError, match="the model's head has None classes; data.num_classes is 10"):
+    evaluate.evaluate_pretrained(run.config, features)
+
+
+def test_evaluate_cli_scores_a_checkpoint_as_its_run_did(runs):
+  workdir, results = runs["lora"]
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  done = subprocess.run(
+      [sys.executable, "-m", "hydra_jax.evaluate", "--config", str(ROOT / "configs" / "testing.py"),
+       "--checkpoint", str(workdir / "export" / "merged.safetensors")],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  scores = json.loads(done.stdout.splitlines()[-1])
+  for k in ("val_accuracy", "test_accuracy", "val_images", "test_images"):
+    assert scores[k] == results[k], k
+  config = default.get_testing_config()
+  config.data.num_classes = 5
+  with pytest.raises(ValueError, match="the model's head has 10 classes; data.num_classes is 5"):
+    evaluate.evaluate_checkpoint(config, workdir / "export" / "merged.safetensors")
 
 
 def test_two_runs_sum_as_adapters_combine_does(runs):
@@ -188,7 +211,8 @@ def test_cli_writes_a_checkpoint_and_scores_each_run(runs, tmp_path, capsys, mon
   np.testing.assert_array_equal(written.params["head"]["kernel"],
                                 merge.load_run(lora).merged.params["head"]["kernel"])
   calls = []
-  monkeypatch.setattr(merge, "evaluate", lambda run, pre: calls.append(run) or {"test_accuracy": 1})
+  monkeypatch.setattr(evaluate, "evaluate_pretrained",
+                      lambda config, pre: calls.append(config) or {"test_accuracy": 1})
   merge.main([str(out), f"{h}:0.4", f"{lora}:0.6", "--eval"])  # one head, one dataset
   assert len(calls) == 1 and len(capsys.readouterr().out.splitlines()) == 3
   merge.main([str(out), str(h), str(lora), "--method", "ties", "--density", "0.3"])
