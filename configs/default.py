@@ -82,6 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.augment.crop_ratio = (3 / 4, 4 / 3)  # the crop's width / height range
 
   c.batch_size = 32  # global batch
+  c.label_smoothing = 0.0  # the loss's targets: 1 - e on the class, e spread over all classes
   # accumulate each step's gradient over this many sequential parts of the batch: the same
   # update in about 1/M of the activations' memory (a resume may change it)
   c.microbatches = 1

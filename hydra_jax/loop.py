@@ -137,7 +137,8 @@ class _Runner:
     step = functools.partial(train_lib.train_step, model=model, spec=spec, tx=tx,
                              schedule=schedule, axis_name="batch" if self.pmap else None,
                              microbatches=parts,
-                             augment=augment_lib.from_config(config.data.get("augment")))
+                             augment=augment_lib.from_config(config.data.get("augment")),
+                             label_smoothing=config.get("label_smoothing", 0.0))
     rep = parallel.replicated(self.mesh)
     if self.pmap:
       devices = self.mesh.devices.tolist()
@@ -200,7 +201,7 @@ _RESUME_KEYS = ("seed", "batch_size", "adapter", "train_patterns", "init_adapter
                 "model.checkpoint", "model.variant", "model.overrides", "model.image_size",
                 "model.pool", "model.pre_logits", "model.pixel_mean", "model.pixel_std",
                 "model.drop_path", "data.name", "data.train_split", "data.vtab_task",
-                "data.num_classes", "data.augment")
+                "data.num_classes", "data.augment", "label_smoothing")
 
 
 def _field(config, name: str):
@@ -241,6 +242,10 @@ def _check_schedule(config) -> None:
     value = functools.reduce(lambda c, key: c[key], name.split("."), config)
     if not _whole(value, least):
       raise ValueError(f"{name} must be an integer >= {least}; got {value!r}")
+  smoothing = config.get("label_smoothing", 0.0)
+  if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not (
+      0 <= smoothing < 1):
+    raise ValueError(f"label_smoothing must be a number in [0, 1); got {smoothing!r}")
   for name in ("val_limit", "test_limit"):  # evaluated after training: checked before it
     value = config.data.get(name)
     if value is not None and not _whole(value, 0):

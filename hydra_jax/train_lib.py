@@ -51,23 +51,30 @@ _AUGMENT_STREAM = 0x417567
 
 def loss_fn(trainable, frozen, batch: Batch, rng: jax.Array, *, model: nn.Module,
             spec: adapters_lib.AdapterSpec | None, axis_name: str | None = None,
-            augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None):
-  """Mean cross-entropy plus the router's load-balancing loss (already weighted by the spec);
+            augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+            label_smoothing: float = 0.0):
+  """Mean cross-entropy (against labels smoothed by ``label_smoothing``: 1 - e on the class, e
+  spread evenly over all) plus the router's load-balancing loss (already weighted by the spec);
   ``augment(images, key)`` (e.g. ``data.augment.Augment``) transforms the images first."""
   images = batch["image"]
   if augment is not None:
     images = augment(images, jax.random.fold_in(rng, _AUGMENT_STREAM))
   logits, aux = forward(model, spec, trainable, frozen, images, rng=rng, train=True,
                         axis_name=axis_name)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+  if label_smoothing:
+    targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]),
+                                  label_smoothing)
+    loss = optax.softmax_cross_entropy(logits, targets).mean()
+  else:
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
   return loss + aux["balance_loss"], logits
 
 
 def train_step(state: TrainState, frozen, batch: Batch, rng: jax.Array, *, model: nn.Module,
                spec: adapters_lib.AdapterSpec | None, tx: optax.GradientTransformation,
                schedule: Callable[[jax.Array], jax.Array], axis_name: str | None = None,
-               microbatches: int = 1, augment: Callable | None = None
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               microbatches: int = 1, augment: Callable | None = None,
+               label_smoothing: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step. Pure: jit it (state donated) or pmap it (``axis_name`` set).
 
   Args:
@@ -80,13 +87,15 @@ def train_step(state: TrainState, frozen, batch: Batch, rng: jax.Array, *, model
       (``_accumulated``): the same update with about 1/M of the activations' memory.
     augment: ``augment(images, key) -> images`` applied to the training images inside the step
       (``data.augment``), drawn from the step's key like dropout; None: the images as given.
+    label_smoothing: see ``loss_fn``.
   Returns:
     The new state and {"loss", "accuracy", "lr", "grad_norm", "update_norm"} scalars.
   """
   rng = jax.random.fold_in(rng, state.step)
   if axis_name is not None:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-  loss = functools.partial(loss_fn, model=model, spec=spec, axis_name=axis_name, augment=augment)
+  loss = functools.partial(loss_fn, model=model, spec=spec, axis_name=axis_name, augment=augment,
+                           label_smoothing=label_smoothing)
   grads, metrics = _accumulated(loss, state.trainable, frozen, batch, rng, microbatches)
   if axis_name is not None:
     grads, metrics = jax.lax.pmean((grads, metrics), axis_name)

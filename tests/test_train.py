@@ -245,6 +245,7 @@ def test_a_random_backbone_resumes_under_any_spelling(reference_run, tmp_path):
     ("model.image_size", 32, "model.image_size=32 but the checkpoint at step 8"),
     ("model.drop_path", 0.1, "model.drop_path=0.1 but the checkpoint at step 8"),
     ("data.augment.flip", True, "data.augment=.*'flip': True.* but the checkpoint at step 8"),
+    ("label_smoothing", 0.1, "label_smoothing=0.1 but the checkpoint at step 8"),
     ("optim.lr", 0.5, "optim=.*'lr': 0.5.* but the checkpoint at step 8"),
     ("num_epochs", 1, "step 8 .* is past this run's 4 steps \\(num_epochs=1\\); give "
                       "num_epochs >= 2"),
@@ -295,6 +296,22 @@ def _step_setup(adapter=None, microbatches=1):
   step = functools.partial(train_lib.train_step, model=model, spec=spec, tx=tx,
                            schedule=schedule, microbatches=microbatches)
   return state, frozen, batches, step
+
+
+def test_label_smoothing_spreads_the_targets():
+  state, frozen, batches, step = _step_setup()
+  rng = np.random.default_rng(5)
+  trainable = jax.tree.map(lambda x: x + 0.3 * rng.normal(size=np.shape(x)).astype(np.float32),
+                           state.trainable)  # a non-zero head: logits that differ per class
+  batch = jax.tree.map(jnp.asarray, batches[0])
+  loss, logits = train_lib.loss_fn(trainable, frozen, batch, jax.random.key(0),
+                                   model=step.keywords["model"], spec=step.keywords["spec"],
+                                   label_smoothing=0.2)
+  logp = np.asarray(jax.nn.log_softmax(logits), np.float64)
+  nll = -logp[np.arange(len(logp)), np.asarray(batch["label"])]
+  want = np.mean(0.8 * nll + 0.2 * -logp.mean(-1))
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  assert abs(want - nll.mean()) > 1e-3  # smoothing changed the loss
 
 
 def _run_jit(num_devices, *, fsdp=False, adapter=None, microbatches=1):
@@ -530,6 +547,7 @@ def test_final_merge_check_catches_a_wrong_merge(tmp_path, monkeypatch):
     ("optim.cosine_epochs", 10, "optim.cosine_epochs must be None unless optim.schedule is"),
     ("optim.warmup_epochs", -1, "optim.warmup_epochs must be >= 0; got -1"),
     ("seed", -1, "seed must be an integer >= 0; got -1"),
+    ("label_smoothing", 1.0, "label_smoothing must be a number in \\[0, 1\\); got 1.0"),
     ("data.num_classes", 3, "data.num_classes=3 but split 'train\\[:64\\]' of "
                             "'fashion_mnist_offline' has 10 classes"),
     ("parallel.distributed.num_processes", 2, "need distributed.coordinator"),
