@@ -9,8 +9,8 @@ import pytest
 
 from configs import default
 from hydra_jax import adapters as ad
-from hydra_jax import analysis, analyze
-from hydra_jax.analysis import activations, metrics, weights
+from hydra_jax import analysis, analyze, train_lib
+from hydra_jax.analysis import activations, metrics, report, weights
 from hydra_jax.loop import train_and_evaluate
 from hydra_jax.models import ViT
 
@@ -278,3 +278,14 @@ def test_cli_on_a_trained_hydralora_run(tmp_path_factory):
     assert sum(row["router_usage"]) == pytest.approx(1.0, abs=1e-5)
     assert set(row["branches"]) == {"head_0", "head_1", "head_2"}
     assert 0.0 <= row["router_entropy"] <= np.log(3) + 1e-6
+  # the fixed-routing merge: the factored model with the same fixed weights scores the same
+  summary = json.loads((workdir / "analysis.json").read_text())
+  fixed = summary["fixed_routing"]
+  assert fixed["images"] == 40 and "mean routing weights over 40 training images" in text
+  assert all(sum(w) == pytest.approx(1.0, abs=1e-5) for w in fixed["routing"].values())
+  run = analysis.load_run(workdir)
+  batches = report.eval_data(run, 40)
+  fwd = jax.jit(lambda x: ad.apply_intercepted(run.model, run.params, run.adapters, run.spec, x,
+                                               routing=fixed["routing"])[0])
+  factored = train_lib.evaluate(lambda b: fwd(b["image"]), iter(batches))
+  assert factored == pytest.approx(fixed["accuracy"], abs=1 / 40)  # a tie may flip

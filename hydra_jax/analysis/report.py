@@ -19,7 +19,8 @@ import ml_collections
 import numpy as np
 from safetensors import safe_open
 
-from hydra_jax import data, export, optim
+from hydra_jax import adapters as adapters_lib
+from hydra_jax import data, export, optim, train_lib
 from hydra_jax.adapters import kinds, transform
 from hydra_jax.adapters.spec import AdapterSpec
 from hydra_jax.analysis import activations, markdown, plots, weights
@@ -74,10 +75,12 @@ def _check_backbone(merged: pathlib.Path, params) -> None:
                      "no longer builds the model this run trained (checkpoint or seed changed?)")
 
 
-def eval_data(run: Run, num_examples: int) -> list[dict[str, np.ndarray]]:
-  """The first ``num_examples`` test images as padded batches (held in memory, reused)."""
+def eval_data(run: Run, num_examples: int,
+              split: str | None = None) -> list[dict[str, np.ndarray]]:
+  """The first ``num_examples`` images of ``split`` (the test split by default) as padded
+  batches (held in memory, reused)."""
   cfg = run.config.data
-  source = open_source(cfg, cfg.test_split)
+  source = open_source(cfg, split or cfg.test_split)
   return list(data.eval_batches(source, batch_size=min(cfg.eval_batch_size, num_examples),
                                 image_size=run.config.model.image_size,
                                 num_classes=cfg.num_classes, limit=num_examples))
@@ -100,6 +103,20 @@ def _router(run: Run, layers: list[dict], stats: dict) -> dict[str, Any]:
     usage.append(u)
     per_class.append(c)
   return {"usage": np.stack(usage), "per_class": np.nanmean(np.stack(per_class), 0)}
+
+
+def fixed_routing(run: Run, test_batches, num_examples: int) -> dict[str, Any]:
+  """HydraLoRA merged into a plain ViT with each layer's mean routing weights over the first
+  ``num_examples`` training images (an input-independent stand-in for the router), and that
+  model's accuracy on ``test_batches``."""
+  train = eval_data(run, num_examples, run.config.data.train_split)
+  stats = activations.output_stats(run.model, run.params, run.adapters, run.spec, train)
+  routing = {name: np.mean(s["routing"], 0) for name, s in stats.items()}
+  merged = adapters_lib.merge(run.params, run.adapters, run.spec, routing=routing)
+  apply = jax.jit(lambda p, x: run.model.apply({"params": p}, x))
+  accuracy = train_lib.evaluate(lambda b: apply(merged, b["image"]), iter(test_batches))
+  return {"images": int(sum(np.sum(b["mask"]) for b in train)), "accuracy": accuracy,
+          "routing": {k: v.tolist() for k, v in routing.items()}}
 
 
 def analyze(workdir: str | pathlib.Path, *, out: str | pathlib.Path | None = None,
@@ -134,12 +151,16 @@ def analyze(workdir: str | pathlib.Path, *, out: str | pathlib.Path | None = Non
                                        plans)
   _LOG.info("%d ablations done; plots and report", len(ablation))
   router = _router(run, layers, stats) if run.spec.kind == "hydralora" else None
+  if router is not None:  # the first ablation row is the model with its router, unablated
+    router["fixed"] = {**fixed_routing(run, batches, num_examples),
+                       "router_accuracy": ablation[0]["accuracy"]}
   figures = _figures(run, layers, ablation, router, out / markdown.PLOT_DIR)
   num_seen = int(sum(np.sum(b["mask"]) for b in batches))
   summary = {"workdir": str(run.workdir), "kind": run.spec.kind,
              "spec": dataclasses.asdict(run.spec), "results": run.results,
              "num_examples": num_seen, "top_fraction": top_fraction, "layers": layers,
-             "ablation": ablation}
+             "ablation": ablation,
+             "fixed_routing": None if router is None else router["fixed"]}
   (out / "analysis.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
   text = markdown.report(summary, figures, router)
   path = out / "report.md"
