@@ -27,7 +27,6 @@ import json
 import pathlib
 import sys
 
-import ml_collections
 import numpy as np
 import peft
 import PIL.Image
@@ -78,7 +77,7 @@ def main() -> None:
     model = peft.PeftModel.from_pretrained(model, out / "lora")
     name += " + PEFT LoRA"
   model.eval()
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  config = build.run_config(workdir)
   source = build.open_source(config.data, config.data.test_split)
   count = min(len(source), config.data.test_limit or len(source))
   correct = 0

@@ -24,7 +24,7 @@ from hydra_jax import data, export, optim, train_lib
 from hydra_jax.adapters import kinds, transform
 from hydra_jax.adapters.spec import AdapterSpec
 from hydra_jax.analysis import activations, markdown, plots, weights
-from hydra_jax.build import build_model, open_source
+from hydra_jax.build import build_model, model_rng, open_source, run_config
 
 _LOG = logging.getLogger(__name__)
 _CHECK_LEAF = "embedding/kernel"  # a backbone leaf no adapter changes
@@ -51,9 +51,9 @@ def load_run(workdir: str | pathlib.Path) -> Run:
     if not need.exists():
       raise FileNotFoundError(f"{need} is missing; is {workdir} the workdir of a finished "
                               "adapter run (config.adapter.kind != 'none', config.export)?")
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  config = run_config(workdir)
   trainable, spec = export.load_adapters(exported)
-  model, pre = build_model(config, jax.random.fold_in(jax.random.key(config.seed), 0))
+  model, pre = build_model(config, model_rng(config))
   _, frozen = optim.split(pre.params, list(config.train_patterns))
   params = optim.join(trainable["params"], frozen)
   _check_backbone(workdir / "export" / "merged.safetensors", params)
