@@ -3,7 +3,9 @@
 Any file ``checkpoints.load`` reads (a run's ``export/merged.safetensors``, a task sum written by
 ``hydra_jax.merge``, a Hugging Face or timm classifier) is run as the config runs its model
 (``model.image_size``, ``dtype``, ``attention``; ``model.pixel_mean`` / ``pixel_std`` where set,
-else the normalisation the checkpoint records) on ``data``'s splits and limits, on one device:
+else the normalisation the checkpoint records) on ``data``'s splits and limits, over the mesh
+``parallel`` describes (``num_devices``; ``fsdp`` splits the weights; ``distributed`` joins the
+processes of a multi-host run, each feeding its share of every batch):
 
   python -m hydra_jax.evaluate --config configs/default.py \\
       --checkpoint /tmp/h/export/merged.safetensors
@@ -25,21 +27,24 @@ from hydra_jax import build, checkpoints, loop, parallel
 
 
 def evaluate_pretrained(config, pre: checkpoints.Pretrained) -> dict:
-  """``pre``'s accuracy on ``config``'s validation and test splits (their limits), on one device.
+  """``pre``'s accuracy on ``config``'s validation and test splits (their limits), on the mesh of
+  ``config.parallel`` (batches split over it; weights replicated, or split under ``fsdp``).
 
   Returns:
     ``loop.score``'s {val,test}_accuracy, {val,test}_images and eval_seconds.
 
   Raises:
-    ValueError: ``pre``'s head does not have ``data.num_classes`` classes.
+    ValueError: ``pre``'s head does not have ``data.num_classes`` classes, or
+      ``data.eval_batch_size`` does not split over the mesh.
   """
   model = checkpoints.build_model(pre, **build.runtime_fields(config))
   if model.num_classes != config.data.num_classes:
     raise ValueError(f"the model's head has {model.num_classes} classes; data.num_classes is "
                      f"{config.data.num_classes}")
-  mesh = parallel.make_mesh(1)
+  mesh = loop.config_mesh(config)
   apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
-  params = jax.device_put(pre.params, parallel.replicated(mesh))
+  params = jax.device_put(pre.params, parallel.frozen_shardings(
+      mesh, pre.params, fsdp=config.parallel.fsdp, min_size=config.parallel.fsdp_min_size))
   _, val_src, test_src = loop.sources(config)
   return loop.score(config, mesh, lambda b: apply(params, b["image"]), val_src, test_src)
 
@@ -57,13 +62,16 @@ def main(argv) -> None:
   """absl entry point: prints one JSON line of accuracies."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = flags.FLAGS.config
   try:
-    scores = evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.checkpoint)
+    parallel.initialize_distributed(**config.parallel.distributed)
+    scores = evaluate_checkpoint(config, flags.FLAGS.checkpoint)
   except (ValueError, OSError) as e:  # refusals and bad paths name the reason
     raise app.UsageError(str(e)) from None
-  print(json.dumps({"checkpoint": flags.FLAGS.checkpoint,
-                    **{k: float(v) if isinstance(v, np.floating) else v
-                       for k, v in scores.items()}}))
+  if jax.process_index() == 0:
+    print(json.dumps({"checkpoint": flags.FLAGS.checkpoint,
+                      **{k: float(v) if isinstance(v, np.floating) else v
+                         for k, v in scores.items()}}))
 
 
 if __name__ == "__main__":  # flags only here: importing the module defines none

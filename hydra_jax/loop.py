@@ -121,13 +121,9 @@ class _Runner:
   """Holds the compiled steps for one run (jit over a mesh, or pmap)."""
 
   def __init__(self, config, model, spec, tx, schedule, frozen, state):
-    self.mesh = parallel.make_mesh(config.parallel.num_devices)
+    self.mesh = config_mesh(config)
     n = self.mesh.size
-    for name, size in (("batch_size", config.batch_size),
-                       ("data.eval_batch_size", config.data.eval_batch_size)):
-      if size % n:
-        raise ValueError(f"{name} {size} does not split evenly over the {n} devices of the "
-                         f"mesh; expected a multiple of {n} (or set parallel.num_devices)")
+    parallel.check_divides(self.mesh, "batch_size", config.batch_size)
     parts = config.microbatches
     if config.batch_size % (n * parts):
       raise ValueError(f"batch_size {config.batch_size} does not split into microbatches={parts} "
@@ -180,6 +176,14 @@ class _Runner:
 
   def frozen_params(self):
     return self._unreplicate(self.frozen)
+
+
+def config_mesh(config):
+  """The data-parallel mesh of ``config.parallel.num_devices``, which ``data.eval_batch_size``
+  splits evenly over."""
+  mesh = parallel.make_mesh(config.parallel.num_devices)
+  parallel.check_divides(mesh, "data.eval_batch_size", config.data.eval_batch_size)
+  return mesh
 
 
 def _eval_batches(config, mesh, source, limit):

@@ -297,6 +297,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.error(str(e))
 
 
+def _on_one_device(config) -> ml_collections.ConfigDict:
+  """``config`` run on one device: the run's own mesh (its device count, FSDP) need not exist
+  where its runs are merged."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.parallel.num_devices, config.parallel.fsdp = 1, False
+  return config
+
+
 def _merge(args: argparse.Namespace) -> None:
   parsed = [_parse(r) for r in args.runs]
   runs = [load_run(path) for path, _ in parsed]
@@ -328,7 +336,7 @@ def _merge(args: argparse.Namespace) -> None:
                        sort_keys=True)
       if head != "mean" or key not in scored:
         scored[key] = evaluate.evaluate_pretrained(
-            run.config, merged if head == "mean" else with_head(merged, run))
+            _on_one_device(run.config), merged if head == "mean" else with_head(merged, run))
       scores = scored[key]
       print(json.dumps({"run": str(run.workdir), "weight": weight, **scores,
                         **{f"run_{k}": own[k] for k in ("val_accuracy", "test_accuracy")

@@ -73,6 +73,14 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA,), axis_types=(AxisType.Auto,))
 
 
+def check_divides(mesh: Mesh, name: str, size: int) -> None:
+  """Raises a ValueError naming ``name`` unless its ``size`` splits evenly over ``mesh``."""
+  n = mesh.size
+  if size % n:
+    raise ValueError(f"{name} {size} does not split evenly over the {n} devices of the mesh; "
+                     f"expected a multiple of {n} (or set parallel.num_devices)")
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 

@@ -11,12 +11,14 @@ import jax
 import numpy as np
 import pytest
 from flax import traverse_util
+from ports import free_port
 
 from configs import default
 from hydra_jax import adapters, build, checkpoints, evaluate, export, merge
 from hydra_jax.loop import train_and_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+_SCORES = ("val_accuracy", "test_accuracy", "val_images", "test_images")
 
 
 def _tree(rng, classes=3):
@@ -155,24 +157,53 @@ def test_a_run_alone_is_its_merged_export_and_scores_its_results(runs):
     np.testing.assert_array_equal(x, y)
   assert merged.model == run.merged.model and merged.mean == run.merged.mean
   scores = evaluate.evaluate_pretrained(run.config, merged)
-  assert {k: scores[k] for k in ("val_accuracy", "test_accuracy", "val_images", "test_images")} \
-      == {k: results[k] for k in ("val_accuracy", "test_accuracy", "val_images", "test_images")}
+  assert {k: scores[k] for k in _SCORES} == {k: results[k] for k in _SCORES}
   features = merge.merge_runs([run], [1.0], head=None)
   with pytest.raises(ValueError, match="the model's head has None classes; data.num_classes is 10"):
     evaluate.evaluate_pretrained(run.config, features)
 
 
-def test_evaluate_cli_scores_a_checkpoint_as_its_run_did(runs):
+def test_evaluate_cli_of_two_processes_scores_a_checkpoint_as_its_run_did(runs):
+  """Each process feeds its share of every batch to a mesh over both processes' devices."""
   workdir, results = runs["lora"]
-  env = {**os.environ, "PYTHONPATH": str(ROOT)}
-  done = subprocess.run(
+  env = {**os.environ, "PYTHONPATH": str(ROOT),
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  port = free_port()
+  procs = [subprocess.Popen(
       [sys.executable, "-m", "hydra_jax.evaluate", "--config", str(ROOT / "configs" / "testing.py"),
-       "--checkpoint", str(workdir / "export" / "merged.safetensors")],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
-  scores = json.loads(done.stdout.splitlines()[-1])
-  for k in ("val_accuracy", "test_accuracy", "val_images", "test_images"):
-    assert scores[k] == results[k], k
+       "--checkpoint", str(workdir / "export" / "merged.safetensors"),
+       f"--config.parallel.distributed.coordinator=127.0.0.1:{port}",
+       "--config.parallel.distributed.num_processes=2",
+       f"--config.parallel.distributed.process_id={i}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+  assert '"checkpoint"' not in outs[1][0]  # process 0 prints (gloo logs to stdout)
+  scores = json.loads(outs[0][0].splitlines()[-1])
+  assert {k: scores[k] for k in _SCORES} == {k: results[k] for k in _SCORES}
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_evaluate_splits_batches_and_weights_over_the_config_mesh(runs, fsdp):
+  workdir, results = runs["lora"]
+  config = default.get_testing_config()
+  config.parallel.num_devices = 4
+  config.parallel.fsdp = fsdp
+  config.parallel.fsdp_min_size = 1024  # the tiny ViT's kernels split over the 4 devices
+  scores = evaluate.evaluate_checkpoint(config, workdir / "export" / "merged.safetensors")
+  assert {k: scores[k] for k in _SCORES} == {k: results[k] for k in _SCORES}
+
+
+def test_evaluate_refuses_what_does_not_fit_the_config(runs):
+  workdir, _ = runs["lora"]
+  config = default.get_testing_config()
+  config.parallel.num_devices = 4
+  config.data.eval_batch_size = 30
+  with pytest.raises(ValueError, match="data.eval_batch_size 30 does not split evenly over the 4 "
+                                       "devices of the mesh; expected a multiple of 4"):
+    evaluate.evaluate_checkpoint(config, workdir / "export" / "merged.safetensors")
   config = default.get_testing_config()
   config.data.num_classes = 5
   with pytest.raises(ValueError, match="the model's head has 10 classes; data.num_classes is 5"):
@@ -238,6 +269,14 @@ def _copy_run(src, dst, **config_changes):
     (config[section] if section else config)[field] = value
   (dst / "config.json").write_text(json.dumps(config))
   return dst
+
+
+def test_cli_scores_a_run_of_a_mesh_this_machine_lacks_on_one_device(runs, tmp_path, capsys):
+  workdir, results = runs["hydra"]
+  big = _copy_run(workdir, tmp_path / "big", **{"parallel.num_devices": 64, "parallel.fsdp": True})
+  merge.main([str(tmp_path / "x.safetensors"), str(big), "--eval"])
+  scores = json.loads(capsys.readouterr().out.splitlines()[-1])
+  assert {k: scores[k] for k in _SCORES} == {k: results[k] for k in _SCORES}
 
 
 def test_a_full_fine_tune_mixes_in(runs):

@@ -7,7 +7,6 @@ import pathlib
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from ports import free_port
 from tensorboardX.proto import event_pb2
 
 from configs import default
@@ -463,17 +463,11 @@ def test_a_run_another_way_ends_with_the_reference_params(reference_run, tmp_pat
                       rtol=1e-4, atol=1e-6)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("mode", ["jit", "pmap", "fsdp", "microbatches"])
 def test_two_process_run_equals_one_process(reference_run, tmp_path, mode):
   """fsdp: the frozen kernels split over both hosts' devices (the merged export gathers them);
   microbatches: each device accumulates its rows (shard_map over both hosts' devices)."""
-  port = _free_port()
+  port = free_port()
   flags = {"jit": [], "pmap": ["--config.parallel.mode=pmap"],
            "fsdp": ["--config.parallel.fsdp=True", "--config.parallel.fsdp_min_size=1024"],
            "microbatches": ["--config.microbatches=2"]}[mode]
