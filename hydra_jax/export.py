@@ -36,11 +36,13 @@ import pathlib
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 import safetensors
 from flax import traverse_util
 
 from hydra_jax import adapters as adapters_lib
-from hydra_jax import build, checkpoints
+from hydra_jax import build, checkpoints, optim
+from hydra_jax.adapters import transform
 
 
 def save_merged(path: str | pathlib.Path, params, pre: checkpoints.Pretrained) -> None:
@@ -86,6 +88,67 @@ def load_adapters(path: str | pathlib.Path):
   return trainable, adapters_lib.spec_from_config(fields)
 
 
+# Rebuilt base vs a run's merged export where the run changed nothing: equal to float32 rounding
+# (XLA on another backend may round the resampled position embedding differently); another
+# base (checkpoint, seed) differs by far more.
+_BASE_RTOL, _BASE_ATOL = 1e-5, 1e-6
+
+
+def run_model(workdir: str | pathlib.Path, config, merged=None):
+  """The model and base a finished run was fine-tuned from, rebuilt from its ``config`` as the run
+  built them (``build.build_model``, a fresh head), and checked against its merged export.
+
+  Args:
+    workdir: the run's directory.
+    config: its config (``build.run_config(workdir)``).
+    merged: its merged export's params, where the caller has read them; else read from
+      ``workdir/export/merged.safetensors`` where there is one (a HydraLoRA run has none and is
+      not checked).
+
+  Returns:
+    ``(model, base)``: the ViT and its ``checkpoints.Pretrained``.
+
+  Raises:
+    ValueError: the base differs from the merged export at a param the run neither trained
+      (``train_patterns``) nor adapted: its config names another base than the one it was
+      trained from (a checkpoint file since replaced, another seed's random backbone).
+  """
+  workdir = pathlib.Path(workdir).expanduser()
+  model, base = build.build_model(config, build.model_rng(config))
+  path = workdir / "export" / "merged.safetensors"
+  if merged is None and path.is_file():
+    merged = checkpoints.load(path).params
+  if merged is not None:
+    _check_trained_from(workdir, config, base.params, merged)
+  return model, base
+
+
+def _check_trained_from(workdir: pathlib.Path, config, base, merged) -> None:
+  trained, _ = optim.split(base, list(config.train_patterns))
+  changed = set(body(trained))
+  exported = workdir / "export" / "adapters.safetensors"
+  if exported.is_file():
+    trainable, _ = load_adapters(exported)
+    layers = tuple("/".join(path) + "/" for path, _ in transform.factor_dicts(
+        trainable["adapters"]))
+    changed |= {k for k in body(base) if k.startswith(layers)}
+  merged = body(merged)
+  for path, value in body(base).items():
+    if path not in changed and (path not in merged or np.shape(merged[path]) != np.shape(value)
+                                or not np.allclose(merged[path], value, rtol=_BASE_RTOL,
+                                                   atol=_BASE_ATOL)):
+      raise ValueError(
+          f"{workdir}: the base its config rebuilds (model.checkpoint="
+          f"{config.model.get('checkpoint')}) differs from the run's merged export at {path}, "
+          "which the run neither trained nor adapted: it was fine-tuned from another base")
+
+
+def body(params) -> dict:
+  """Every param but the classifier head, flat by '/' paths."""
+  return {k: v for k, v in traverse_util.flatten_dict(params, sep="/").items()
+          if k.split("/")[0] != "head"}
+
+
 def save_peft_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
                   transformers_version: str | None = None, labels: Sequence[str] | None = None,
                   dtype: str = "float32", target: str = "transformers") -> str:
@@ -107,7 +170,7 @@ def save_peft_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
     raise FileNotFoundError(f"{workdir} is not a finished run with exported adapters (no "
                             f"{exported})")
   trainable, spec = load_adapters(exported)
-  _, base = build.build_model(config, build.model_rng(config))
+  _, base = run_model(workdir, config)
   archs = []
   timm = target == "timm"
 

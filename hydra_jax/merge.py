@@ -37,8 +37,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from hydra_jax import build, checkpoints, evaluate, export, optim
-from hydra_jax.adapters import transform
+from hydra_jax import build, checkpoints, evaluate, export
 
 HEAD = "head"
 
@@ -66,11 +65,6 @@ def load_run(workdir: str | pathlib.Path) -> Run:
 
 def _flat(params) -> dict[str, np.ndarray]:
   return traverse_util.flatten_dict(params, sep="/")
-
-
-def _body(params) -> dict[str, np.ndarray]:
-  """Every param but the classifier head, flat."""
-  return {k: v for k, v in _flat(params).items() if k.split("/")[0] != HEAD}
 
 
 METHODS = ("sum", "ties", "dare", "dare_ties")
@@ -120,7 +114,7 @@ def task_sum(base, items: Sequence[tuple[float, dict]], *, head: str | int | Non
   if method.endswith("ties") and min(weights) <= 0:
     raise ValueError(f"{method} weighs the runs inside a mean: weights must be positive, got "
                      f"{weights} (scale sets the size of the change)")
-  want, bodies = _body(base), [_body(params) for _, params in items]
+  want, bodies = export.body(base), [export.body(params) for _, params in items]
   for i, body in enumerate(bodies):
     try:
       checkpoints.check_tree(want, body)
@@ -190,7 +184,7 @@ def _same_base(ref: checkpoints.Pretrained, other: checkpoints.Pretrained) -> st
   for field in ("model", "mean", "std"):
     if getattr(ref, field) != getattr(other, field):
       return f"{field} {getattr(ref, field)} vs {getattr(other, field)}"
-  a, b = _body(ref.params), _body(other.params)
+  a, b = export.body(ref.params), export.body(other.params)
   if a.keys() != b.keys():
     return f"params {sorted(a.keys() ^ b.keys())[:3]} in only one"
   for path in sorted(a):
@@ -214,8 +208,7 @@ def merge_runs(runs: Sequence[Run], weights: Sequence[float], *,
     raise ValueError(f"{len(runs)} runs but {len(weights)} weights")
   base = None
   for run in runs:
-    _, pre = build.build_model(run.config, build.model_rng(run.config))
-    _check_trained_from(run, pre)
+    _, pre = export.run_model(run.workdir, run.config, run.merged.params)
     if base is None:
       base = pre
     elif (diff := _same_base(base, pre)) is not None:
@@ -227,28 +220,6 @@ def merge_runs(runs: Sequence[Run], weights: Sequence[float], *,
   how = ", ".join(f"{k}={v}" for k, v in sorted(merge.items()))
   return dataclasses.replace(base, params=params,
                              source=f"merge of runs ({how or 'method=sum'}): {terms}")
-
-
-def _check_trained_from(run: Run, base: checkpoints.Pretrained) -> None:
-  """Refuses ``base`` where it differs from ``run``'s merged export outside what the run changed
-  (the params its ``train_patterns`` select and the layers its adapters adapt)."""
-  trained, _ = optim.split(base.params, list(run.config.train_patterns))
-  changed = set(_body(trained))
-  exported = run.workdir / "export" / "adapters.safetensors"
-  if exported.is_file():
-    trainable, _ = export.load_adapters(exported)
-    layers = tuple("/".join(path) + "/" for path, _ in transform.factor_dicts(
-        trainable["adapters"]))
-    changed |= {k for k in _body(base.params) if k.startswith(layers)}
-  merged = _body(run.merged.params)
-  for path, value in _body(base.params).items():
-    if path not in changed and (path not in merged or np.shape(merged[path]) != np.shape(value)
-                                or not np.array_equal(merged[path], value)):
-      raise ValueError(
-          f"{run.workdir}: the base its config rebuilds (model.checkpoint="
-          f"{run.config.model.get('checkpoint')}) differs from the run's merged export at "
-          f"{path}, which the run neither trained nor adapted: it was fine-tuned from another "
-          "base")
 
 
 def with_head(pre: checkpoints.Pretrained, run: Run) -> checkpoints.Pretrained:

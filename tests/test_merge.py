@@ -1,5 +1,6 @@
 """Task sums of finished runs (hydra_jax.merge): the arithmetic, two real runs, the CLI."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -14,7 +15,7 @@ from flax import traverse_util
 from ports import free_port
 
 from configs import default
-from hydra_jax import adapters, build, checkpoints, evaluate, export, merge
+from hydra_jax import adapters, analysis, build, checkpoints, evaluate, export, merge
 from hydra_jax.loop import train_and_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -318,6 +319,36 @@ def test_cli_refusals_name_the_reason(runs, tmp_path, capsys):
       merge.main(argv)
     assert message in capsys.readouterr().err, argv
   assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_every_reader_of_a_run_rebuilds_its_base_checked(runs, tmp_path):
+  """analysis, merge and the PEFT export rebuild a run's base through export.run_model: a base
+  another seed builds is refused; one that differs by float rounding (another backend's
+  resampling) is not."""
+  h, lora = runs["hydra"][0], runs["lora"][0]
+  rounded = _copy_run(h, tmp_path / "rounded")
+  path = rounded / "export" / "merged.safetensors"
+  pre = checkpoints.load(path)
+  pos = pre.params["pos_embedding"]
+  params = {**pre.params, "pos_embedding": np.nextafter(pos, np.inf).astype(np.float32)}
+  checkpoints.save(path, dataclasses.replace(pre, params=params))
+  config = build.run_config(rounded)
+  model, base = export.run_model(rounded, config)
+  assert not np.array_equal(base.params["pos_embedding"], checkpoints.load(path).params[
+      "pos_embedding"])  # the rounding reached the file
+  params["pos_embedding"] = pos + np.float32(1e-3)
+  checkpoints.save(path, dataclasses.replace(pre, params=params))
+  with pytest.raises(ValueError, match="differs from the run's merged export at pos_embedding"):
+    export.run_model(rounded, config)
+  wrong = [_copy_run(r, tmp_path / f"wrong_{r.name}", seed=1) for r in (h, lora)]
+  why = "which the run neither trained nor adapted: it was fine-tuned from another base"
+  with pytest.raises(ValueError, match=why):
+    analysis.load_run(wrong[0])
+  with pytest.raises(ValueError, match=why):
+    merge.merge_runs([merge.load_run(wrong[0])], [1.0])
+  with pytest.raises(ValueError, match=why):
+    export.save_peft_run(wrong[1], tmp_path / "peft")
+  assert not (tmp_path / "peft").exists()
 
 
 def test_parse_reads_an_optional_weight(tmp_path):

@@ -3,7 +3,7 @@
 A workdir (``hydra_jax.loop.train_and_evaluate``) holds config.json, results.json and
 export/adapters.safetensors (trained adapters + head, and the spec). The frozen backbone is
 rebuilt from the config exactly as training built it (same seed), and checked against the run's
-merged export where there is one.
+merged export where there is one (``export.run_model``).
 """
 
 from __future__ import annotations
@@ -17,17 +17,15 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from safetensors import safe_open
 
 from hydra_jax import adapters as adapters_lib
 from hydra_jax import data, export, optim, train_lib
 from hydra_jax.adapters import kinds, transform
 from hydra_jax.adapters.spec import AdapterSpec
 from hydra_jax.analysis import activations, markdown, plots, weights
-from hydra_jax.build import build_model, model_rng, open_source, run_config
+from hydra_jax.build import open_source, run_config
 
 _LOG = logging.getLogger(__name__)
-_CHECK_LEAF = "embedding/kernel"  # a backbone leaf no adapter changes
 
 
 @dataclasses.dataclass
@@ -53,26 +51,12 @@ def load_run(workdir: str | pathlib.Path) -> Run:
                               "adapter run (config.adapter.kind != 'none', config.export)?")
   config = run_config(workdir)
   trainable, spec = export.load_adapters(exported)
-  model, pre = build_model(config, model_rng(config))
+  model, pre = export.run_model(workdir, config)
   _, frozen = optim.split(pre.params, list(config.train_patterns))
   params = optim.join(trainable["params"], frozen)
-  _check_backbone(workdir / "export" / "merged.safetensors", params)
   results_path = workdir / "results.json"
   results = json.loads(results_path.read_text()) if results_path.exists() else {}
   return Run(workdir, config, model, pre, params, trainable["adapters"], spec, results)
-
-
-def _check_backbone(merged: pathlib.Path, params) -> None:
-  if not merged.exists():
-    return
-  with safe_open(str(merged), framework="numpy") as f:
-    if _CHECK_LEAF not in f.keys():
-      return
-    saved = f.get_tensor(_CHECK_LEAF)
-  rebuilt = np.asarray(transform.get_path(params, tuple(_CHECK_LEAF.split("/"))))
-  if saved.shape != rebuilt.shape or not np.allclose(saved, rebuilt, atol=1e-6):
-    raise ValueError(f"the rebuilt backbone's {_CHECK_LEAF} differs from {merged}: the config "
-                     "no longer builds the model this run trained (checkpoint or seed changed?)")
 
 
 def eval_data(run: Run, num_examples: int,
