@@ -200,12 +200,14 @@ def _eval_batches(config, mesh, source, limit):
 _MODES = ("jit", "pmap")
 # Recorded in each checkpoint; a resume must match them (its state, data, step and model all
 # depend on them). num_epochs may grow: that extends a run. Checkpoints from before 2026-11-23
-# recorded the seed only; from before 2026-11-24 not optim, pre_logits, pixel_mean or pixel_std.
+# recorded the seed only; from before 2026-11-24 not optim, pre_logits, pixel_mean or pixel_std;
+# from before 2026-12-08 not head_init, reset_head (a frozen head is rebuilt) or label_key.
 _RESUME_KEYS = ("seed", "batch_size", "adapter", "train_patterns", "init_adapters", "optim",
                 "model.checkpoint", "model.variant", "model.overrides", "model.image_size",
                 "model.pool", "model.pre_logits", "model.pixel_mean", "model.pixel_std",
-                "model.drop_path", "data.name", "data.train_split", "data.vtab_task",
-                "data.num_classes", "data.augment", "label_smoothing")
+                "model.drop_path", "model.head_init", "model.reset_head", "data.name",
+                "data.train_split", "data.vtab_task", "data.label_key", "data.num_classes",
+                "data.augment", "label_smoothing")
 
 
 def _field(config, name: str):

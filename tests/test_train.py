@@ -246,6 +246,7 @@ def test_a_random_backbone_resumes_under_any_spelling(reference_run, tmp_path):
     ("model.drop_path", 0.1, "model.drop_path=0.1 but the checkpoint at step 8"),
     ("data.augment.flip", True, "data.augment=.*'flip': True.* but the checkpoint at step 8"),
     ("label_smoothing", 0.1, "label_smoothing=0.1 but the checkpoint at step 8"),
+    ("model.head_init", "torch", "model.head_init='torch' but the checkpoint at step 8"),
     ("optim.lr", 0.5, "optim=.*'lr': 0.5.* but the checkpoint at step 8"),
     ("num_epochs", 1, "step 8 .* is past this run's 4 steps \\(num_epochs=1\\); give "
                       "num_epochs >= 2"),
@@ -258,6 +259,18 @@ def test_resuming_another_run_is_refused_naming_the_field(reference_run, tmp_pat
   with pytest.raises(ValueError, match=match):
     train_and_evaluate(_testing_config(**{field: value}), str(tmp_path))
   assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_resuming_with_other_labels_is_refused(reference_run, tmp_path):
+  """Fashion-MNIST has one label feature: the checkpoint says it trained on another."""
+  shutil.copytree(reference_run[0] / "checkpoints", tmp_path / "checkpoints")
+  meta_file = tmp_path / "checkpoints" / "8" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  assert meta["data.label_key"] == "label"
+  meta_file.write_text(json.dumps({**meta, "data.label_key": "label_y_position"}))
+  with pytest.raises(ValueError, match="data.label_key='label' but the checkpoint at step 8 .* "
+                                       "was trained with data.label_key='label_y_position'"):
+    train_and_evaluate(_testing_config(), str(tmp_path))
 
 
 def test_an_older_checkpoint_that_does_not_fit_says_so(reference_run, tmp_path, caplog):
