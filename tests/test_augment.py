@@ -99,6 +99,14 @@ def test_from_config():
     augment.from_config(_config(crop_scale=(0.5, 0.2)))
   with pytest.raises(ValueError, match=r"crop_ratio=\(0.0, 1.0\); expected"):
     augment.from_config(_config(crop_scale=(0.5, 1.0), crop_ratio=(0, 1)))
+  pair = r"; expected a \(min, max\) pair"
+  for fields, message in [({"crop_scale": (0.5,)}, r"crop_scale=\(0.5,\)" + pair),
+                          ({"crop_scale": 0.5}, r"crop_scale=\(0.5,\)" + pair),
+                          ({"crop_scale": (0.1, 0.5, 1)}, r"crop_scale=\(0.1, 0.5, 1.0\)" + pair),
+                          ({"crop_scale": (0.5, 1), "crop_ratio": (1.0,)},
+                           r"crop_ratio=\(1.0,\)" + pair)]:
+    with pytest.raises(ValueError, match=message):
+      augment.from_config(_config(**fields))
 
 
 def _step_pieces():

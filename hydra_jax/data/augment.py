@@ -19,6 +19,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _TRIES = 10  # torchvision's RandomResizedCrop redraws this many times
 
@@ -38,6 +39,10 @@ class Augment:
   crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
   def __post_init__(self):
+    for name in ("crop_scale", "crop_ratio"):
+      value = getattr(self, name)
+      if value is not None and np.shape(value) != (2,):
+        raise ValueError(f"{name}={value!r}; expected a (min, max) pair")
     if self.crop_scale is not None:
       lo, hi = self.crop_scale
       if not 0 < lo <= hi <= 1:
@@ -103,9 +108,14 @@ def from_config(cfg) -> Augment | None:
     return None
   scale, ratio = cfg.get("crop_scale"), cfg.get("crop_ratio") or Augment.crop_ratio
   augment = Augment(flip=bool(cfg.get("flip", False)),
-                    crop_scale=None if scale is None else tuple(float(x) for x in scale),
-                    crop_ratio=tuple(float(x) for x in ratio))
+                    crop_scale=None if scale is None else _floats(scale),
+                    crop_ratio=_floats(ratio))
   return augment if augment.flip or augment.crop_scale is not None else None
+
+
+def _floats(value) -> tuple[float, ...]:
+  """A config's number or sequence of numbers as a tuple of floats."""
+  return tuple(float(x) for x in np.atleast_1d(value))
 
 
 def describe(cfg) -> dict | None:
