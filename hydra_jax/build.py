@@ -124,9 +124,9 @@ def _build(config, rng: jax.Array) -> tuple[ViT, checkpoints.Pretrained]:
   runtime = runtime_fields(config)
   if checkpoint_name(cfg) == "random":
     kwargs = {**ARCHITECTURE_DEFAULTS, **variant(cfg.variant), **cfg.get("overrides", {})}
-    if cfg.image_size % kwargs["patch_size"]:
-      raise ValueError(f"model.image_size {cfg.image_size} is not a multiple of the patch size "
-                       f"{kwargs['patch_size']}")
+    if cfg.image_size < kwargs["patch_size"] or cfg.image_size % kwargs["patch_size"]:
+      raise ValueError(f"model.image_size {cfg.image_size} is not a positive multiple of the "
+                       f"patch size {kwargs['patch_size']}")
     grid = cfg.image_size // kwargs["patch_size"]
     kwargs["posemb_grid"] = (grid, grid)
     if cfg.get("pool"):

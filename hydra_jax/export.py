@@ -68,11 +68,15 @@ def save_adapters(path: str | pathlib.Path, trainable, spec: adapters_lib.Adapte
 
 def load_adapters(path: str | pathlib.Path):
   """Reads ``save_adapters`` output; returns (trainable tree, AdapterSpec)."""
-  with safetensors.safe_open(str(path), framework="numpy") as f:
-    meta = f.metadata() or {}
-    if "hydra_jax_adapter_spec" not in meta:
-      raise ValueError(f"{path} is not a hydra_jax adapters export (no adapter spec metadata)")
-    tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+  try:
+    with safetensors.safe_open(str(path), framework="numpy") as f:
+      meta = f.metadata() or {}
+      if "hydra_jax_adapter_spec" not in meta:
+        raise ValueError(f"{path} is not a hydra_jax adapters export (no adapter spec metadata)")
+      tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+  except safetensors.SafetensorError as e:
+    raise ValueError(f"{path} is not a hydra_jax adapters export (not a safetensors file: "
+                     f"{e})") from None
   fields = json.loads(meta["hydra_jax_adapter_spec"])
   fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
   if (fields.get("kind") == "hydralora" and fields.get("top_k") == 1

@@ -50,10 +50,13 @@ def _given_adapters(config, pre) -> tuple[adapters_lib.AdapterSpec | None, dict 
   if not path.exists():
     raise FileNotFoundError(f"init_adapters: no adapters at {path} (expected a hydra_jax "
                             "adapters.safetensors or a PEFT adapter directory)")
-  if path.is_dir():
-    trainable, spec = checkpoints.load_peft(path, pre)
-  else:
-    trainable, spec = export.load_adapters(path)
+  try:
+    if path.is_dir():
+      trainable, spec = checkpoints.load_peft(path, pre)
+    else:
+      trainable, spec = export.load_adapters(path)
+  except ValueError as e:
+    raise ValueError(f"init_adapters: {e}") from None
   if spec.kind != config.adapter.kind:
     _LOG.warning("init_adapters holds %s adapters: config.adapter (%s) is not used", spec.kind,
                  config.adapter.kind)

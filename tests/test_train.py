@@ -160,6 +160,11 @@ def test_a_run_starts_from_given_adapters(reference_run, tmp_path):
   _assert_trees_equal(_adapters_of(tmp_path / "lora"), trainable, rtol=1e-5, atol=1e-7)
   with pytest.raises(FileNotFoundError, match="init_adapters: no adapters at"):
     train_and_evaluate(_testing_config(init_adapters=str(tmp_path / "none")), str(tmp_path / "x"))
+  (tmp_path / "notes.txt").write_text("not tensors")
+  with pytest.raises(ValueError, match="init_adapters: .*notes.txt is not a hydra_jax adapters "
+                                       "export \\(not a safetensors file"):
+    train_and_evaluate(_testing_config(init_adapters=str(tmp_path / "notes.txt")),
+                       str(tmp_path / "x"))
 
 
 def test_a_metrics_line_averages_the_steps_since_the_last(tmp_path):
@@ -544,7 +549,8 @@ def test_final_merge_check_catches_a_wrong_merge(tmp_path, monkeypatch):
                          "each of the 8 devices of the mesh; expected a multiple of 256"),
     ("data.eval_batch_size", 0, "data.eval_batch_size must be an integer >= 1"),
     ("keep_checkpoints", -1, "keep_checkpoints must be an integer >= 1; got -1"),
-    ("model.image_size", 15, "model.image_size 15 is not a multiple of the patch size 4"),
+    ("model.image_size", 15, "model.image_size 15 is not a positive multiple of the patch size 4"),
+    ("model.image_size", 0, "model.image_size 0 is not a positive multiple of the patch size 4"),
     ("data.test_limit", -1, "data.test_limit must be None or 0 \\(all\\) or an integer >= 1; "
                             "got -1"),
     ("optim.lr", -1e-3, "optim.lr must be > 0; got -0.001"),
