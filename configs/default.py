@@ -100,7 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 1e-4
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
-  c.optim.warmup_epochs = 1  # linear warm-up from warmup_init_lr, then cosine decay to min_lr
+  c.optim.warmup_epochs = 1.0  # linear warm-up from warmup_init_lr, then cosine decay to min_lr
   c.optim.schedule = "cosine"  # or "timm_cosine": timm's epoch-stepped CosineLRScheduler
   c.optim.cosine_epochs = placeholder(int)  # timm_cosine: the cosine period (t_initial)
   c.optim.min_lr = 0.0

@@ -4,7 +4,7 @@ A checkpoint holds the trainable tree (adapters and the trained params such as t
 optimizer state and the step. The input pipeline is indexed by step (``data.train_batches``
 with ``start_step``), so the step is also the data iterator's position. Orbax writes each
 step into a temporary directory and renames it when complete, so a run killed mid-save leaves
-the previous checkpoint intact; ``restore_latest`` ignores unfinished ones.
+the previous checkpoint intact; ``latest_step`` sees finished ones only.
 """
 
 from __future__ import annotations
