@@ -80,10 +80,13 @@ def test_hydralora_merge_with_fixed_routing(tiny):
   with pytest.raises(ValueError, match="routing"):
     ad.merge(params, adapters, spec)
   for wrong in ([0.25] * 4, [0.5, 0.5], 1.0):  # one weight per head (3), or a clear error
-    with pytest.raises(ValueError, match=r"have shape \(\d*,?\); expected \(\.\.\., 3\)"):
+    with pytest.raises(ValueError, match=r"have shape \(\d*,?\); expected \(3,\), one weight"):
       ad.merge(params, adapters, spec, routing=jnp.asarray(wrong))
-    with pytest.raises(ValueError, match="one weight per head"):
+    with pytest.raises(ValueError, match=r"expected \(\.\.\., 3\), one weight per head"):
       ad.apply_intercepted(model, params, adapters, spec, images, routing=jnp.asarray(wrong))
+  per_token = jnp.full((4, 3), 1 / 3)  # acts on activations, not on the weights
+  with pytest.raises(ValueError, match=r"have shape \(4, 3\); expected \(3,\).*apply_intercepted"):
+    ad.merge(params, adapters, spec, routing=per_token)
 
 
 def _closed_form(w, b, f, s):
@@ -179,6 +182,14 @@ def test_errors(tiny):
     ad.AdapterSpec("hydra", dropout=-0.1)
   with pytest.raises(ValueError, match="top_k"):
     ad.AdapterSpec("hydralora", top_k=4)
+  for field, value in [("rank", 2.5), ("rank", 0), ("num_heads", True), ("top_k", 1.0)]:
+    kind = "lora" if field == "rank" else "hydralora"
+    with pytest.raises(ValueError, match=f"AdapterSpec.{field} must be an integer >= 1; got "
+                                         f"{value!r}"):
+      ad.AdapterSpec(kind, **{field: value})
+  with pytest.raises(ValueError, match=r"AdapterSpec.targets pattern '.\*/\(query' is not a "
+                                       "regular expression: missing \\)"):
+    ad.AdapterSpec("lora", targets=(".*/(query",))
   with pytest.raises(ValueError, match="Dense_7"):
     ad.init(ad.AdapterSpec("lora", targets=(r".*/query", r".*/Dense_7")), params,
             jax.random.key(0))

@@ -98,7 +98,7 @@ def apply_intercepted(model: nn.Module, params: Mapping, adapters: Mapping, spec
     y = _flatten(y0, layer.out_shape, layer.d_out)
     drop = _dropout_hook(rng, index[path], spec.dropout) if dropout else kinds.no_drop
     kw = dict(drop=drop, disable=tuple(disable),
-              routing=transform.routing_for(routing, layer, factors[path]))
+              routing=transform.routing_for(routing, layer, factors[path], per_token=True))
     if record:
       out, probs = kinds.outputs(factors[path], x, y, spec, **kw)
       delta = sum(out.values(), jnp.zeros_like(y))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import re
 from typing import Any
 
@@ -96,14 +97,13 @@ class AdapterSpec:
     self._validate()
 
   def _validate(self):
-    for name in ("rank", "rank_parallel", "rank_sequential"):
+    for name in ("rank", "rank_parallel", "rank_sequential", "num_heads", "top_k"):
       value = getattr(self, name)
-      if value is not None and value < 1:
-        raise ValueError(f"AdapterSpec.{name} must be >= 1; got {value}")
+      if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                or value < 1):
+        raise ValueError(f"AdapterSpec.{name} must be an integer >= 1; got {value!r}")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"AdapterSpec.dropout must be in [0, 1); got {self.dropout}")
-    if self.num_heads < 1:
-      raise ValueError(f"AdapterSpec.num_heads must be >= 1; got {self.num_heads}")
     if self.top_k is not None and not 1 <= self.top_k <= self.num_heads:
       raise ValueError(f"AdapterSpec.top_k must be in [1, num_heads={self.num_heads}]; "
                        f"got {self.top_k}")
@@ -111,6 +111,12 @@ class AdapterSpec:
       raise ValueError(f"AdapterSpec.balance_weight must be >= 0; got {self.balance_weight}")
     if not self.targets:
       raise ValueError("AdapterSpec.targets must name at least one pattern")
+    for pattern in self.targets:
+      try:
+        re.compile(pattern)
+      except (re.error, TypeError) as e:
+        raise ValueError(f"AdapterSpec.targets pattern {pattern!r} is not a regular expression: "
+                         f"{e}") from None
 
   @property
   def scaling(self) -> float:

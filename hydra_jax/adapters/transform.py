@@ -87,10 +87,11 @@ def _flat(layer: Layer, module: Mapping) -> tuple[jax.Array, jax.Array]:
   return w, b
 
 
-def routing_for(routing: Any, layer: Layer, factors: Mapping) -> Any:
-  """The fixed routing weights of one layer from None, an (N,) array or a {path: (N,)} dict.
+def routing_for(routing: Any, layer: Layer, factors: Mapping, *, per_token: bool = False) -> Any:
+  """The fixed routing weights of one layer from None, an array or a {path: array} dict.
 
-  Checked against a HydraLoRA layer's N heads (``factors["B"]``: (N, r, d_out)).
+  Checked against a HydraLoRA layer's N heads (``factors["B"]``: (N, r, d_out)): (N,) weights,
+  or with ``per_token`` (on activations) also (..., N), one row per token.
   """
   if routing is None or "router" not in factors:  # only HydraLoRA layers take routing
     return None
@@ -100,9 +101,12 @@ def routing_for(routing: Any, layer: Layer, factors: Mapping) -> Any:
     routing = routing[layer.name]
   routing = jnp.asarray(routing)
   heads = factors["B"].shape[0]
-  if routing.ndim == 0 or routing.shape[-1] != heads:
+  if routing.ndim == 0 or routing.shape[-1] != heads or (routing.ndim > 1 and not per_token):
+    want = f"(..., {heads}), one weight per head" if per_token else (
+        f"({heads},), one weight per head (the weights take one routing; a routing per token "
+        "acts on activations: apply_intercepted)")
     raise ValueError(f"routing weights for layer {layer.name} have shape {routing.shape}; "
-                     f"expected (..., {heads}), one weight per head")
+                     f"expected {want}")
   return routing
 
 
