@@ -509,6 +509,10 @@ def test_peft_export_refuses_what_peft_cannot_hold(tmp_path):
   with pytest.raises(ValueError, match="SwiGLU MLP's layers differently.*target='timm'"):
     checkpoints.save_peft(tmp_path / "x", {"adapters": adapters.init(
         mlp, swiglu.params, jax.random.key(0))}, mlp, swiglu)
+  with pytest.raises(ValueError, match="the adapters tree is empty \\(a trained head alone: "
+                                       "export the merged model"):
+    checkpoints.save_peft(tmp_path / "x", {"adapters": {}, "params": {
+        "head": pre.params["head"]}}, lora, pre)
   assert not (tmp_path / "x").exists()
 
 
@@ -521,6 +525,7 @@ def test_peft_export_refuses_what_peft_cannot_hold(tmp_path):
     ("kasa_config", {"x": 1}, "kasa_config=.* is not supported"),
     ("init_lora_weights", "pissa_niter_4", "init_lora_weights='pissa_niter_4' rewrites the base"),
     ("init_lora_weights", "olora", "init_lora_weights='olora' rewrites the base"),
+    ("lora_alpha", 0, "lora_alpha=0 scales every update to zero"),
 ])
 def test_load_peft_refuses_options_it_does_not_compute(field, value, match, tmp_path):
   pre = _pretrained(seed=14)

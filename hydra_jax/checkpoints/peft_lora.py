@@ -175,7 +175,8 @@ def save_peft(directory, trainable, spec: spec_lib.AdapterSpec, base: common.Pre
     The transformers class (timm: "VisionTransformer") the adapter applies to.
 
   Raises:
-    ValueError: not LoRA, trained params besides the head, or a layer PEFT cannot adapt.
+    ValueError: not LoRA, no adapted layer, trained params besides the head, or a layer PEFT
+      cannot adapt.
   """
   if spec.kind != "lora":
     raise ValueError(f"PEFT has no {spec.kind!r} adapter; only kind 'lora' exports to PEFT "
@@ -201,8 +202,9 @@ def save_peft(directory, trainable, spec: spec_lib.AdapterSpec, base: common.Pre
                      "names changed within transformers 5); write them for timm instead "
                      "(target='timm', --peft-target timm)")
   layers = list(transform.adapted_layers(base.params, trainable.get("adapters", {}), spec))
-  if not layers and not trained:
-    raise ValueError("nothing to export: the adapters tree is empty and no head is trained")
+  if not layers:  # PEFT refuses an adapter that targets no module
+    raise ValueError("nothing to export as a PEFT adapter: the adapters tree is empty" + (
+        " (a trained head alone: export the merged model, save_hf)" if trained else ""))
   modules = {}  # PEFT module -> its ViT layers (packed in timm) and each one's (A, B, bias)
   for layer, _, f in layers:
     if family == "timm":
@@ -338,6 +340,9 @@ def _read_config(path: pathlib.Path) -> dict:
     if (got != want) if want is not None else bool(got):
       raise ValueError(f"{path}: {field}={got!r} is not supported; hydra_jax's LoRA reads "
                        f"{field}={want if want is not None else 'unset'}")
+  if float(config.get("lora_alpha", 8)) == 0:  # every layer's update scaled to zero
+    raise ValueError(f"{path}: lora_alpha=0 scales every update to zero: the adapter computes "
+                     "the base model (load the base alone)")
   init = config.get("init_lora_weights", True)
   if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
     raise ValueError(f"{path}: init_lora_weights={init!r} rewrites the base weights when PEFT "
