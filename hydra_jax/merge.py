@@ -8,8 +8,8 @@ change and the change of any other param it trained. For runs fine-tuned from on
 (summed in float64, stored float32) is the base architecture with the base's cost; for runs that
 trained only adapters and a head it is the base plus the weighted sum of the adapters' weight
 changes, what ``adapters.combine`` computes from the factors. Runs may mix adapter kinds (and
-full fine-tuning); HydraLoRA runs have no merged export (their router depends on the input:
-merge them in Python with fixed routing, ``adapters.merge(..., routing=w)``).
+full fine-tuning); HydraLoRA runs have no merged export (their router depends on the input):
+``--routing-images N`` merges them with each layer's mean routing over N training images.
 
 ``method`` "ties" (TIES-merging), "dare" or "dare_ties" replaces the plain sum (``task_sum``).
 
@@ -33,11 +33,12 @@ import pathlib
 import zlib
 from collections.abc import Sequence
 
+import jax
 import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from hydra_jax import build, checkpoints, evaluate, export
+from hydra_jax import adapters, analysis, build, checkpoints, evaluate, export
 
 HEAD = "head"
 
@@ -50,17 +51,33 @@ class Run:
   merged: checkpoints.Pretrained
 
 
-def load_run(workdir: str | pathlib.Path) -> Run:
-  """Reads a finished run's config and merged export."""
+def load_run(workdir: str | pathlib.Path, *, routing_images: int | None = None) -> Run:
+  """Reads a finished run's config and merged export.
+
+  A HydraLoRA run has none (its router depends on the input): with ``routing_images`` it is
+  merged with each layer's mean routing over its first ``routing_images`` training images
+  (``analysis.mean_routing``; a plain ViT that scores below the router's model).
+  """
   workdir = pathlib.Path(workdir).expanduser()
   config, merged = build.run_config(workdir), workdir / "export" / "merged.safetensors"
+  hydralora = config.adapter.get("kind") == "hydralora"
+  if hydralora and routing_images:
+    return Run(workdir, config, _with_mean_routing(workdir, routing_images))
   if not merged.is_file():
-    why = ("a HydraLoRA run has none: its router depends on the input; merge its adapters with "
-           "fixed routing in Python, adapters.merge(..., routing=w)"
-           if config.adapter.get("kind") == "hydralora" else
-           "unfinished, or run with export=False")
+    why = ("a HydraLoRA run has none: its router depends on the input; give --routing-images N "
+           "(routing_images) to merge it with each layer's mean routing over N training images"
+           if hydralora else "unfinished, or run with export=False")
     raise FileNotFoundError(f"{workdir} has no merged export {merged} ({why})")
   return Run(workdir, config, checkpoints.load(merged))
+
+
+def _with_mean_routing(workdir: pathlib.Path, num_images: int) -> checkpoints.Pretrained:
+  run = analysis.load_run(workdir)
+  routing, seen = analysis.mean_routing(run, num_images)
+  params = jax.device_get(adapters.merge(run.params, run.adapters, run.spec, routing=routing))
+  return dataclasses.replace(
+      run.pre, params=jax.tree.map(lambda x: np.asarray(x, np.float32), params),
+      source=f"{workdir} merged with each layer's mean routing over {seen} training images")
 
 
 def _flat(params) -> dict[str, np.ndarray]:
@@ -261,6 +278,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--seed", type=int, default=0, help="dare: the seed of the random drop")
   p.add_argument("--eval", action="store_true", help="score the result on each run's "
                  "validation and test splits and print a JSON line per run")
+  p.add_argument("--routing-images", type=int, default=None, help="merge HydraLoRA runs with "
+                 "each layer's mean routing over this many of their training images (their "
+                 "router depends on the input; the fixed routing costs accuracy)")
   args = p.parse_args(argv)
   try:
     _merge(args)
@@ -278,7 +298,9 @@ def _on_one_device(config) -> ml_collections.ConfigDict:
 
 def _merge(args: argparse.Namespace) -> None:
   parsed = [_parse(r) for r in args.runs]
-  runs = [load_run(path) for path, _ in parsed]
+  if args.routing_images is not None and args.routing_images < 1:
+    raise ValueError(f"--routing-images {args.routing_images}; expected a count >= 1")
+  runs = [load_run(path, routing_images=args.routing_images) for path, _ in parsed]
   head: str | int | None = {"mean": "mean", "none": None}.get(args.head, args.head)
   if head not in ("mean", None):
     dirs = [r.workdir.resolve() for r in runs]

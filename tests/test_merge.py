@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -131,9 +132,10 @@ def test_task_sum_refuses_bad_methods(how, message):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """Finished runs of the testing config from one random base: Hydra, LoRA, full fine-tuning."""
+  """Finished runs of the testing config from one random base: Hydra, LoRA, full fine-tuning,
+  HydraLoRA."""
   out = {}
-  for kind in ("hydra", "lora", "full"):
+  for kind in ("hydra", "lora", "full", "hydralora"):
     config = default.get_testing_config()
     if kind == "full":
       config.adapter, config.train_patterns = default.adapter_config("none"), (".*",)
@@ -311,7 +313,8 @@ def test_cli_refusals_name_the_reason(runs, tmp_path, capsys):
                                "another base"),
       ([out, str(h), str(other_base)], "were fine-tuned from different bases: param "),
       ([out, f"{h}:nan"], "must be finite numbers"),
-      ([out, str(h), str(hydralora)], "fixed routing"),
+      ([out, str(h), str(hydralora)], "give --routing-images N"),
+      ([out, str(h), "--routing-images", "0"], "--routing-images 0; expected a count >= 1"),
       ([out, str(h), "--head", str(tmp_path)], "expected 'mean', 'none' or one of the runs"),
       ([out, str(tmp_path / "nowhere")], "is not a run directory"),
   ]:
@@ -349,6 +352,34 @@ def test_every_reader_of_a_run_rebuilds_its_base_checked(runs, tmp_path):
   with pytest.raises(ValueError, match=why):
     export.save_peft_run(wrong[1], tmp_path / "peft")
   assert not (tmp_path / "peft").exists()
+
+
+def test_a_hydralora_run_merges_with_its_mean_routing(runs, tmp_path, capsys):
+  """The merged ViT computes the factored model with each layer's routing fixed at its mean
+  over the first training images (recorded here through the activations path)."""
+  hl, results = runs["hydralora"]
+  run = merge.load_run(hl, routing_images=20)
+  factored = analysis.load_run(hl)
+  train = analysis.report.eval_data(factored, 20, factored.config.data.train_split)
+  recorded = [adapters.apply_intercepted(factored.model, factored.params, factored.adapters,
+                                         factored.spec, b["image"], record=True)[1]["routing"]
+              for b in train]
+  pairs = list(zip(recorded, train, strict=True))
+  mean = {k: np.concatenate([np.asarray(r[k])[b["mask"]] for r, b in pairs]).mean((0, 1))
+          for k in recorded[0]}
+  assert all(np.abs(w - 1 / 3).max() > 1e-3 for w in mean.values())  # not the uniform routing
+  images = train[0]["image"]
+  want, _ = adapters.apply_intercepted(factored.model, factored.params, factored.adapters,
+                                       factored.spec, images, routing=mean)
+  got = factored.model.apply({"params": run.merged.params}, images)
+  assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-5
+  out = tmp_path / "hl.safetensors"
+  merge.main([str(out), f"{hl}:0.5", f"{runs['hydra'][0]}:0.5", "--routing-images", "20",
+              "--eval"])
+  lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+  assert lines[0]["wrote"] == str(out) and out.is_file()
+  assert lines[1]["run_test_accuracy"] == results["test_accuracy"]
+  assert 0 <= lines[1]["test_accuracy"] <= 1
 
 
 def test_parse_reads_an_optional_weight(tmp_path):

@@ -17,12 +17,12 @@ from hydra_jax.analysis.metrics import (
     singular_values,
     subspace_energy,
 )
-from hydra_jax.analysis.report import analyze, load_run
+from hydra_jax.analysis.report import analyze, load_run, mean_routing
 from hydra_jax.analysis.weights import analyze_weights, branch_deltas, head_similarity
 
 __all__ = [
     "Moments", "ablate", "analyze", "analyze_weights", "branch_deltas", "column_basis",
     "cosine_per_row", "effective_rank", "frobenius", "head_similarity", "linear_cka",
-    "load_run", "output_stats", "principal_angles", "router_usage", "singular_bases",
-    "singular_values", "subspace_energy",
+    "load_run", "mean_routing", "output_stats", "principal_angles", "router_usage",
+    "singular_bases", "singular_values", "subspace_energy",
 ]

@@ -89,17 +89,26 @@ def _router(run: Run, layers: list[dict], stats: dict) -> dict[str, Any]:
   return {"usage": np.stack(usage), "per_class": np.nanmean(np.stack(per_class), 0)}
 
 
-def fixed_routing(run: Run, test_batches, num_examples: int) -> dict[str, Any]:
-  """HydraLoRA merged into a plain ViT with each layer's mean routing weights over the first
-  ``num_examples`` training images (an input-independent stand-in for the router), and that
-  model's accuracy on ``test_batches``."""
+def mean_routing(run: Run, num_examples: int) -> tuple[dict[str, np.ndarray], int]:
+  """A HydraLoRA run's mean routing weights per layer ({layer path: (N,)}) over the first
+  ``num_examples`` training images (an input-independent stand-in for the router, which
+  ``adapters.merge(..., routing=...)`` folds into a plain ViT), and the images seen."""
+  if run.spec.kind != "hydralora":
+    raise ValueError(f"{run.workdir} is a {run.spec.kind!r} run: only HydraLoRA has a router")
   train = eval_data(run, num_examples, run.config.data.train_split)
   stats = activations.output_stats(run.model, run.params, run.adapters, run.spec, train)
-  routing = {name: np.mean(s["routing"], 0) for name, s in stats.items()}
+  return ({name: np.mean(s["routing"], 0) for name, s in stats.items()},
+          int(sum(np.sum(b["mask"]) for b in train)))
+
+
+def fixed_routing(run: Run, test_batches, num_examples: int) -> dict[str, Any]:
+  """HydraLoRA merged into a plain ViT with ``mean_routing`` over ``num_examples`` training
+  images, and that model's accuracy on ``test_batches``."""
+  routing, seen = mean_routing(run, num_examples)
   merged = adapters_lib.merge(run.params, run.adapters, run.spec, routing=routing)
   apply = jax.jit(lambda p, x: run.model.apply({"params": p}, x))
   accuracy = train_lib.evaluate(lambda b: apply(merged, b["image"]), iter(test_batches))
-  return {"images": int(sum(np.sum(b["mask"]) for b in train)), "accuracy": accuracy,
+  return {"images": seen, "accuracy": accuracy,
           "routing": {k: v.tolist() for k, v in routing.items()}}
 
 
