@@ -87,21 +87,25 @@ def _flat(params) -> dict[str, np.ndarray]:
 METHODS = ("sum", "ties", "dare", "dare_ties")
 
 
+TRIMS = ("tensor", "global")
+
+
 def task_sum(base, items: Sequence[tuple[float, dict]], *, head: str | int | None = "mean",
-             method: str = "sum", density: float = 1.0, scale: float = 1.0,
-             seed: int = 0) -> dict:
+             method: str = "sum", density: float = 1.0, scale: float = 1.0, seed: int = 0,
+             trim: str = "tensor") -> dict:
   """``base + scale * merge_i(w_i, tau_i)`` over the changes ``tau_i = params_i - base`` of every
   param but the head, plus the chosen head.
 
-  Methods, each param tensor on its own (as mergekit and PEFT do; TIES' paper trims over the
-  whole task vector):
+  Methods, each param tensor on its own (as mergekit and PEFT do) but for TIES' trim with
+  ``trim="global"`` (over the whole task vector, as TIES' paper does):
 
   - "sum": ``sum_i w_i tau_i`` (task arithmetic; ``scale`` multiplies every weight);
-  - "ties" (TIES-merging, Yadav et al. 2023): keep each ``tau_i``'s ``density`` share of largest
-    magnitudes, elect each entry's sign as that of ``sum_i w_i tau_i`` over the kept values, and
-    take the ``w``-weighted mean of the kept values of that sign (0 where none): the weights
-    weigh the runs (their scale cancels, so they must be positive) and ``scale`` is the paper's
-    lambda (equal weights and ``scale=1``: the paper's merge at lambda 1);
+  - "ties" (TIES-merging, Yadav et al. 2023): keep ``tau_i``'s ``density`` share of largest
+    magnitudes (of each tensor, or with ``trim="global"`` of all of ``tau_i``), elect each
+    entry's sign as that of ``sum_i w_i tau_i`` over the kept values, and take the ``w``-weighted
+    mean of the kept values of that sign (0 where none): the weights weigh the runs (their scale
+    cancels, so they must be positive) and ``scale`` is the paper's lambda (equal weights and
+    ``scale=1``: the paper's merge at lambda 1);
   - "dare" (Yu et al. 2023): keep each entry of each ``tau_i`` with probability ``density``,
     scaled by ``1 / density`` (the rest 0; item i's mask of a tensor draws from (``seed``, i, the
     tensor's path)), then "sum";
@@ -112,7 +116,7 @@ def task_sum(base, items: Sequence[tuple[float, dict]], *, head: str | int | Non
     items: [(w_i, params_i), ...], each params_i of base's tree (heads may differ).
     head: "mean" (``sum_i w_i head_i / sum_i w_i``; the heads' shapes must agree), an index
       into ``items`` (that head as it is) or None (no head).
-    method, density, scale, seed: as above; density in (0, 1].
+    method, density, scale, seed, trim: as above; density in (0, 1].
 
   Returns:
     the merged param tree, float32 numpy leaves (float64 arithmetic).
@@ -125,6 +129,9 @@ def task_sum(base, items: Sequence[tuple[float, dict]], *, head: str | int | Non
     raise ValueError(f"density={density}; expected a share in (0, 1]")
   if method == "sum" and density != 1:
     raise ValueError(f"density={density} applies to ties and dare, not to method 'sum'")
+  if trim not in TRIMS or (trim != "tensor" and method != "ties"):
+    raise ValueError(f"trim={trim!r}; expected one of {TRIMS}, and 'global' with method 'ties' "
+                     f"only (method {method!r})")
   weights = [float(w) for w, _ in items]
   if not all(np.isfinite([*weights, scale])):
     raise ValueError(f"weights {weights} and scale {scale} must be finite numbers")
@@ -137,16 +144,27 @@ def task_sum(base, items: Sequence[tuple[float, dict]], *, head: str | int | Non
       checkpoints.check_tree(want, body)
     except ValueError as e:
       raise ValueError(f"item {i} does not fit the base's tree: {e}") from None
+  def changes(path):
+    b = np.asarray(want[path], np.float64)
+    return b, [np.asarray(body[path], np.float64) - b for body in bodies]
+
+  cutoffs = [None] * len(items)  # per tensor; a global trim keeps |tau_i| >= cutoffs[i]
+  if trim == "global":
+    magnitudes = [[] for _ in items]
+    for path in want:
+      for m, t in zip(magnitudes, changes(path)[1], strict=True):
+        m.append(np.abs(t).ravel())
+    cutoffs = [_cutoff(np.concatenate(m), density) for m in magnitudes]
   out = {}
-  for path, b in want.items():
-    b = np.asarray(b, np.float64)
-    taus = [np.asarray(body[path], np.float64) - b for body in bodies]
+  for path in want:
+    b, taus = changes(path)
     if method.startswith("dare"):
       keep = [np.random.default_rng([seed, i, zlib.crc32(path.encode())]).random(t.shape)
               < density for i, t in enumerate(taus)]
       taus = [t * k / density for t, k in zip(taus, keep, strict=True)]
     if method == "ties":
-      taus = [_largest(t, density) for t in taus]
+      taus = [_largest(t, density) if c is None else np.where(np.abs(t) >= c, t, 0.0)
+              for t, c in zip(taus, cutoffs, strict=True)]
     change = (_sign_elected_mean(taus, weights) if method.endswith("ties") else
               sum(w * t for w, t in zip(weights, taus, strict=True)))
     out[path] = (b + scale * change).astype(np.float32)
@@ -154,9 +172,19 @@ def task_sum(base, items: Sequence[tuple[float, dict]], *, head: str | int | Non
   return traverse_util.unflatten_dict(out, sep="/")
 
 
+def _kept(size: int, density: float) -> int:
+  return int(np.ceil(density * size))
+
+
+def _cutoff(magnitudes: np.ndarray, density: float) -> float:
+  """The smallest of the ceil(density * size) largest ``magnitudes`` (ties at it are kept)."""
+  k = magnitudes.size - _kept(magnitudes.size, density)
+  return float(np.partition(magnitudes, k)[k])
+
+
 def _largest(t: np.ndarray, density: float) -> np.ndarray:
   """``t`` with all but its ceil(density * size) largest magnitudes set to 0."""
-  keep = int(np.ceil(density * t.size))
+  keep = _kept(t.size, density)
   flat = t.ravel()
   out = np.zeros_like(flat)
   top = np.argpartition(np.abs(flat), flat.size - keep)[flat.size - keep:]
@@ -276,6 +304,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--scale", type=float, default=1.0, help="multiplies the merged change (TIES' "
                  "lambda)")
   p.add_argument("--seed", type=int, default=0, help="dare: the seed of the random drop")
+  p.add_argument("--trim", default="tensor", choices=TRIMS, help="ties: keep the largest "
+                 "changes of each tensor (mergekit, PEFT) or of each run's whole task vector "
+                 "(TIES' paper)")
   p.add_argument("--eval", action="store_true", help="score the result on each run's "
                  "validation and test splits and print a JSON line per run")
   p.add_argument("--routing-images", type=int, default=None, help="merge HydraLoRA runs with "
@@ -317,6 +348,8 @@ def _merge(args: argparse.Namespace) -> None:
     how["scale"] = args.scale
   if args.method.startswith("dare"):
     how["seed"] = args.seed
+  if args.trim != "tensor":
+    how["trim"] = args.trim
   merged = merge_runs(runs, [w for _, w in parsed], head=head, **how)
   checkpoints.save(args.out, merged)
   print(json.dumps({"wrote": str(args.out), "source": merged.source}))

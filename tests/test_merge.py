@@ -95,6 +95,26 @@ def test_ties_trims_elects_the_sign_and_averages_agreeing_values():
   np.testing.assert_allclose(_kernel(out), [0.5])
 
 
+def test_ties_global_trim_keeps_the_largest_changes_of_the_whole_task_vector():
+  def tree(a, b):
+    return {"Dense_0": {"kernel": np.asarray(a, np.float32)},
+            "Dense_1": {"kernel": np.asarray(b, np.float32)}}
+  base, item = tree([0, 0], [0, 0, 0, 0]), tree([5, -4], [1, -0.5, 0.25, 3])
+  # half of 6 changes: 5, -4 and 3 (per tensor: 5 of the first, 3 and 1 of the second)
+  out = merge.task_sum(base, [(1.0, item)], method="ties", density=0.5, trim="global", head=None)
+  np.testing.assert_array_equal(out["Dense_0"]["kernel"], [5, -4])
+  np.testing.assert_array_equal(out["Dense_1"]["kernel"], [0, 0, 0, 3])
+  out = merge.task_sum(base, [(1.0, item)], method="ties", density=0.5, head=None)
+  np.testing.assert_array_equal(out["Dense_0"]["kernel"], [5, 0])
+  np.testing.assert_array_equal(out["Dense_1"]["kernel"], [1, 0, 0, 3])
+  # each run its own cut: the second's small changes are its largest
+  small = tree([0.1, 0], [0, 0, -0.2, 0])
+  out = merge.task_sum(base, [(1.0, item), (1.0, small)], method="ties", density=0.5,
+                       trim="global", head=None)
+  np.testing.assert_allclose(out["Dense_0"]["kernel"], [(5 + 0.1) / 2, -4])
+  np.testing.assert_allclose(out["Dense_1"]["kernel"], [0, 0, -0.2, 3])
+
+
 def test_dare_keeps_a_density_share_rescaled_and_is_seeded():
   rng = np.random.default_rng(3)
   base, item = _vec(*rng.normal(size=10_000)), _vec(*rng.normal(size=10_000))
@@ -121,6 +141,8 @@ def test_dare_keeps_a_density_share_rescaled_and_is_seeded():
     ({"method": "ties", "density": 0.0}, r"expected a share in \(0, 1\]"),
     ({"method": "sum", "density": 0.5}, "applies to ties and dare"),
     ({"method": "sum", "scale": float("nan")}, "must be finite numbers"),
+    ({"method": "dare", "trim": "global"}, "'global' with method 'ties' only"),
+    ({"method": "ties", "trim": "layer"}, "trim='layer'; expected one of"),
 ])
 def test_task_sum_refuses_bad_methods(how, message):
   with pytest.raises(ValueError, match=message):
@@ -258,6 +280,8 @@ def test_cli_writes_a_checkpoint_and_scores_each_run(runs, tmp_path, capsys, mon
   for x, y in zip(jax.tree.leaves(checkpoints.load(out).params), jax.tree.leaves(want),
                   strict=True):
     np.testing.assert_array_equal(x, y)
+  merge.main([str(out), str(h), str(lora), "--method", "ties", "--trim", "global"])
+  assert "(density=0.2, method=ties, trim=global)" in capsys.readouterr().out
   merge.main([str(out), str(h), "--method", "dare"])
   assert "(density=0.5, method=dare, seed=0)" in capsys.readouterr().out
   merge.main([str(tmp_path / "features.safetensors"), str(h), "--head", "none"])
