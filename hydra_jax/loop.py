@@ -37,16 +37,22 @@ def _make_spec(config) -> adapters_lib.AdapterSpec | None:
   return adapters_lib.spec_from_config(config.adapter)
 
 
-def _given_adapters(config, pre) -> tuple[adapters_lib.AdapterSpec | None, dict | None]:
+def _given_adapters(config, pre, recorded: dict | None = None
+                    ) -> tuple[adapters_lib.AdapterSpec | None, dict | None]:
   """(spec, trainable tree to start from) of ``config.init_adapters``; else (config's spec, None).
 
   A directory is a PEFT LoRA adapter (``checkpoints.load_peft``), a file a hydra_jax adapters
-  export (``export.load_adapters``); the spec comes from the file.
+  export (``export.load_adapters``); the spec comes from the file, or where the file is gone
+  from ``recorded`` (the spec a checkpoint to resume recorded: its state replaces the start).
   """
   path = config.get("init_adapters")
   if not path:
     return _make_spec(config), None
   path = pathlib.Path(path).expanduser()
+  if not path.exists() and recorded is not None:
+    _LOG.warning("init_adapters %s is gone; resuming with the adapter spec the checkpoint "
+                 "recorded", path)
+    return adapters_lib.spec_from_config(recorded), None
   if not path.exists():
     raise FileNotFoundError(f"init_adapters: no adapters at {path} (expected a hydra_jax "
                             "adapters.safetensors or a PEFT adapter directory)")
@@ -268,7 +274,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = pathlib.Path(workdir)
   rng = jax.random.key(config.seed)
   model, pre = build_model(config, model_rng(config))
-  spec, given = _given_adapters(config, pre)
+  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
+                                    use_async=config.async_checkpoints)
+  latest = ckpt.latest_step()
+  spec, given = _given_adapters(
+      config, pre, ckpt.meta(latest).get("adapter_spec") if latest else None)
   train_src, val_src, test_src = sources(config)
   steps_per_epoch = len(train_src) // config.batch_size
   if steps_per_epoch == 0:
@@ -276,8 +286,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state, frozen, tx, schedule, report = _init_state(
       config, model, pre.params, spec, jax.random.fold_in(rng, 1), steps_per_epoch, given)
   runner = _Runner(config, model, spec, tx, schedule, frozen, state)
-  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
-                                    use_async=config.async_checkpoints)
   start = _restore(ckpt, runner, config, steps_per_epoch)
   writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start,
                                 finished=start >= config.num_epochs * steps_per_epoch)
@@ -290,7 +298,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       shard_index=jax.process_index(), shard_count=jax.process_count(),
       num_classes=config.data.num_classes)
   validate = lambda: _evaluate_unmerged(config, runner, val_src)  # noqa: E731
-  _train_loop(config, runner, ckpt, writer, batches, validate, start=start,
+  # what each checkpoint records of the run (the same at every step)
+  meta = {**resume_meta(config),
+          "adapter_spec": None if spec is None else dataclasses.asdict(spec)}
+  _train_loop(config, runner, ckpt, writer, batches, validate, meta, start=start,
               steps_per_epoch=steps_per_epoch, rng=jax.random.fold_in(rng, 2))
   results = _final(config, runner, spec, model, pre, val_src, test_src, workdir)
   writer.write(results["steps"], results)  # the line holding "steps" (metrics.RESULTS_KEY)
@@ -337,15 +348,15 @@ def _restore(ckpt: checkpointing.Checkpointer, runner: _Runner, config,
   return start
 
 
-def _train_loop(config, runner, ckpt, writer, batches, validate, *, start: int,
-                steps_per_epoch: int, rng: jax.Array) -> None:
-  """Steps from ``start`` to the end: logs, validates and checkpoints on the configured steps."""
+def _train_loop(config, runner, ckpt, writer, batches, validate, run: dict[str, Any], *,
+                start: int, steps_per_epoch: int, rng: jax.Array) -> None:
+  """Steps from ``start`` to the end: logs, validates and checkpoints (with ``run``, the run's
+  meta) on the configured steps."""
   total = config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_epochs * steps_per_epoch
   progress = metrics.Progress(total=total, initial=start, batch_size=config.batch_size,
                               enabled=config.progress and jax.process_index() == 0)
   pending: list[tuple[int, Any]] = []
-  run = resume_meta(config)  # what each checkpoint records of the run (the same at every step)
   for step in range(start + 1, total + 1):
     pending.append((step, runner.run_step(next(batches), rng)))
     evaluate = step % eval_every == 0 or step == total

@@ -166,6 +166,20 @@ def test_a_run_starts_from_given_adapters(reference_run, tmp_path):
                        str(tmp_path / "x"))
 
 
+def test_a_resume_does_not_need_the_init_adapters_file(reference_run, tmp_path, caplog):
+  """The checkpoint's state replaces the start; its recorded spec stands in for the file's."""
+  given = tmp_path / "given.safetensors"
+  shutil.copy(reference_run[0] / "export" / "adapters.safetensors", given)
+  first = train_and_evaluate(_testing_config(init_adapters=str(given), num_epochs=1),
+                             str(tmp_path / "run"))
+  given.unlink()
+  longer = train_and_evaluate(_testing_config(init_adapters=str(given)), str(tmp_path / "run"))
+  assert (first["steps"], longer["steps"]) == (4, 8)
+  assert "init_adapters" in caplog.text and "is gone; resuming with the adapter spec" in caplog.text
+  with pytest.raises(FileNotFoundError, match="init_adapters: no adapters at"):  # nothing to resume
+    train_and_evaluate(_testing_config(init_adapters=str(given)), str(tmp_path / "other"))
+
+
 def test_a_metrics_line_averages_the_steps_since_the_last(tmp_path):
   writer = metrics.MetricWriter(tmp_path)
   progress = metrics.Progress(total=3, initial=0, batch_size=4, enabled=False)
