@@ -91,6 +91,15 @@ def test_hf_vit_classifier_with_prefix(tmp_path):
       json.dumps({"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6]}))
   pretrained = checkpoints.load(path)
   assert (pretrained.mean, pretrained.std) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+  (path / "preprocessor_config.json").write_text(  # pixels in [0, 1], not normalised
+      json.dumps({"do_normalize": False, "image_mean": [0.1, 0.2, 0.3], "image_std": [0.4] * 3}))
+  pretrained = checkpoints.load(path)
+  assert (pretrained.mean, pretrained.std) == ((0.0,) * 3, (1.0,) * 3)
+  for fields in ({"rescale_factor": 1.0}, {"do_rescale": False}):
+    (path / "preprocessor_config.json").write_text(json.dumps(fields))
+    with pytest.raises(ValueError, match="hydra_jax scales uint8 pixels to \\[0, 1\\]"):
+      checkpoints.load(path)
+  (path / "preprocessor_config.json").unlink()
   config = json.loads((path / "config.json").read_text())
   (path / "config.json").write_text(json.dumps(dict(config, hidden_act="relu")))
   with pytest.raises(ValueError, match="unsupported MLP.*'relu'"):
@@ -411,7 +420,8 @@ def test_save_npz_computes_the_same_function(case, tmp_path):
     (dict(pool="tok+gap"), "pools 'tok' over a class token, or 'gap' / 'map' without one"),
     (dict(pool="gap"), "got pool='gap', class_token=True"),
     (dict(pool="gap", class_token=False, fc_norm=True), "final LayerNorm is on the tokens"),
-    (dict(posemb_grid=(2, 5)), "reads a posemb of m\\*m \\+ 1 entries .*\\(2, 5\\): 10"),
+    (dict(posemb_grid=(2, 5)), "take it as square \\(got the grid \\(2, 5\\)\\)"),
+    (dict(posemb_grid=(2, 8)), "take it as square \\(got the grid \\(2, 8\\)\\)"),
     (dict(pre_norm=True), "no LayerNorm before the blocks \\(got pre_norm=True, as in CLIP\\)"),
     (dict(quick_gelu=True, gelu_approximate=False), "no quick GELU"),
 ])
@@ -770,6 +780,16 @@ def test_half_precision_safetensors(hf_vit, tmp_path, dtype):
   images = _images(16)
   ref = _torch(half.float(), images).last_hidden_state  # the same rounded weights, in float32
   assert _rel(_apply(pretrained, images, "encode"), ref) < 1e-5
+
+
+def test_hf_vit_of_a_non_square_image_size(tmp_path):
+  """Its position embedding lies on the (H/p, W/p) grid of the config's image_size."""
+  config = transformers.ViTConfig(intermediate_size=128, **{**TINY, "image_size": [8, 32]})
+  model = _randomise(transformers.ViTModel(config, add_pooling_layer=False), seed=8)
+  pretrained = checkpoints.load(_save_hf(model, tmp_path))
+  assert tuple(pretrained.model["posemb_grid"]) == (2, 8)
+  images = np.random.default_rng(0).normal(size=(2, 8, 32, 3)).astype(np.float32)
+  assert _rel(_apply(pretrained, images, "encode"), _torch(model, images).last_hidden_state) < 1e-5
 
 
 def test_hf_vit_without_qkv_bias(tmp_path):

@@ -149,10 +149,10 @@ def _big_vision_refusal(model: dict) -> str | None:
   if model["fc_norm"] and pool != "tok":
     return f"its final LayerNorm is on the tokens, before the pooling (got fc_norm, pool={pool!r})"
   gh, gw = model["posemb_grid"]
-  if math.isqrt(gh * gw) ** 2 + 1 == gh * gw:  # big_vision's fix_old_checkpoints rule
-    return (f"its loader reads a posemb of m*m + 1 entries as an old square grid plus a class "
-            f"token row and drops one (got the grid {(gh, gw)}: {gh * gw} entries); resample "
-            f"the posemb to another grid (checkpoints.load(..., image_size=...)) first")
+  if gh != gw:  # (a square grid is never m*m + 1 entries, which big_vision reads as old files)
+    return (f"an .npz records no position-embedding grid, and checkpoints.load and big_vision's "
+            f"resampling take it as square (got the grid {(gh, gw)}); resample the posemb to a "
+            f"square grid (checkpoints.load(..., image_size=...)) first")
   return None
 
 

@@ -27,6 +27,7 @@ Files saved in bfloat16 or float16 load as float32; ``qkv_bias=False`` ViTs get 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import re
 
@@ -191,10 +192,23 @@ def rename_key(key: str, value: np.ndarray, heads: int) -> list[tuple[str, np.nd
 
 
 def _normalisation(root: pathlib.Path, model_type: str) -> tuple[tuple, tuple]:
-  """mean/std from preprocessor_config.json, else the family's default."""
+  """mean/std from preprocessor_config.json (none where it does not normalise), else the
+  family's default.
+
+  Raises:
+    ValueError: the processor scales pixels other than to [0, 1] (``do_rescale`` off, or a
+      ``rescale_factor`` other than 1/255), which the ViT's uint8 input path does not compute.
+  """
   pre = root / "preprocessor_config.json"
   if pre.is_file():
     cfg = json.loads(pre.read_text())
+    factor = cfg.get("rescale_factor", 1 / 255)
+    if not cfg.get("do_rescale", True) or not math.isclose(factor, 1 / 255):
+      raise ValueError(f"{pre}: do_rescale={cfg.get('do_rescale', True)}, rescale_factor="
+                       f"{factor}; hydra_jax scales uint8 pixels to [0, 1] (do_rescale=true, "
+                       "rescale_factor=1/255)")
+    if not cfg.get("do_normalize", True):
+      return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     if "image_mean" in cfg and "image_std" in cfg:
       return tuple(cfg["image_mean"]), tuple(cfg["image_std"])
   if FAMILY[model_type] == "dinov2":
@@ -230,6 +244,12 @@ def _clip(flat: dict, source: str, keys: set[str]) -> dict:
   return flat
 
 
+def _grid(image_size, patch_size) -> tuple[int, int]:
+  """(H // p, W // p) of a transformers config's int-or-pair image_size and patch_size."""
+  (h, w), (ph, pw) = (np.broadcast_to(x, 2).tolist() for x in (image_size, patch_size))
+  return h // ph, w // pw
+
+
 def load_hf(root: pathlib.Path) -> common.Pretrained:
   """A HF ViT / DINOv2 / SigLIP / CLIP directory -> ``Pretrained`` (not yet finalized)."""
   config = json.loads((root / "config.json").read_text())
@@ -263,6 +283,8 @@ def load_hf(root: pathlib.Path) -> common.Pretrained:
     flat = _clip(flat, str(root), keys)
   fields = dict(ln_eps=float(config["layer_norm_eps"]), **_ACTS.get(act, {}),
                 posemb_resample=POSEMB_RESAMPLE.get(model_type, "bicubic"))
+  if model_type == "vit":  # its posemb lies on the (H/p, W/p) grid of image_size, maybe not square
+    fields["posemb_grid"] = _grid(config.get("image_size", 224), config.get("patch_size", 16))
   head = flat.get("head/kernel")
   if FAMILY[model_type] == "dinov2" and head is not None and (
       head.shape[0] == 2 * config["hidden_size"]):
