@@ -24,7 +24,8 @@ from hydra_jax import bench, train_lib
 
 _KINDS = [
     ("attention", re.compile(r"fmha|flash|cudnn|sdpa|attention", re.I)),
-    ("matmul", re.compile(r"gemm|cutlass|cublas|matmul|dot|xmma|sm90_", re.I)),
+    # nvjet: cuBLAS's kernels under CUDA 13, named without "gemm" or "sm90_"
+    ("matmul", re.compile(r"gemm|cutlass|cublas|matmul|dot|xmma|sm90_|nvjet", re.I)),
     ("copy/transpose", re.compile(r"copy|transpose|memcpy|memset|concatenate|pad|slice", re.I)),
     ("fusion", re.compile(r"fusion|loop_|input_|reduce", re.I)),
 ]

@@ -16,11 +16,17 @@ import sys
 
 
 def _label(path: pathlib.Path, r: dict) -> str:
+  """The file's stem, framework, adapter, then the shape and whatever differs from the suite's
+  setting (bf16, cuDNN attention, no remat, exact GELU, one microbatch, no augmentation)."""
   flag = r.get("xla_flags", "").split()[-1:]
-  extra = [*(f for f in flag if "device_count" not in f),
+  extra = [f"{r['model']}x{r['batch']}" if "model" in r and "batch" in r else "",
+           *(f for f in flag if "device_count" not in f),
            f"remat={r['remat']}" if r.get("remat", "none") not in ("none", False) else "",
            "tanh" if r.get("gelu_approximate") else "", "compile" if r.get("compile") else "",
-           r.get("compute", "")]
+           r.get("compute", ""), f"mb={r['microbatches']}" if r.get("microbatches", 1) > 1 else "",
+           "augment" if r.get("augment") else "",
+           r["attention"] if r.get("attention", "cudnn") not in ("cudnn", "auto") else "",
+           r["dtype"] if r.get("dtype", "bfloat16") != "bfloat16" else ""]
   return " ".join(x for x in (f"{path.stem:10}", r.get("framework", ""),
                               str(r.get("adapter", r.get("check", ""))), *extra) if x)
 
@@ -44,7 +50,7 @@ def row_line(path: pathlib.Path, r: dict) -> list[str]:
 
 
 def summary(out: pathlib.Path, expected: list[str]) -> list[str]:
-  lines = [f"{name}.jsonl: no output (see {name}.err)" for name in expected
+  lines = [f"{name}.jsonl: no output (see {name}.err or err.log)" for name in expected
            if not (out / f"{name}.jsonl").is_file()
            or not (out / f"{name}.jsonl").read_text().strip()]
   for path in sorted(out.glob("*.jsonl")):

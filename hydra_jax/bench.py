@@ -36,11 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from hydra_jax import adapters, flops, optim, train_lib
-from hydra_jax.build import DTYPES
-from hydra_jax.data import augment
+from hydra_jax import adapters, augment, flops, optim, train_lib
 from hydra_jax.models import ViT, variant
-from hydra_jax.models.vit import ATTENTIONS, REMATS, resolve_attention
+from hydra_jax.models.vit import ATTENTIONS, DTYPES, REMATS, resolve_attention
 
 # adapter name -> (AdapterSpec fields or None, params that train besides adapters)
 ADAPTERS = {

@@ -13,8 +13,7 @@ import numpy as np
 
 from hydra_jax import assets, checkpoints, data
 from hydra_jax.models import ARCHITECTURE_DEFAULTS, ViT, variant
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from hydra_jax.models.vit import DTYPES
 
 
 def data_dir(configured: str | None) -> str:

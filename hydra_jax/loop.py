@@ -18,9 +18,9 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from hydra_jax import adapters as adapters_lib
+from hydra_jax import augment as augment_lib
 from hydra_jax import checkpointing, checkpoints, data, export, metrics, optim, parallel, train_lib
 from hydra_jax.build import build_model, checkpoint_name, data_dir, model_rng, open_source
-from hydra_jax.data import augment as augment_lib
 
 # Merged vs factored logits: float32 agrees to rounding; bfloat16 rounds the two paths apart.
 _MERGE_RTOL = {"float32": 1e-4, "bfloat16": 3e-2}

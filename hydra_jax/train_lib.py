@@ -55,7 +55,7 @@ def loss_fn(trainable, frozen, batch: Batch, rng: jax.Array, *, model: nn.Module
             label_smoothing: float = 0.0):
   """Mean cross-entropy (against labels smoothed by ``label_smoothing``: 1 - e on the class, e
   spread evenly over all) plus the router's load-balancing loss (already weighted by the spec);
-  ``augment(images, key)`` (e.g. ``data.augment.Augment``) transforms the images first."""
+  ``augment(images, key)`` (e.g. ``augment.Augment``) transforms the images first."""
   images = batch["image"]
   if augment is not None:
     images = augment(images, jax.random.fold_in(rng, _AUGMENT_STREAM))

@@ -1,4 +1,4 @@
-"""Augmentation inside the train step (hydra_jax.data.augment)."""
+"""Augmentation inside the train step (hydra_jax.augment)."""
 
 import functools
 
@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from hydra_jax import adapters, optim, train_lib
+from hydra_jax import adapters, augment, optim, train_lib
 from hydra_jax.build import build_model
-from hydra_jax.data import augment
 
 
 def _bilinear_reference(image, box):

@@ -3,6 +3,8 @@ rows), its alternating A/B timing, and scale.py's two-probe largest-batch fit.""
 
 import argparse
 import json
+import pathlib
+import subprocess
 import sys
 
 import jax
@@ -13,6 +15,27 @@ from hydra_jax import bench
 
 _TINY = ["--model", "Ti/16", "--image_size", "32", "--batch", "4", "--num_classes", "3",
          "--dtype", "float32", "--steps", "1", "--repeats", "1"]
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# requirements.txt's packages that the lent GPU machine's image lacks
+# (/work/.library/device/KINDS.md, read 2026-12-07)
+_NOT_ON_THE_GPU_IMAGE = ("tensorflow_datasets", "grain", "array_record", "ml_collections",
+                         "tensorboardX", "importlib_resources")
+
+
+def test_the_benchmarks_import_without_what_the_gpu_image_lacks():
+  """The device runs the benches under its own image: a package only the data pipeline or the
+  configs need must not be imported by them (v2's bench failed there at import)."""
+  blocked = ", ".join(repr(m) for m in _NOT_ON_THE_GPU_IMAGE)
+  code = (f"import sys\nfor m in ({blocked},): sys.modules[m] = None\n"
+          "import hydra_jax.bench, benchmarks.scale, benchmarks.profile_step, benchmarks.summary\n"
+          "import tensorflow_datasets\n")  # the block itself: this import must fail
+  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 1 and done.stderr.strip().endswith(
+      "ModuleNotFoundError: import of tensorflow_datasets halted; None in sys.modules"), \
+      done.stderr[-2000:]
 
 
 def _rows(text: str) -> list[dict]:
@@ -121,15 +144,19 @@ def test_summary_reports_rows_errors_and_what_is_missing(tmp_path):
                peak_mem_gib=10.8, xla_flags="--xla_gpu_triton_gemm_any=true", remat="none"),
           dict(framework="jax", adapter="hydra", timing="infer", infer_merged_over_plain=0.98,
                infer_merged_img_per_s=8125, infer_plain_img_per_s=7967),
-          dict(framework="torch", adapter="lora", compile=True, error="OutOfMemoryError: x")]
+          dict(framework="torch", adapter="lora", compile=True, error="OutOfMemoryError: x"),
+          dict(framework="jax", adapter="hydra", model="B/16", batch=256, microbatches=2,
+               augment=True, attention="xla", dtype="float32", img_per_s=1.0, step_ms=2.0)]
   (tmp_path / "new.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\ncut off {")
   (tmp_path / "remat.jsonl").write_text("")
   (tmp_path / "profile.jsonl").write_text(json.dumps(dict(
       device_ms_per_step=34.48, by_kind_ms={"matmul": 14.243}, top_kernels_ms=[["nvjet_a", 2.9]])))
   assert summary.summary(tmp_path, ["old", "new", "remat"]) == [
-      "old.jsonl: no output (see old.err)", "remat.jsonl: no output (see remat.err)",
+      "old.jsonl: no output (see old.err or err.log)",
+      "remat.jsonl: no output (see remat.err or err.log)",
       "new        jax hydra --xla_gpu_triton_gemm_any=true 3615 img/s 35.4 ms peak 10.80 GiB",
       "new        jax hydra infer merged/plain 0.980 8125 7967 img/s",
       "new        torch lora compile ERROR OutOfMemoryError: x",
+      "new        jax hydra B/16x256 mb=2 augment xla float32 1 img/s 2.0 ms peak 0.00 GiB",
       "new.jsonl: not JSON: cut off {",
       "profile    34.48 ms/step {'matmul': 14.24}", "    2.900 nvjet_a"]

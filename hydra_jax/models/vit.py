@@ -48,6 +48,7 @@ SIZES = {
 }
 PATCHES = (8, 14, 16, 32)
 POOLS = ("tok", "gap", "tok+gap", "map")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the compute dtypes, by name
 ATTENTIONS = ("auto", "xla", "cudnn")
 # ViT.attention -> jax.nn.dot_product_attention's implementation, and the token multiple it needs
 IMPLEMENTATION = {"xla": "xla", "cudnn": "cudnn"}

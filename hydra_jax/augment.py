@@ -1,7 +1,7 @@
 """Training-time augmentation on the device: random resized crops and horizontal flips.
 
 Batches reach the step as uint8 (B, H, W, 3) at the model's input size (the host resizes once
-and caches, ``pipeline``). Inside the jitted step each example draws its own crop and flip from
+and caches, ``data.pipeline``). Inside the jitted step each example draws its own crop and flip from
 the step's key, is resampled on the device and rounded back to uint8, so the model normalises it
 as it does every input and the host pipeline stays as cheap as it is. The crop follows
 torchvision's ``RandomResizedCrop``: an area share uniform in ``crop_scale`` and an aspect ratio
