@@ -142,6 +142,25 @@ def test_merged_fine_tune_matches_the_factored_model(tmp_path):
   assert _rel(torch_logits.logits, factored) < 1e-5
 
 
+def test_a_non_square_vit_exports_with_its_image_size(tmp_path):
+  """transformers' ViT takes image_size [H, W]; DINOv2 reads its grid square, so it refuses."""
+  pre = _pretrained(seed=9, pool="tok", posemb_grid=(2, 8))
+  checkpoints.save_hf(tmp_path / "hf", pre)
+  model = _load_torch(tmp_path / "hf", "ViTForImageClassification")
+  assert list(model.config.image_size) == [8, 32]
+  images = np.random.default_rng(3).integers(0, 256, (2, 8, 32, 3), dtype=np.uint8)
+  processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
+  pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]
+  assert tuple(pixels.shape[2:]) == (8, 32)
+  with torch.no_grad():
+    logits = model(pixel_values=pixels).logits
+  assert _rel(logits, _apply(pre, images)) < 1e-5
+  assert tuple(checkpoints.load(tmp_path / "hf").model["posemb_grid"]) == (2, 8)
+  dino = _pretrained(seed=9, pool="tok+gap", posemb_grid=(2, 8))
+  with pytest.raises(ValueError, match="transformers' dinov2 configs take a square image_size"):
+    checkpoints.save_hf(tmp_path / "dino", dino)
+
+
 def test_preprocessor_config_normalises_like_the_model(tmp_path):
   """transformers' image processor on uint8 images == the ViT's own uint8 normalisation."""
   pre = _pretrained(seed=5)

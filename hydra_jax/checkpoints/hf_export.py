@@ -217,12 +217,13 @@ def _config(family: str, arch: str, model: dict, num_classes: int | None,
             labels: Sequence[str] | None, dtype: str) -> dict:
   """config.json of ``arch`` for ``ViT(**model)``."""
   gh, gw = model["posemb_grid"]
-  if gh != gw:
-    raise ValueError(f"transformers configs take a square image_size; the posemb grid is "
-                     f"{(gh, gw)} (load with a square image_size before exporting)")
-  width, mlp = model["width"], model["mlp_dim"]
+  if gh != gw and family != "vit":  # ViT's config takes (H, W); the others read their grid square
+    raise ValueError(f"transformers' {family} configs take a square image_size; the posemb grid "
+                     f"is {(gh, gw)} (load with a square image_size before exporting)")
+  width, mlp, p = model["width"], model["mlp_dim"], model["patch_size"]
   config = dict(hidden_size=width, num_hidden_layers=model["depth"], num_channels=3,
-                num_attention_heads=model["num_heads"], image_size=gh * model["patch_size"],
+                num_attention_heads=model["num_heads"],
+                image_size=gh * p if gh == gw else [gh * p, gw * p],
                 patch_size=model["patch_size"], layer_norm_eps=model["ln_eps"],
                 hidden_act="quick_gelu" if model.get("quick_gelu") else
                 "gelu_pytorch_tanh" if model["gelu_approximate"] else "gelu")
@@ -280,9 +281,9 @@ def _swiglu_ratio(width: int, mlp: int) -> int:
 
 
 def _preprocessor(model: dict, mean, std) -> dict:
-  size = model["posemb_grid"][0] * model["patch_size"]
+  (gh, gw), p = model["posemb_grid"], model["patch_size"]
   return dict(image_processor_type="ViTImageProcessor", do_resize=True, resample=3,  # bicubic
-              size={"height": size, "width": size}, do_rescale=True, rescale_factor=1 / 255,
+              size={"height": gh * p, "width": gw * p}, do_rescale=True, rescale_factor=1 / 255,
               do_normalize=True, image_mean=list(mean), image_std=list(std))
 
 
