@@ -85,9 +85,7 @@ def _flat(params) -> dict[str, np.ndarray]:
 
 
 METHODS = ("sum", "ties", "dare", "dare_ties")
-
-
-TRIMS = ("tensor", "global")
+TRIMS = ("tensor", "global")  # TIES' trim: per tensor, or over each run's whole task vector
 
 
 def task_sum(base, items: Sequence[tuple[float, dict]], *, head: str | int | None = "mean",
@@ -144,7 +142,8 @@ def task_sum(base, items: Sequence[tuple[float, dict]], *, head: str | int | Non
       checkpoints.check_tree(want, body)
     except ValueError as e:
       raise ValueError(f"item {i} does not fit the base's tree: {e}") from None
-  def changes(path):
+
+  def changes(path):  # (base, [tau_i]) of one tensor, float64
     b = np.asarray(want[path], np.float64)
     return b, [np.asarray(body[path], np.float64) - b for body in bodies]
 
