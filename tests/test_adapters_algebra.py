@@ -60,6 +60,11 @@ def test_add_then_merge_equals_combine(params, kind):
   x, y = random_adapters(spec, params, 3), random_adapters(spec, params, 4)
   summed = ad.merge(params, ad.add(x, y, spec), spec)
   assert_trees_close(summed, ad.combine(params, [(1.0, spec, x), (1.0, spec, y)]))
+  only_x = {"blk": {"dense": x["blk"]["dense"]}}  # a layer adapted in x alone is carried over
+  factors = set(x["blk"]["dense"])
+  total = ad.add(only_x, {"blk": {"attn_out": y["blk"]["attn_out"]}}, spec)
+  total["blk"]["dense"].clear()  # editing the result leaves x as it was
+  assert factors and set(x["blk"]["dense"]) == factors
 
 
 def test_scale_and_negate(params):

@@ -71,7 +71,8 @@ def _add_factors(path, fx: Mapping, fy: Mapping) -> dict:
 def add(x: Mapping, y: Mapping, spec: AdapterSpec) -> dict:
   """Adapters whose weight change is exactly the sum of ``x``'s and ``y``'s (ranks add up).
 
-  Layers adapted in only one of them are carried over unchanged.
+  Layers adapted in only one of them are carried over unchanged (a new dict of the same factors:
+  editing the result leaves ``x`` and ``y`` as they were).
 
   Raises:
     ValueError: for hydralora (routers do not add), or factor sets that differ.
@@ -83,7 +84,7 @@ def add(x: Mapping, y: Mapping, spec: AdapterSpec) -> dict:
   out: dict[str, Any] = {}
   for path in list(fx) + [p for p in fy if p not in fx]:
     both = path in fx and path in fy
-    value = _add_factors(path, fx[path], fy[path]) if both else fx.get(path, fy.get(path))
+    value = _add_factors(path, fx[path], fy[path]) if both else dict(fx.get(path, fy.get(path)))
     transform.set_path(out, path, value)
   return out
 
