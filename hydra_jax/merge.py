@@ -240,7 +240,7 @@ def _same_base(ref: checkpoints.Pretrained, other: checkpoints.Pretrained) -> st
 def merge_runs(runs: Sequence[Run], weights: Sequence[float], *,
                head: str | int | None = "mean", **merge) -> checkpoints.Pretrained:
   """``task_sum`` of finished runs over their common base, as a plain checkpoint; ``merge``:
-  ``task_sum``'s method, density, scale and seed.
+  ``task_sum``'s method, density, scale, seed and trim.
 
   Each run's base is rebuilt from its config as the run built it; runs from different bases
   (checkpoint, image size, pooling, normalisation, a random backbone's seed) are refused, and so
