@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from hydra_jax import build, data
-from hydra_jax.data import sources
+from hydra_jax.data import pipeline, sources
 
 DEBIAN_IDX = pathlib.Path("/usr/share/datasets/fashion-mnist")
 N_TRAIN, N_TEST = 300, 40
@@ -433,6 +433,13 @@ def test_sixteen_bit_grayscale_keeps_its_levels(tmp_path):
     sources.to_hwc_uint8(PIL.Image.fromarray(np.zeros((2, 2), np.float32)))
 
 
+def test_alpha_is_dropped_from_arrays_as_from_pil_images():
+  rgba = np.random.default_rng(0).integers(0, 256, (3, 4, 4), dtype=np.uint8)
+  np.testing.assert_array_equal(sources.to_hwc_uint8(rgba), rgba[..., :3])
+  np.testing.assert_array_equal(sources.to_hwc_uint8(PIL.Image.fromarray(rgba)), rgba[..., :3])
+  np.testing.assert_array_equal(sources.to_hwc_uint8(rgba[..., 2:]), rgba[..., 2:3])  # grey, alpha
+
+
 # --- errors ---------------------------------------------------------------------------------
 
 def test_missing_fashion_mnist_says_how_to_prepare(tmp_path):
@@ -464,6 +471,22 @@ def test_label_out_of_range():
     _train(source, num_classes=5)
   with pytest.raises(ValueError, match=r"label 7 .*num_classes=5"):
     list(data.eval_batches(source, batch_size=4, image_size=4, num_classes=5))
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 30])
+def test_an_image_that_is_not_uint8_rgb_is_refused_naming_its_example(monkeypatch, cache_bytes):
+  """A custom source's 16-bit image (wrapped to uint8 if cached, else trained on as is) or
+  RGBA one is refused, cached or not, in training and evaluation."""
+  monkeypatch.setattr(pipeline, "CACHE_BYTES", cache_bytes)
+  images = [np.zeros((8, 8, 3), np.uint8)] * 4
+  for bad, what in [(np.full((8, 8, 1), 1000, np.uint16), r"uint16 \(8, 8, 1\)"),
+                    (np.zeros((8, 8, 4), np.uint8), r"uint8 \(8, 8, 4\)")]:
+    source = ArraySource([*images[:2], bad, *images[2:]], num_classes=5)
+    message = rf"ArraySource.* example 2: expected a uint8 image \(H, W, 1 or 3\), got {what}"
+    with pytest.raises(ValueError, match=message):
+      _take(_train(source, batch_size=5), 1)
+    with pytest.raises(ValueError, match=message):
+      list(data.eval_batches(source, batch_size=5, image_size=4, num_classes=5))
 
 
 def test_batch_size_must_divide_into_shards():

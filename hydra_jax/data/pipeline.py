@@ -45,7 +45,10 @@ class _Resized:
 
   def _load(self, source, index: int) -> tuple[np.ndarray, int]:
     item = source[int(index)]
-    return resize(item["image"], self.size), int(item["label"])
+    try:
+      return resize(item["image"], self.size), int(item["label"])
+    except ValueError as e:  # a custom source's image, say: name where it came from
+      raise ValueError(f"{source!r} example {int(index)}: {e}") from e
 
   def fill(self, source) -> None:
     """Decodes and resizes every example not cached yet (a no-op for uncached sources)."""
@@ -67,8 +70,10 @@ class _Resized:
 
 def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """Bicubic (PIL) resize of uint8 (H, W, 1|3) to uint8 (h, w, 3); grayscale is repeated."""
-  if image.ndim != 3 or image.shape[-1] not in (1, 3):
-    raise ValueError(f"expected an image (H, W, 1 or 3), got shape {image.shape}")
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] not in (1, 3) or image.dtype != np.uint8:
+    raise ValueError(f"expected a uint8 image (H, W, 1 or 3), got {image.dtype} {image.shape} "
+                     "(data.sources.to_hwc_uint8 converts 16-bit, 2-D and RGBA images)")
   pil = PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
   if pil.size != (size[1], size[0]):
     pil = pil.resize((size[1], size[0]), PIL.Image.BICUBIC)

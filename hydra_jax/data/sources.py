@@ -30,7 +30,9 @@ def _to_8_bit(values: np.ndarray) -> np.ndarray:
 
 
 def to_hwc_uint8(image) -> np.ndarray:
-  """Returns an image as uint8 (H, W, C): grayscale keeps C=1, anything else becomes RGB.
+  """Returns an image as uint8 (H, W, C): grayscale keeps C=1, anything else becomes RGB (an
+  alpha channel is dropped, as PIL's ``convert("RGB")`` drops it: arrays of 2 or 4 channels
+  keep their first 1 or 3).
 
   16-bit images (PIL's 16-bit grayscale modes, uint16 arrays such as tfds' uint16 Image
   features) are scaled to 8 bits (v / 257, rounded); PIL's own conversion would clip them to
@@ -50,6 +52,8 @@ def to_hwc_uint8(image) -> np.ndarray:
     image = _to_8_bit(image)
   if image.ndim == 2:
     image = image[..., None]
+  if image.ndim == 3 and image.shape[-1] in (2, 4):  # grey or RGB with alpha
+    image = image[..., :-1]
   if image.ndim != 3 or image.dtype != np.uint8:
     raise ValueError(f"expected a uint8 image (H, W, C), got {image.dtype} {image.shape}")
   return image
