@@ -80,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
   # torchvision's RandomResizedCrop; None: no crop
   c.data.augment.crop_scale = placeholder(tuple)
   c.data.augment.crop_ratio = (3 / 4, 4 / 3)  # the crop's width / height range
+  # mixup / CutMix of neighbouring examples: their Beta alpha (e.g. 0.8 / 1.0, as DeiT); 0: off
+  c.data.augment.mixup = 0.0
+  c.data.augment.cutmix = 0.0
 
   c.batch_size = 32  # global batch
   c.label_smoothing = 0.0  # the loss's targets: 1 - e on the class, e spread over all classes

@@ -1,4 +1,5 @@
-"""Training-time augmentation on the device: random resized crops and horizontal flips.
+"""Training-time augmentation on the device: random resized crops, horizontal flips, mixup and
+CutMix.
 
 Batches reach the step as uint8 (B, H, W, 3) at the model's input size (the host resizes once
 and caches, ``data.pipeline``). Inside the jitted step each example draws its own crop and flip from
@@ -10,6 +11,10 @@ the nearest allowed ratio. The box is real-valued (torchvision rounds it to whol
 sampled bilinearly at (H, W) points inside it from the whole image (torchvision cuts the box out
 first, so near the box's edges its samples stay inside where these blend with the neighbouring
 pixels). Crops come from the already-resized image, not the original.
+
+``Mix`` blends each example with a partner from the same batch and its targets with the same
+weights (mixup, Zhang et al. 2018: a per-pixel blend; CutMix, Yun et al. 2019: a box pasted from
+the partner, weighted by the share of pixels it covers), after the crops and flips.
 """
 
 from __future__ import annotations
@@ -65,6 +70,82 @@ class Augment:
     return images
 
 
+@dataclasses.dataclass(frozen=True)
+class Mix:
+  """Mixup and CutMix of uint8 image batches and their (B, C) float targets.
+
+  Each example draws its own weight ``lam`` ~ Beta(alpha, alpha) and, when both are on, mixup or
+  CutMix with probability 1/2 each (timm's ``Mixup`` in its per-example mode draws the same
+  way). Partners are neighbours in the batch: examples 0 and 1, 2 and 3, ... (an odd batch's
+  last mixes with itself), so on a mesh whose devices hold an even share each, no image moves
+  between devices; under microbatches or ``parallel.per_device`` each part pairs within itself.
+
+  Attributes:
+    mixup: alpha of mixup's Beta distribution (e.g. 0.8, as DeiT); 0: off. The blend is rounded
+      back to uint8 (a change of at most half a grey level).
+    cutmix: alpha of CutMix's Beta distribution (e.g. 1.0); 0: off. The box has the image's
+      aspect ratio, a share ``1 - lam`` of its area and a uniform centre, and is cut at the image's
+      edges; the targets weigh the partner by the share of pixels the box actually covers.
+  """
+  mixup: float = 0.0
+  cutmix: float = 0.0
+
+  def __post_init__(self):
+    for name in ("mixup", "cutmix"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"{name}={value!r}; expected a Beta alpha > 0, or 0 for off")
+
+  def __bool__(self) -> bool:
+    return bool(self.mixup or self.cutmix)
+
+  def __call__(self, images: jax.Array, targets: jax.Array,
+               rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """uint8 (B, H, W, 3) and float (B, C) -> the mixed images and targets, drawn from ``rng``."""
+    b, h, w, _ = images.shape
+    k_mix, k_cut, k_which, k_centre = jax.random.split(rng, 4)
+    partner, partner_targets = _neighbours(images), _neighbours(targets)
+    share = jnp.zeros((b,), jnp.float32)  # the partner's weight in each example
+    out = images
+    if self.mixup:
+      share = 1 - jax.random.beta(k_mix, self.mixup, self.mixup, (b,))
+      blend = (1 - share)[:, None, None, None] * images + share[:, None, None, None] * partner
+      out = jnp.clip(jnp.round(blend), 0, 255).astype(images.dtype)
+    if self.cutmix:
+      box = cut_masks(k_centre, 1 - jax.random.beta(k_cut, self.cutmix, self.cutmix, (b,)),
+                      (h, w))
+      cut = jnp.where(box[..., None], partner, images)
+      cut_share = jnp.mean(box, axis=(1, 2), dtype=jnp.float32)
+      use_cut = (jax.random.bernoulli(k_which, 0.5, (b,)) if self.mixup
+                 else jnp.ones((b,), bool))
+      out = jnp.where(use_cut[:, None, None, None], cut, out)
+      share = jnp.where(use_cut, cut_share, share)
+    mixed = (1 - share)[:, None] * targets + share[:, None] * partner_targets
+    return out, mixed
+
+
+def _neighbours(x: jax.Array) -> jax.Array:
+  """x with rows 0 and 1, 2 and 3, ... swapped (an odd last row stays): a reshape, not a gather,
+  so a batch sharded by rows stays where it is."""
+  even = len(x) - len(x) % 2
+  pairs = x[:even].reshape(even // 2, 2, *x.shape[1:])[:, ::-1].reshape(even, *x.shape[1:])
+  return jnp.concatenate([pairs, x[even:]]) if len(x) % 2 else pairs
+
+
+def cut_masks(rng: jax.Array, area: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """(n, H, W) bool: for each share ``area`` (n,) of an image of ``size``, a box of the image's
+  aspect ratio and that area around a uniform centre, cut at the edges: the pixels whose
+  centres lie inside it."""
+  height, width = size
+  centre = jax.random.uniform(rng, (len(area), 2)) * jnp.asarray([height, width], jnp.float32)
+  half = jnp.sqrt(area)[:, None] * jnp.asarray([height, width], jnp.float32) / 2
+
+  def inside(n, axis):
+    at = jnp.arange(n, dtype=jnp.float32) + 0.5
+    return jnp.abs(at[None] - centre[:, axis, None]) < half[:, axis, None]
+  return inside(height, 0)[:, :, None] & inside(width, 1)[:, None, :]
+
+
 def crop_boxes(rng: jax.Array, n: int, size: tuple[int, int], scale: tuple[float, float],
                ratio: tuple[float, float]) -> jax.Array:
   """(n, 4) float32 boxes (top, left, height, width) in pixels of an image of ``size`` (H, W)."""
@@ -113,6 +194,14 @@ def from_config(cfg) -> Augment | None:
   return augment if augment.flip or augment.crop_scale is not None else None
 
 
+def mix_from_config(cfg) -> Mix | None:
+  """The ``Mix`` of a config's ``data.augment`` (``mixup``, ``cutmix``; None when both are off)."""
+  if cfg is None:
+    return None
+  mix = Mix(mixup=cfg.get("mixup", 0.0), cutmix=cfg.get("cutmix", 0.0))
+  return mix or None
+
+
 def _floats(value) -> tuple[float, ...]:
   """A config's number or sequence of numbers as a tuple of floats."""
   return tuple(float(x) for x in np.atleast_1d(value))
@@ -120,11 +209,12 @@ def _floats(value) -> tuple[float, ...]:
 
 def describe(cfg) -> dict | None:
   """What a run records of ``data.augment`` for its resume check: the draws it makes (a
-  ``crop_ratio`` without a crop draws nothing), None for none."""
-  augment = from_config(cfg)
-  if augment is None:
+  ``crop_ratio`` without a crop, a mix alpha of 0 draw nothing), None for none."""
+  augment, mix = from_config(cfg), mix_from_config(cfg)
+  if augment is None and mix is None:
     return None
-  fields = dataclasses.asdict(augment)
-  if augment.crop_scale is None:
+  fields = dataclasses.asdict(augment or Augment())
+  if fields["crop_scale"] is None:
     del fields["crop_ratio"]
+  fields.update((k, v) for k, v in dataclasses.asdict(mix or Mix()).items() if v)
   return json.loads(json.dumps(fields))

@@ -143,6 +143,7 @@ class _Runner:
                              schedule=schedule, axis_name="batch" if self.pmap else None,
                              microbatches=parts,
                              augment=augment_lib.from_config(config.data.get("augment")),
+                             mix=augment_lib.mix_from_config(config.data.get("augment")),
                              label_smoothing=config.get("label_smoothing", 0.0))
     rep = parallel.replicated(self.mesh)
     if self.pmap:

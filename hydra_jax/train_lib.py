@@ -52,21 +52,29 @@ _AUGMENT_STREAM = 0x417567
 def loss_fn(trainable, frozen, batch: Batch, rng: jax.Array, *, model: nn.Module,
             spec: adapters_lib.AdapterSpec | None, axis_name: str | None = None,
             augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-            label_smoothing: float = 0.0):
+            mix: Callable | None = None, label_smoothing: float = 0.0):
   """Mean cross-entropy (against labels smoothed by ``label_smoothing``: 1 - e on the class, e
-  spread evenly over all) plus the router's load-balancing loss (already weighted by the spec);
-  ``augment(images, key)`` (e.g. ``augment.Augment``) transforms the images first."""
-  images = batch["image"]
+  spread evenly over all) plus the router's load-balancing loss (already weighted by the spec).
+
+  ``augment(images, key)`` (e.g. ``augment.Augment``) transforms the images first, then
+  ``mix(images, targets, key)`` (e.g. ``augment.Mix``) blends them and their (B, C) targets
+  (smoothed first, as timm does); C is the model's ``num_classes``.
+  """
+  images, labels = batch["image"], batch["label"]
+  key = jax.random.fold_in(rng, _AUGMENT_STREAM)
   if augment is not None:
-    images = augment(images, jax.random.fold_in(rng, _AUGMENT_STREAM))
+    images = augment(images, key)
+  targets = None
+  if mix is not None or label_smoothing:
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, model.num_classes), label_smoothing)
+  if mix is not None:
+    images, targets = mix(images, targets, jax.random.fold_in(key, 1))
   logits, aux = forward(model, spec, trainable, frozen, images, rng=rng, train=True,
                         axis_name=axis_name)
-  if label_smoothing:
-    targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]),
-                                  label_smoothing)
-    loss = optax.softmax_cross_entropy(logits, targets).mean()
+  if targets is None:
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   else:
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    loss = optax.softmax_cross_entropy(logits, targets).mean()
   return loss + aux["balance_loss"], logits
 
 
@@ -74,6 +82,7 @@ def train_step(state: TrainState, frozen, batch: Batch, rng: jax.Array, *, model
                spec: adapters_lib.AdapterSpec | None, tx: optax.GradientTransformation,
                schedule: Callable[[jax.Array], jax.Array], axis_name: str | None = None,
                microbatches: int = 1, augment: Callable | None = None,
+               mix: Callable | None = None,
                label_smoothing: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step. Pure: jit it (state donated) or pmap it (``axis_name`` set).
 
@@ -87,6 +96,9 @@ def train_step(state: TrainState, frozen, batch: Batch, rng: jax.Array, *, model
       (``_accumulated``): the same update with about 1/M of the activations' memory.
     augment: ``augment(images, key) -> images`` applied to the training images inside the step
       (``data.augment``), drawn from the step's key like dropout; None: the images as given.
+    mix: ``mix(images, targets, key) -> (images, targets)`` after ``augment`` (mixup / CutMix,
+      ``augment.Mix``); each part of the batch (device, microbatch) mixes within itself. The
+      metrics' accuracy counts each image's own label.
     label_smoothing: see ``loss_fn``.
   Returns:
     The new state and {"loss", "accuracy", "lr", "grad_norm", "update_norm"} scalars.
@@ -95,7 +107,7 @@ def train_step(state: TrainState, frozen, batch: Batch, rng: jax.Array, *, model
   if axis_name is not None:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
   loss = functools.partial(loss_fn, model=model, spec=spec, axis_name=axis_name, augment=augment,
-                           label_smoothing=label_smoothing)
+                           mix=mix, label_smoothing=label_smoothing)
   grads, metrics = _accumulated(loss, state.trainable, frozen, batch, rng, microbatches)
   if axis_name is not None:
     grads, metrics = jax.lax.pmean((grads, metrics), axis_name)

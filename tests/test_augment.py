@@ -11,6 +11,7 @@ import pytest
 from configs import default
 from hydra_jax import adapters, augment, optim, train_lib
 from hydra_jax.build import build_model
+from hydra_jax.models import vit
 
 
 def _bilinear_reference(image, box):
@@ -77,7 +78,8 @@ def test_flip_mirrors_some_examples_and_keeps_the_rest():
 
 def _config(**fields):
   return ml_collections.ConfigDict({"flip": False, "crop_scale": None,
-                                    "crop_ratio": (3 / 4, 4 / 3), **fields})
+                                    "crop_ratio": (3 / 4, 4 / 3), "mixup": 0.0, "cutmix": 0.0,
+                                    **fields})
 
 
 def test_describe_records_the_draws():
@@ -106,6 +108,75 @@ def test_from_config():
                            r"crop_ratio=\(1.0,\)" + pair)]:
     with pytest.raises(ValueError, match=message):
       augment.from_config(_config(**fields))
+
+
+def _constant_images(n: int, size=(12, 10)):
+  """n images, image i all 3 * i + 5 (every pair of them differs at every pixel), and one-hot
+  targets of class i."""
+  values = 3 * np.arange(n) + 5
+  images = jnp.asarray(np.broadcast_to(values[:, None, None, None], (n, *size, 3)), jnp.uint8)
+  return images, jnp.eye(n, dtype=jnp.float32), values
+
+
+def _partner_share(targets, n):
+  """Each example's weight on its neighbour's class (0-1, 2-3, ...), checking that the rest of
+  its target is its own class and that the row sums to 1."""
+  targets = np.asarray(targets)
+  partner = np.arange(n) ^ 1
+  share = targets[np.arange(n), partner]
+  np.testing.assert_allclose(targets[np.arange(n), np.arange(n)], 1 - share, atol=1e-6)
+  np.testing.assert_allclose(targets.sum(1), 1, atol=1e-6)
+  return share, partner
+
+
+def test_mixup_blends_neighbours_and_their_targets_alike():
+  images, targets, values = _constant_images(32)
+  out, mixed = jax.jit(augment.Mix(mixup=0.8))(images, targets, jax.random.key(0))
+  share, partner = _partner_share(mixed, 32)
+  want = (1 - share) * values + share * values[partner]
+  assert out.dtype == jnp.uint8
+  np.testing.assert_allclose(np.asarray(out, np.float64), np.broadcast_to(
+      want[:, None, None, None], out.shape), atol=0.5 + 1e-4)  # rounding to uint8 only
+  assert share.std() > 0.1 and 0 < share.min() and share.max() < 1  # a draw per example
+  again, _ = augment.Mix(mixup=0.8)(images, targets, jax.random.key(1))
+  assert not np.array_equal(again, out)
+
+
+def test_cutmix_pastes_a_box_of_the_neighbour_weighted_by_its_pixels():
+  images, targets, values = _constant_images(64, size=(12, 10))
+  out, mixed = jax.jit(augment.Mix(cutmix=1.0))(images, targets, jax.random.key(0))
+  share, partner = _partner_share(mixed, 64)
+  out = np.asarray(out)[..., 0]
+  from_partner = out == values[partner][:, None, None]
+  assert (from_partner | (out == values[:, None, None])).all()  # each pixel one or the other
+  np.testing.assert_allclose(from_partner.mean((1, 2)), share, atol=1e-6)
+  for box in from_partner[from_partner.any((1, 2))]:  # a rectangle: its rows times its columns
+    np.testing.assert_array_equal(box, box.any(1)[:, None] & box.any(0)[None, :])
+  assert 0.2 < share.mean() < 0.5 and (share == 0).sum() < 16  # Beta(1, 1) areas, cut at edges
+
+
+def test_mixup_and_cutmix_split_the_batch_and_an_odd_last_example_stays():
+  images, targets, values = _constant_images(65)
+  out, mixed = augment.Mix(mixup=1.0, cutmix=1.0)(images, targets, jax.random.key(3))
+  np.testing.assert_array_equal(out[-1], images[-1])
+  np.testing.assert_array_equal(mixed[-1], targets[-1])
+  kinds = [len(np.unique(np.asarray(o))) for o in out[:-1]]  # mixup: one grey; CutMix: two
+  assert 16 < kinds.count(1) < 48 and 16 < kinds.count(2) < 48
+
+
+def test_mix_config():
+  assert augment.mix_from_config(None) is None
+  assert augment.mix_from_config(_config()) is None
+  assert augment.mix_from_config(default.get_config().data.augment) is None
+  assert augment.mix_from_config(_config(cutmix=1)) == augment.Mix(cutmix=1.0)
+  assert augment.describe(_config(mixup=0.8, cutmix=0.0)) == {
+      "flip": False, "crop_scale": None, "mixup": 0.8}
+  assert augment.describe(_config(flip=True, cutmix=1.0)) == {
+      "flip": True, "crop_scale": None, "cutmix": 1.0}
+  for fields in ({"mixup": -0.5}, {"cutmix": True}, {"mixup": "0.8"}, {"cutmix": None}):
+    name, value = next(iter(fields.items()))
+    with pytest.raises(ValueError, match=rf"{name}={value!r}; expected a Beta alpha > 0, or 0"):
+      augment.mix_from_config(_config(**fields))
 
 
 def _step_pieces():
@@ -140,20 +211,57 @@ def test_the_step_trains_on_the_augmented_images(microbatches):
   assert abs(float(with_blank["grad_norm"]) - float(plain["grad_norm"])) > 1e-3
 
 
-def test_every_device_and_microbatch_part_draws_its_own_key():
-  """pmap over 2 devices, 2 parts each: 4 augmentation keys, none the dropout key's."""
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_the_step_trains_on_the_mixed_images_and_targets(microbatches):
+  """A mix that hands each example its neighbour's (smoothed) target and blanks the images gives
+  the step of blank images labelled so; one that changes nothing gives the plain step."""
   state, frozen, batch, step = _step_pieces()
-  seen = []
+  step = functools.partial(step, microbatches=microbatches, label_smoothing=0.1)
+  rows = np.arange(16)  # part p holds rows p, p + M, ...: a row's neighbour in its part
+  swap = (rows // microbatches ^ 1) * microbatches + rows % microbatches
+
+  def relabel(images, targets, key):
+    return jnp.zeros_like(images), targets[jnp.asarray(np.arange(len(targets)) ^ 1)]
+  _, mixed = step(state, frozen, batch, jax.random.key(2), mix=relabel)
+  _, want = step(state, frozen, {"image": jnp.zeros_like(batch["image"]),
+                                 "label": batch["label"][swap]}, jax.random.key(2))
+  np.testing.assert_allclose(mixed["grad_norm"], want["grad_norm"], rtol=1e-5)
+  _, same = step(state, frozen, batch, jax.random.key(2), mix=lambda i, t, k: (i, t))
+  _, plain = step(state, frozen, batch, jax.random.key(2))
+  np.testing.assert_allclose(same["grad_norm"], plain["grad_norm"], rtol=1e-5)
+  assert abs(float(mixed["grad_norm"]) - float(plain["grad_norm"])) > 1e-3
+
+
+def test_every_device_and_microbatch_part_draws_its_own_keys(monkeypatch):
+  """pmap over 2 devices, 2 parts each: 4 augmentation keys, 4 mix keys and 4 dropout keys (the
+  model's), all different."""
+  state, frozen, batch, step = _step_pieces()
+  seen = {"augment": [], "mix": [], "dropout": []}
+
+  def record(name, key):
+    jax.debug.callback(lambda k: seen[name].append(np.asarray(k).tobytes()),
+                       jax.random.key_data(key))
 
   def spy(images, key):
-    jax.debug.callback(lambda k: seen.append(np.asarray(k).tobytes()), jax.random.key_data(key))
+    record("augment", key)
     return images
 
+  def mix_spy(images, targets, key):
+    record("mix", key)
+    return images, targets
+
+  def dropout_spy(rng, *, train):
+    record("dropout", rng)
+    return train_rngs(rng, train=train)
+  train_rngs = vit.train_rngs
+  monkeypatch.setattr(vit, "train_rngs", dropout_spy)
   devices = jax.devices()[:2]
-  pstep = jax.pmap(functools.partial(step, microbatches=2, augment=spy, axis_name="batch"),
+  pstep = jax.pmap(functools.partial(step, microbatches=2, augment=spy, mix=mix_spy,
+                                     axis_name="batch"),
                    axis_name="batch", in_axes=(0, 0, 0, None), devices=devices)
   shard = lambda x: jnp.stack([x, x])  # noqa: E731
   per_device = {k: v.reshape(2, -1, *v.shape[1:]) for k, v in batch.items()}
   jax.block_until_ready(pstep(jax.tree.map(shard, state), jax.tree.map(shard, frozen),
                               per_device, jax.random.key(2)))
-  assert len(seen) == 4 and len(set(seen)) == 4
+  assert [len(keys) for keys in seen.values()] == [4, 4, 4]
+  assert len(set(sum(seen.values(), []))) == 12

@@ -84,9 +84,11 @@ def test_end_to_end_run(reference_run):
   assert any(np.abs(x).max() > 0 for x in jax.tree.leaves(trained["adapters"]))
 
 
-def test_augmentation_reaches_the_run(reference_run, tmp_path):
-  """The same run with flips ends elsewhere (the images the step saw changed)."""
-  train_and_evaluate(_testing_config(**{"data.augment.flip": True}), str(tmp_path))
+@pytest.mark.parametrize("field,value", [("data.augment.flip", True),
+                                         ("data.augment.mixup", 0.8)])
+def test_augmentation_reaches_the_run(reference_run, tmp_path, field, value):
+  """The same run with flips, or mixup, ends elsewhere (what the step saw changed)."""
+  train_and_evaluate(_testing_config(**{field: value}), str(tmp_path))
   flipped, plain = _adapters_of(tmp_path), _adapters_of(reference_run[0])
   assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(flipped),
                                                       jax.tree.leaves(plain), strict=True))
@@ -263,6 +265,7 @@ def test_a_random_backbone_resumes_under_any_spelling(reference_run, tmp_path):
     ("model.image_size", 32, "model.image_size=32 but the checkpoint at step 8"),
     ("model.drop_path", 0.1, "model.drop_path=0.1 but the checkpoint at step 8"),
     ("data.augment.flip", True, "data.augment=.*'flip': True.* but the checkpoint at step 8"),
+    ("data.augment.cutmix", 1.0, "data.augment=.*'cutmix': 1.0.* but the checkpoint at step 8"),
     ("label_smoothing", 0.1, "label_smoothing=0.1 but the checkpoint at step 8"),
     ("model.head_init", "torch", "model.head_init='torch' but the checkpoint at step 8"),
     ("optim.lr", 0.5, "optim=.*'lr': 0.5.* but the checkpoint at step 8"),
