@@ -162,6 +162,40 @@ def test_depth_halves_hold_only_the_blocks_layers():
   assert groups["all"] == set(names)
 
 
+def test_a_set_of_layers_two_groups_share_is_ablated_once():
+  """Hydra on one layer: "all", its type and its half are the same layer, ablated once."""
+  name = "Transformer/encoderblock_1/MlpBlock_0/Dense_1"
+  plans = activations.ablation_plans([name], ad.AdapterSpec("hydra"), ["parallel", "sequential"],
+                                     2, weights.layer_info)
+  assert [(b, g) for b, g, _, _ in plans] == [("parallel", "all"), ("sequential", "all")]
+
+
+def test_analysis_json_writes_nan_and_inf_as_null():
+  assert report._finite({"a": [float("nan"), 1.5, float("-inf")], "b": {"c": float("nan")},
+                         "d": "x"}) == {"a": [None, 1.5, None], "b": {"c": None}, "d": "x"}
+
+
+def test_heads_by_usage_renumbers_heads_without_changing_the_model(tiny):
+  model, params, images = tiny
+  spec = ad.AdapterSpec("hydralora", num_heads=3, top_k=2, bias=True)
+  adapters = _random_adapters(spec, params, 5)
+  batches = [{"image": images, "label": np.arange(3), "mask": np.ones(3, bool)}]
+  stats = activations.output_stats(model, params, adapters, spec, batches)
+  ordered, sorted_stats, order = activations.heads_by_usage(adapters, stats)
+  assert any(o != [0, 1, 2] for o in order.values())  # the random router prefers some heads
+  for path, f in ad.transform.factor_dicts(adapters):
+    name, g = "/".join(path), ad.transform.get_path(ordered, path)
+    usage = sorted_stats[name]["routing"].mean(0)
+    assert (np.diff(usage) <= 0).all()
+    np.testing.assert_array_equal(usage, stats[name]["routing"].mean(0)[order[name]])
+    np.testing.assert_array_equal(g["B"], np.asarray(f["B"])[order[name]])
+    np.testing.assert_array_equal(g["b"], np.asarray(f["b"])[order[name]])
+    np.testing.assert_array_equal(g["router"], np.asarray(f["router"])[:, order[name]])
+    np.testing.assert_array_equal(g["A"], f["A"])
+  np.testing.assert_allclose(ad.forward(model, params, ordered, spec, images)[0],
+                             ad.forward(model, params, adapters, spec, images)[0], atol=1e-5)
+
+
 @pytest.mark.parametrize("top_k", [None, 1, 2])
 def test_routing_entropy_is_the_routers_whatever_top_k(top_k):
   """A uniform router (zero weights) has entropy ln N; top_k only changes the weights applied."""
@@ -233,6 +267,10 @@ def test_ablating_a_layer_group_matches_disable(tiny):
     analysis.ablate(adapters, spec, "lora")
 
 
+def _not_json(constant):
+  raise ValueError(f"analysis.json holds {constant}, which strict JSON has not")
+
+
 def _trained(tmp_path_factory, kind):
   workdir = tmp_path_factory.mktemp(kind)
   c = default.get_testing_config()
@@ -253,8 +291,11 @@ def test_cli_on_a_trained_hydra_run(tmp_path_factory):
               "ablation"):
     assert (out / "plots" / f"{png}.png").stat().st_size > 1000
     assert f"(plots/{png}.png)" in text
-  summary = json.loads((out / "analysis.json").read_text())
+  summary = json.loads((out / "analysis.json").read_text(), parse_constant=_not_json)
   assert len(summary["layers"]) == 4  # attention out + Dense_1 of 2 blocks
+  header = next(line for line in text.splitlines() if line.startswith("- kind:"))
+  assert header.startswith("- kind: **hydra** (rank_parallel=2, rank_sequential=2, scale=")
+  assert "bias=True" in header and "dropout=" in header and "rank=" not in header
   for row in summary["layers"]:
     seq = row["branches"]["sequential"]
     assert seq["energy_range_w"] == pytest.approx(1.0, abs=1e-6)  # columns in range(W)
@@ -273,9 +314,11 @@ def test_cli_on_a_trained_hydralora_run(tmp_path_factory):
   assert "## 6. HydraLoRA router" in text and "head cos" in text
   for png in ("router_usage", "router_per_class", "ablation", "norms_vs_depth"):
     assert (workdir / "plots" / f"{png}.png").exists()
-  layers = json.loads((workdir / "analysis.json").read_text())["layers"]
+  layers = json.loads((workdir / "analysis.json").read_text(), parse_constant=_not_json)["layers"]
   for row in layers:
     assert sum(row["router_usage"]) == pytest.approx(1.0, abs=1e-5)
+    assert (np.diff(row["router_usage"]) <= 0).all()  # heads renumbered by usage
+    assert sorted(row["head_order"]) == [0, 1, 2]
     assert set(row["branches"]) == {"head_0", "head_1", "head_2"}
     assert 0.0 <= row["router_entropy"] <= np.log(3) + 1e-6
   # the fixed-routing merge: the factored model with the same fixed weights scores the same
@@ -289,3 +332,14 @@ def test_cli_on_a_trained_hydralora_run(tmp_path_factory):
                                                routing=fixed["routing"])[0])
   factored = train_lib.evaluate(lambda b: fwd(b["image"]), iter(batches))
   assert factored == pytest.approx(fixed["accuracy"], abs=1 / 40)  # a tie may flip
+  # "head_0 off, all": each layer's most used head off, in the saved numbering head_order[0]
+  first = {row["name"]: row["head_order"][0] for row in layers}
+  off: dict = {}
+  for path, f in ad.transform.factor_dicts(run.adapters):
+    f = {**f, "B": jnp.asarray(f["B"]).at[first["/".join(path)]].set(0)}
+    ad.transform.set_path(off, path, f)
+  fwd_off = jax.jit(lambda x: ad.forward(run.model, run.params, off, run.spec, x)[0])
+  row = next(r for r in summary["ablation"] if r["label"] == "head_0 off, all")
+  assert train_lib.evaluate(lambda b: fwd_off(b["image"]), iter(batches)) == pytest.approx(
+      row["accuracy"], abs=1 / 40)
+  assert any(first.values())  # not every layer's saved head 0 (which would prove less)

@@ -134,6 +134,14 @@ class AdapterSpec:
     return self.kind != "hydralora"
 
 
+def fields_read(kind: str) -> tuple[str, ...]:
+  """The ``AdapterSpec`` fields ``kind`` reads once filled in (Hydra and sequential read their
+  per-branch ranks, which ``rank`` only fills)."""
+  return tuple(f.name for f in dataclasses.fields(AdapterSpec)
+               if kind in _KIND_FIELDS.get(f.name, (KINDS, None))[0]
+               and not (f.name == "rank" and kind in ("hydra", "sequential")))
+
+
 def unread_fields(kind: str, values: dict[str, Any]) -> dict[str, Any]:
   """The fields of ``values`` set (not to their unset value) that ``kind`` does not read."""
   return {k: values[k] for k, (kinds, unset) in _KIND_FIELDS.items()

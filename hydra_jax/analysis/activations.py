@@ -143,6 +143,31 @@ def router_usage(routing: np.ndarray, labels: np.ndarray,
   return routing.mean(0), per_class
 
 
+def heads_by_usage(adapters: Mapping, stats: Mapping[str, Mapping]) -> tuple[dict, dict,
+                                                                             dict[str, list]]:
+  """HydraLoRA with each layer's heads renumbered by mean routing weight, most used first.
+
+  A layer's head numbers are arbitrary (permuting its B_i, b_i and router columns together gives
+  the same model), so head i of one layer has nothing to do with head i of another; by rank they
+  compare: "head_0 off" in every layer switches off each layer's most used head.
+
+  Args:
+    adapters: HydraLoRA adapters.
+    stats: ``output_stats`` of them ("routing" (M, N) per layer).
+  Returns:
+    (adapters, stats with "routing" columns in the new order, {layer: the old head numbers in
+    the new order}).
+  """
+  order = {name: np.argsort(-s["routing"].mean(0), kind="stable") for name, s in stats.items()}
+  out: dict = {}
+  for path, f in transform.factor_dicts(adapters):
+    o = order["/".join(path)]
+    f = {k: (v[:, o] if k == "router" else v[o] if k in ("B", "b") else v) for k, v in f.items()}
+    transform.set_path(out, path, f)
+  stats = {name: {**s, "routing": s["routing"][:, order[name]]} for name, s in stats.items()}
+  return out, stats, {name: o.tolist() for name, o in order.items()}
+
+
 def _zero_keys(spec: AdapterSpec, branch: str) -> tuple[tuple[str, ...], int | None]:
   """(factor names to zero, head index or None) that switch ``branch`` off exactly."""
   if spec.kind in ("hydra", "sequential") and branch in PAIR:
@@ -182,6 +207,7 @@ def ablation_plans(names: Sequence[str], spec: AdapterSpec, branches: Sequence[s
     names: adapted layer '/'-names.
     spec: the adapter spec.
     branches: branch names (HydraLoRA heads get the all-layers ablation only).
+    A set of layers two groups share is ablated once, under the first group's name.
     depth: number of transformer blocks.
     layer_info: name -> (block index or None, layer type).
 
@@ -198,7 +224,11 @@ def ablation_plans(names: Sequence[str], spec: AdapterSpec, branches: Sequence[s
                                                 if b is not None and b < half)),
                (_blocks(half, depth - 1), frozenset(n for n, b in block.items()
                                                     if b is not None and b >= half))]
-  return [(b, g, f"{b} off, {g}", sel) for b in branches for g, sel in groups if sel]
+  kept: dict[frozenset, str] = {}  # each set of layers once, under its first group's name
+  for g, sel in groups:
+    if sel:
+      kept.setdefault(sel, g)
+  return [(b, g, f"{b} off, {g}", sel) for b in branches for sel, g in kept.items()]
 
 
 def _blocks(first: int, last: int) -> str:

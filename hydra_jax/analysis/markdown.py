@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from hydra_jax.adapters.spec import fields_read
+
 PLOT_DIR = "plots"
 
 
@@ -35,8 +37,8 @@ def _layer(row: Mapping) -> str:
 
 def _header(s: Mapping) -> str:
   res, spec = s["results"], s["spec"]
-  skip = {"kind", "targets"} | (set() if s["kind"] == "hydralora" else {"num_heads"})
-  fields = ", ".join(f"{k}={v}" for k, v in spec.items() if k not in skip and v not in (None, 0))
+  fields = ", ".join(f"{k}={spec[k]}" for k in fields_read(s["kind"])
+                     if k not in ("kind", "targets"))
   lines = [f"# Adapter analysis: `{s['workdir']}`", "",
            f"- kind: **{s['kind']}** ({fields})",
            f"- test accuracy (results.json, {res.get('model', '?')} model): "
@@ -132,7 +134,7 @@ def _ablation(rows, figures) -> str:
       _image(figures, "ablation", "ablation")])
 
 
-def _router(layers, figures, router) -> str:
+def _router(layers, figures, router, top_k) -> str:
   if router is None:
     return "## 6. HydraLoRA router\n\nSkipped: this adapter has no router (not hydralora)."
   n = len(layers[0]["router_usage"])
@@ -145,8 +147,14 @@ def _router(layers, figures, router) -> str:
   heads = [f"head {i}" for i in range(n)]
   fixed = router["fixed"]
   return "\n\n".join([
-      "## 6. HydraLoRA router", "Mean routing weight per head (over test tokens; the weights "
-      "applied, after top_k where set), mean per-token entropy of the router's probabilities "
+      "## 6. HydraLoRA router", "Each layer's heads are numbered here by their mean routing "
+      "weight, most used first (head 0): a layer's own numbering is arbitrary (permuting its "
+      "B_i with its router's columns is the same model), so only ranks compare across layers; "
+      "analysis.json's `head_order` gives each layer's saved head numbers in this order, and "
+      "section 5's `head_i off, all` switches off each layer's i-th most used head. "
+      "Mean routing weight per head (over test tokens; the weights applied"
+      + (f", after top_k={top_k}: the kept probabilities, so a row sums to less than 1"
+         if top_k else "") + "), mean per-token entropy of the router's probabilities "
       "(ln N = uniform), and the mean cosine between the heads' flattened dW_i = A B_i.",
       table(["layer", *heads, "entropy", "head cos"], rows),
       f"Merged with each layer's mean routing weights over {fixed['images']} training images "
@@ -154,7 +162,8 @@ def _router(layers, figures, router) -> str:
       f"scores {fixed['accuracy']:.4f} on these test images; with its router, "
       f"{fixed['router_accuracy']:.4f}.",
       _image(figures, "router_usage", "router usage"),
-      "Mean routing weight per head for each true class (averaged over layers):",
+      "Mean routing weight of each layer's i-th most used head for each true class "
+      "(averaged over layers):",
       table(["class", *heads], per_class),
       _image(figures, "router_class", "router usage per class")])
 
@@ -170,5 +179,6 @@ def report(summary: Mapping, figures: Mapping[str, str], router: Mapping | None)
   layers = summary["layers"]
   parts = [_header(summary), _norms(layers, figures), _spectra(layers, figures),
            _alignment(layers, figures), _similarity(layers, figures),
-           _ablation(summary["ablation"], figures), _router(layers, figures, router)]
+           _ablation(summary["ablation"], figures),
+           _router(layers, figures, router, summary["spec"].get("top_k"))]
   return "\n\n".join(parts) + "\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import pathlib
 from typing import Any
 
@@ -129,11 +130,17 @@ def analyze(workdir: str | pathlib.Path, *, out: str | pathlib.Path | None = Non
   out = pathlib.Path(out) if out is not None else run.workdir
   out.mkdir(parents=True, exist_ok=True)
   _LOG.info("analysing %s (%s) on %d test images", run.workdir, run.spec.kind, num_examples)
-  layers = weights.analyze_weights(run.params, run.adapters, run.spec, top_fraction=top_fraction)
   batches = eval_data(run, num_examples)
-  _LOG.info("weight-space analysis of %d layers done; branch outputs on data", len(layers))
   stats = activations.output_stats(run.model, run.params, run.adapters, run.spec, batches)
+  head_order, saved = None, run  # fixed routing is reported for the adapters as saved
+  if run.spec.kind == "hydralora":  # comparable across layers by rank, not by number
+    sorted_adapters, stats, head_order = activations.heads_by_usage(run.adapters, stats)
+    run = dataclasses.replace(run, adapters=sorted_adapters)
+  _LOG.info("branch outputs on data done; weight-space analysis")
+  layers = weights.analyze_weights(run.params, run.adapters, run.spec, top_fraction=top_fraction)
   for row in layers:
+    if head_order is not None:
+      row["head_order"] = head_order[row["name"]]
     s = stats[row["name"]]
     row["output_norm"] = s["output_norm"]
     row.update({k: s[k] for k in ("cosine", "cka", "cosine_of_means") if k in s})
@@ -145,7 +152,7 @@ def analyze(workdir: str | pathlib.Path, *, out: str | pathlib.Path | None = Non
   _LOG.info("%d ablations done; plots and report", len(ablation))
   router = _router(run, layers, stats) if run.spec.kind == "hydralora" else None
   if router is not None:  # the first ablation row is the model with its router, unablated
-    router["fixed"] = {**fixed_routing(run, batches, num_examples),
+    router["fixed"] = {**fixed_routing(saved, batches, num_examples),
                        "router_accuracy": ablation[0]["accuracy"]}
   figures = _figures(run, layers, ablation, router, out / markdown.PLOT_DIR)
   num_seen = int(sum(np.sum(b["mask"]) for b in batches))
@@ -154,7 +161,8 @@ def analyze(workdir: str | pathlib.Path, *, out: str | pathlib.Path | None = Non
              "num_examples": num_seen, "top_fraction": top_fraction, "layers": layers,
              "ablation": ablation,
              "fixed_routing": None if router is None else router["fixed"]}
-  (out / "analysis.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
+  plain = _finite(json.loads(json.dumps(summary, default=_jsonable)))
+  (out / "analysis.json").write_text(json.dumps(plain, indent=1, allow_nan=False))
   text = markdown.report(summary, figures, router)
   path = out / "report.md"
   path.write_text(text)
@@ -174,13 +182,25 @@ def _figures(run: Run, layers, ablation, router, plot_dir: pathlib.Path) -> dict
                                          title="mean routing weight per head", ylabels=names)
     figs["router_class"] = plots.heatmap(
         router["per_class"], plot_dir, "router_per_class.png",
-        title="mean routing weight per head by true class (mean over layers)",
+        title="mean routing weight per head (by usage rank) by true class, mean over layers",
         ylabels=[str(c) for c in range(router["per_class"].shape[0])])
   return figs
 
 
 def _short(row: dict) -> str:
   return row["name"] if row["block"] is None else f"{row['block']} {row['type']}"
+
+
+def _finite(x):
+  """``x`` (JSON types) with NaN and inf numbers (an untrained branch's angles, a class absent
+  from the images) as None: null in strict JSON, which has no NaN."""
+  if isinstance(x, float):
+    return x if math.isfinite(x) else None
+  if isinstance(x, dict):
+    return {k: _finite(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [_finite(v) for v in x]
+  return x
 
 
 def _jsonable(x):
