@@ -30,6 +30,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.num_examples < 1:
     p.error(f"--num_examples must be >= 1; got {args.num_examples}")
+  if not 0 < args.top_fraction <= 1:  # checked before the run loads
+    p.error(f"--top_fraction must be in (0, 1]; got {args.top_fraction}")
   return args
 
 

@@ -343,3 +343,11 @@ def test_cli_on_a_trained_hydralora_run(tmp_path_factory):
   assert train_lib.evaluate(lambda b: fwd_off(b["image"]), iter(batches)) == pytest.approx(
       row["accuracy"], abs=1 / 40)
   assert any(first.values())  # not every layer's saved head 0 (which would prove less)
+
+
+@pytest.mark.parametrize("flag,value", [("--num_examples", "0"), ("--top_fraction", "0"),
+                                        ("--top_fraction", "1.5")])
+def test_cli_refuses_bad_numbers_before_loading_the_run(tmp_path, capsys, flag, value):
+  with pytest.raises(SystemExit):
+    analyze.main(["--workdir", str(tmp_path / "no_such_run"), flag, value])
+  assert f"{flag} must be" in capsys.readouterr().err
