@@ -172,8 +172,10 @@ def microbatches(args) -> int:
   return getattr(args, "microbatches", 1)
 
 
-# what --augment times: torchvision's RandomResizedCrop defaults and a flip, on the device
+# what --augment times: torchvision's RandomResizedCrop defaults and a flip, then DeiT's mixup
+# and CutMix, on the device
 AUGMENT = augment.Augment(flip=True, crop_scale=(0.08, 1.0))
+MIX = augment.Mix(mixup=0.8, cutmix=1.0)
 
 
 def _error_row(args, name: str, timing: str, error: str) -> dict:
@@ -195,7 +197,8 @@ def bench_rows(args, name: str) -> Iterator[dict]:
   batches = [jax.device_put(synthetic_batch(rng, args)) for _ in range(3)]
   step = jax.jit(functools.partial(train_lib.train_step, model=model, spec=spec, tx=tx,
                                    schedule=schedule, microbatches=microbatches(args),
-                                   augment=AUGMENT if getattr(args, "augment", False) else None),
+                                   **(dict(augment=AUGMENT, mix=MIX)
+                                      if getattr(args, "augment", False) else {})),
                  donate_argnums=0)
   key = jax.random.key(2)
   compiled = step.lower(state, frozen, batches[0], key).compile()
@@ -325,7 +328,8 @@ def main(argv=None, *, isolate: bool = False):
   p.add_argument("--microbatches", type=int, default=1,
                  help="accumulate each step's gradient over this many parts of the batch")
   p.add_argument("--augment", action="store_true", help="with a random resized crop (area "
-                 "0.08-1) and flip of each image inside the step (data.augment)")
+                 "0.08-1), a flip, and mixup 0.8 / CutMix 1.0 of each image inside the step "
+                 "(data.augment)")
   p.add_argument("--steps", type=int, default=10, help="steps per timed repeat (and round)")
   p.add_argument("--repeats", type=int, default=5, help="timed repeats of the training step")
   p.add_argument("--infer_rounds", type=int, default=10,
