@@ -38,7 +38,7 @@ def _loss_grads(module, x, params, weights):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_same_function_and_gradients_as_flax(dtype, eps, shape):
   x, params, weights = _inputs(dtype, shape=shape)
-  ours, ref = LayerNorm(epsilon=eps, dtype=dtype), nn.LayerNorm(epsilon=eps, dtype=dtype)
+  ours, ref = LayerNorm(epsilon=eps, dtype=dtype), _flax(epsilon=eps, dtype=dtype)
   assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(
       jnp.shape, ref.init(jax.random.key(0), x))  # the same params: checkpoints load as before
   y, y_ref = ours.apply(params, x), ref.apply(params, x)
@@ -61,10 +61,32 @@ def test_same_function_and_gradients_as_flax(dtype, eps, shape):
     assert _rel(got, want) <= max(_rel(theirs, want) * 1.05, 1e-6) and _rel(got, want) < 1e-2
 
 
+def _flax(**kwargs) -> nn.LayerNorm:
+  """flax's LayerNorm with the two-pass variance ours computes."""
+  return nn.LayerNorm(use_fast_variance=False, **kwargs)
+
+
+@pytest.mark.parametrize("offset", [100.0, 1000.0])
+def test_a_large_mean_against_the_spread_keeps_float32_accuracy(offset):
+  """Rows whose mean is ``offset`` standard deviations: output and gradients within float32
+  rounding of float64 LayerNorm (E[x^2] - E[x]^2 was 4e-4 and 5e-2 off)."""
+  x, params, weights = _inputs(jnp.float32, shape=(3, 7, 768))
+  x = x + offset * x.std()
+  y = LayerNorm().apply(params, x)
+  grads = _loss_grads(LayerNorm(), x, params, weights)
+  with jax.enable_x64(True):
+    x64, p64 = np.asarray(x, np.float64), jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    y64 = _flax(param_dtype=jnp.float64).apply(p64, x64)
+    exact = _loss_grads(_flax(param_dtype=jnp.float64), x64, p64, np.asarray(weights, np.float64))
+  assert _rel(y, y64) < 1e-4
+  for got, want in zip(grads, exact, strict=True):
+    assert _rel(got, want) < 1e-4
+
+
 def test_constant_rows_and_float64():
-  """A constant row (variance 0, clipped: no NaN, gradient finite); float64 x computes in
-  float64 as flax does (with jax_enable_x64)."""
-  x = jnp.full((2, 3, 16), 848.44293)  # float32's E[x^2] - E[x]^2 is -0.4375 here: clipped
+  """A constant row (variance 0: no NaN, gradient finite); float64 x computes in float64 as flax
+  does (with jax_enable_x64)."""
+  x = jnp.full((2, 3, 16), 848.44293)  # float32's E[x^2] - E[x]^2 is -0.4375 here
   params = {"params": {"scale": jnp.ones(16), "bias": jnp.zeros(16)}}
   y, grads = jax.value_and_grad(lambda x: LayerNorm().apply(params, x).sum())(x)
   assert np.isfinite(y) and np.isfinite(np.asarray(grads)).all()
@@ -72,11 +94,11 @@ def test_constant_rows_and_float64():
     x, params, weights = _inputs(jnp.float64)
     params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
     y = LayerNorm(param_dtype=jnp.float64).apply(params, x)
-    y_ref = nn.LayerNorm(param_dtype=jnp.float64).apply(params, x)
+    y_ref = _flax(param_dtype=jnp.float64).apply(params, x)
     assert y.dtype == jnp.float64
     np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
     for got, want in zip(_loss_grads(LayerNorm(), x, params, weights),
-                         _loss_grads(nn.LayerNorm(), x, params, weights), strict=True):
+                         _loss_grads(_flax(), x, params, weights), strict=True):
       assert got.dtype == want.dtype and _rel(got, want) < 1e-12
 
 

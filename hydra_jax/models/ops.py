@@ -6,8 +6,9 @@ so it keeps the input cast to float32, ``x - mean`` and ``rsqrt(var + eps) * sca
 the full shape: three float32 tensors the size of the activations per norm (six per ViT block,
 ~36 MB per image for ViT-B/16 at 224 px). ``jax.nn.gelu`` keeps its input and two intermediates
 of the MLP's 4x-wide hidden state. These compute the same functions (the same formulas, in the
-same dtypes) and keep the input in its own dtype (bf16 under mixed precision), plus the
-LayerNorm's per-token mean and reciprocal standard deviation; their backward passes recompute
+same dtypes; the LayerNorm's variance as flax's ``use_fast_variance=False``) and keep the input
+in its own dtype (bf16 under mixed precision), plus the LayerNorm's per-token mean and
+reciprocal standard deviation; their backward passes recompute
 the rest from it, as PyTorch's and Apex's fused kernels do. What autodiff keeps per image for
 ViT-B/16 Hydra in bf16 went from 139.5 MiB to 77.2 (LayerNorm -34.6, GELU -27.7; XLA itself
 recomputes part of it: benchmarks/NOTES.md).
@@ -29,11 +30,15 @@ def _compute_dtype(x: jax.Array):
 
 
 def _stats(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-  """Mean and 1 / sqrt(var + eps) over the last axis, (..., 1) each, in float32 (or wider), as
-  flax computes them (var = E[x^2] - E[x]^2, clipped at 0)."""
+  """Mean and 1 / sqrt(var + eps) over the last axis, (..., 1) each, in float32 (or wider).
+
+  var = E[(x - E[x])^2], as flax's ``use_fast_variance=False`` and PyTorch compute it: flax's
+  default E[x^2] - E[x]^2 cancels where a row's mean is large against its spread (mean / std
+  1000: 5% off in float32), and the backward pass, which assumes exact statistics, with it.
+  """
   x = x.astype(_compute_dtype(x))
   mean = x.mean(-1, keepdims=True)
-  var = jnp.maximum(0.0, (x * x).mean(-1, keepdims=True) - mean * mean)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
   return mean, jax.lax.rsqrt(var + eps)
 
 
