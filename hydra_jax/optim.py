@@ -27,7 +27,15 @@ def _path_str(path) -> str:
 
 
 def _patterns(patterns: str | Sequence[str]) -> tuple[str, ...]:
-  return (patterns,) if isinstance(patterns, str) else tuple(patterns)
+  """The patterns as a tuple, each checked to be a regular expression (errors name it)."""
+  patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+  for pattern in patterns:
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      raise ValueError(f"trainable pattern {pattern!r} (train_patterns) is not a regular "
+                       f"expression: {e}") from None
+  return patterns
 
 
 def _first_match(tree: Any, patterns: Sequence[str]) -> tuple[list, list, Any]:

@@ -34,6 +34,9 @@ def test_labels_split_join_report():
     optim.labels(tree, TRAINABLE + ("params/pre_logits/.*",))
   with pytest.raises(ValueError, match="both"):
     optim.join(train, train)
+  with pytest.raises(ValueError, match=r"trainable pattern 'head/\(\.\*' \(train_patterns\) is "
+                                       "not a regular expression: missing \\)"):
+    optim.split(tree, ("adapters/.*", "head/(.*"))
 
 
 @pytest.fixture(scope="module")

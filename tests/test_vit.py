@@ -76,6 +76,16 @@ def test_remat_policies_give_the_same_gradients(remat):
                grads)
 
 
+@pytest.mark.parametrize("size", [(18, 16), (16, 2)])
+def test_images_that_do_not_split_into_patches_are_refused(size):
+  model = ViT(num_classes=3, patch_size=4, width=16, depth=1, mlp_dim=32, num_heads=2,
+              posemb_grid=(4, 4))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  with pytest.raises(ValueError, match=rf"images of {size[0]}x{size[1]} pixels do not split into "
+                                       "patches of 4; expected multiples of patch_size"):
+    model.apply(params, jnp.zeros((1, *size, 3)))
+
+
 def test_unknown_remat_is_named():
   images, _ = _setup()
   with pytest.raises(ValueError, match=r"unknown remat 'all'; expected one of \('none', "):
