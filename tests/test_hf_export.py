@@ -477,6 +477,27 @@ def test_load_peft_reads_what_peft_saves_in_either_naming(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, again, trainable)
 
 
+def test_load_peft_of_unprefixed_names_reads_them_as_the_headless_class(tmp_path):
+  """Names without "vit." / "dinov2." come from ViTModel / Dinov2Model, whatever head the base
+  they are loaded onto has (a LayerScale model with a head exports to the ViT class, which
+  folds LayerScale into out's lora_B: it was divided out of B here)."""
+  pre = _pretrained(seed=13, num_classes=None, pool="tok", layer_scale=True)
+  spec = adapters.AdapterSpec(  # attention only: DINOv2's MLP names would tell the family
+      kind="lora", targets=(r"Transformer/.*/(query|value|out)",), rank=2)
+  trainable = {"adapters": as_if_trained(adapters.init(spec, pre.params, jax.random.key(0)), 2)}
+  arch = checkpoints.save_peft(tmp_path / "lora", trainable, spec, pre,
+                               transformers_version="5.17.0")
+  config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+  assert arch == "Dinov2Model" and "encoder.layer.1.attention.attention.query" in config[
+      "target_modules"]
+  headed = _pretrained(seed=13, num_classes=3, pool="tok", layer_scale=True)
+  model = {**peft_lora.ARCHITECTURE_DEFAULTS, **headed.model}
+  assert hf_export.target(model, has_head=True)[0] == "vit"
+  for base in (pre, headed):
+    back, _ = checkpoints.load_peft(tmp_path / "lora", base)
+    jax.tree.map(np.testing.assert_array_equal, back["adapters"], trainable["adapters"])
+
+
 @pytest.mark.parametrize("fields,arch,version,name", [
     (dict(pool="tok"), "ViTForImageClassification", "5.8.0",
      "vit.encoder.layer.1.attention.attention.query"),

@@ -443,9 +443,10 @@ def load_peft(directory, base: common.Pretrained) -> tuple[dict, spec_lib.Adapte
   params = {}
   for name, (key, value) in saved.items():
     params.update(_saved_module(name, key, value, heads, family))
-  if family is None:  # names both ViT and DINOv2 use: the family the base exports to
+  if family is None:  # names both ViTModel and Dinov2Model use (no "vit." / "dinov2." prefix:
+    # a headless class, whatever head the base has now): the family the base exports to so
     model = {**ARCHITECTURE_DEFAULTS, **base.model}
-    family = hf_export.target(model, has_head="head" in base.params)[0]
+    family = hf_export.target(model, has_head=False)[0]
   adapters = {}
   for path, f in factors.items():
     r = f.pop("r")
