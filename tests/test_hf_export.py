@@ -125,6 +125,25 @@ def test_backbone_matches_transformers(case, tmp_path):
   assert _rel(ref, _apply(pre, images, ours)) < 1e-5
 
 
+@pytest.mark.parametrize("fields,arch", [(dict(pool="gap"), "ViTModel"),
+                                         (dict(pool="tok+gap", layer_scale=True), "Dinov2Model"),
+                                         (dict(pool="tok"), "ViTModel")])
+def test_a_headless_export_keeps_its_pooling(fields, arch, tmp_path):
+  """transformers' headless classes pool nothing: config.json records the pool the features
+  were trained on, and loading it back pools the same (it read "tok" before)."""
+  pre = _pretrained(seed=5, num_classes=None, **fields)
+  assert checkpoints.save_hf(tmp_path / "hf", pre) == arch
+  config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  assert config["hydra_jax_pool"] == fields["pool"]
+  back = checkpoints.load(tmp_path / "hf")
+  assert back.model["pool"] == fields["pool"]
+  images = _images()
+  assert _rel(_apply(back, images, "features"), _apply(pre, images, "features")) < 1e-5
+  assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").hydra_jax_pool == fields[
+      "pool"]  # transformers keeps the key (and ignores it)
+  assert checkpoints.load(tmp_path / "hf", pool="tok").model["pool"] == "tok"  # still chosen
+
+
 def test_merged_fine_tune_matches_the_factored_model(tmp_path):
   """Hydra trained on a ViT: merge, export; transformers == the activation-level adapters."""
   pre = _pretrained(seed=3, pool="tok+gap", layer_scale=True)

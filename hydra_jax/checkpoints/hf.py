@@ -101,6 +101,9 @@ _TEXT_TOWER = ("text_model.", "logit_scale", "logit_bias", "text_projection.")
 # how each model_type's interpolate_pos_encoding resamples (F.interpolate bicubic; antialiased
 # only in DINOv2 with registers); the rest: "bicubic"
 POSEMB_RESAMPLE = {"dinov2_with_registers": "bicubic_antialias"}
+# config.json key of a headless export's pooling (transformers' headless classes pool nothing:
+# the pooling the features were trained on is hydra_jax's to record); unset means "tok"
+POOL_KEY = "hydra_jax_pool"
 _PREFIX = re.compile(r"^(vit|dinov2|dinov2_with_registers|vision_model)\.")
 
 
@@ -286,6 +289,8 @@ def load_hf(root: pathlib.Path) -> common.Pretrained:
   if model_type == "vit":  # its posemb lies on the (H/p, W/p) grid of image_size, maybe not square
     fields["posemb_grid"] = _grid(config.get("image_size", 224), config.get("patch_size", 16))
   head = flat.get("head/kernel")
+  if head is None and POOL_KEY in config:  # save_hf's headless export of a class-token model
+    fields["pool"] = config[POOL_KEY]
   if FAMILY[model_type] == "dinov2" and head is not None and (
       head.shape[0] == 2 * config["hidden_size"]):
     fields["pool"] = "tok+gap"

@@ -42,7 +42,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from hydra_jax.checkpoints import common, hf
-from hydra_jax.checkpoints.hf import ATT, FAMILY_BLOCK, FAMILY_TOP, MAP, MLP, SWIGLU_BLOCK
+from hydra_jax.checkpoints.hf import ATT, FAMILY_BLOCK, FAMILY_TOP, MAP, MLP, POOL_KEY, SWIGLU_BLOCK
 from hydra_jax.models import ARCHITECTURE_DEFAULTS
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -361,6 +361,8 @@ def save_hf(directory, pretrained: common.Pretrained, *, labels: Sequence[str] |
   num_classes = flat["head/kernel"].shape[-1] if "head/kernel" in flat else None
   family, arch = target(model, has_head=num_classes is not None)
   config = _config(family, arch, model, num_classes, labels, dtype)
+  if num_classes is None and model["class_token"]:  # transformers' class pools nothing itself
+    config[POOL_KEY] = model["pool"]  # what the features were trained on: load_hf reads it back
   flat = layer_scale(flat, model["depth"], keep=family == "dinov2")
   if family == "clip":
     flat = _clip_flat(flat)
