@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import json
 import re
+import shutil
 
 import jax
 import ml_dtypes
@@ -95,6 +96,16 @@ def test_hf_vit_classifier_with_prefix(tmp_path):
       json.dumps({"do_normalize": False, "image_mean": [0.1, 0.2, 0.3], "image_std": [0.4] * 3}))
   pretrained = checkpoints.load(path)
   assert (pretrained.mean, pretrained.std) == ((0.0,) * 3, (1.0,) * 3)
+  (path / "preprocessor_config.json").write_text(  # one number for every channel
+      json.dumps({"image_mean": 0.5, "image_std": [0.25, 0.5, 1]}))
+  pretrained = checkpoints.load(path)
+  assert (pretrained.mean, pretrained.std) == ((0.5,) * 3, (0.25, 0.5, 1.0))
+  for fields in ({"image_mean": [0.5, 0.5], "image_std": 0.5}, {"image_mean": 0.5,
+                                                                 "image_std": "0.5"}):
+    (path / "preprocessor_config.json").write_text(json.dumps(fields))
+    with pytest.raises(ValueError, match=r"preprocessor_config.json: image_(mean|std)=.*; "
+                                         r"expected a number or 3 numbers \(RGB\)"):
+      checkpoints.load(path)
   for fields in ({"rescale_factor": 1.0}, {"do_rescale": False}):
     (path / "preprocessor_config.json").write_text(json.dumps(fields))
     with pytest.raises(ValueError, match="hydra_jax scales uint8 pixels to \\[0, 1\\]"):
@@ -537,6 +548,16 @@ def test_native_round_trip_and_image_size(google_fn, tmp_path):
   with pytest.raises(ValueError, match="pool='map' needs the checkpoint's MAP head"):
     checkpoints.load(tmp_path / "native.safetensors", pool="map")
 
+
+
+def test_a_truncated_file_in_a_transformers_directory_is_named(hf_vit, tmp_path):
+  cut = tmp_path / "cut"
+  shutil.copytree(hf_vit[1], cut)
+  data = (cut / "model.safetensors").read_bytes()
+  (cut / "model.safetensors").write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError, match=r"cut/model.safetensors is a safetensors file that cannot "
+                                       r"be read \(truncated or corrupt\?\)"):
+    checkpoints.load(cut)
 
 
 def test_truncated_files_and_home_paths(google_fn, tmp_path, monkeypatch):

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for the safetensors reader)
 import numpy as np
 from flax import traverse_util
+from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from hydra_jax.checkpoints import common
@@ -194,6 +195,17 @@ def rename_key(key: str, value: np.ndarray, heads: int) -> list[tuple[str, np.nd
   return [(key, value)]  # unknown keys pass through so the strict check reports them
 
 
+def _per_channel(file: pathlib.Path, cfg: dict, key: str) -> tuple[float, float, float]:
+  """A processor's mean or std as 3 floats (transformers reads a single number for every
+  channel)."""
+  value = cfg[key]
+  values = [value] * 3 if isinstance(value, int | float) else value
+  if (not isinstance(values, list) or len(values) != 3
+      or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)):
+    raise ValueError(f"{file}: {key}={value!r}; expected a number or 3 numbers (RGB)")
+  return tuple(float(v) for v in values)
+
+
 def _normalisation(root: pathlib.Path, model_type: str) -> tuple[tuple, tuple]:
   """mean/std from preprocessor_config.json (none where it does not normalise), else the
   family's default.
@@ -213,7 +225,7 @@ def _normalisation(root: pathlib.Path, model_type: str) -> tuple[tuple, tuple]:
     if not cfg.get("do_normalize", True):
       return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     if "image_mean" in cfg and "image_std" in cfg:
-      return tuple(cfg["image_mean"]), tuple(cfg["image_std"])
+      return _per_channel(pre, cfg, "image_mean"), _per_channel(pre, cfg, "image_std")
   if FAMILY[model_type] == "dinov2":
     return common.IMAGENET_MEAN, common.IMAGENET_STD
   if FAMILY[model_type] == "clip":
@@ -226,9 +238,17 @@ def read_tensors(file: pathlib.Path) -> dict[str, np.ndarray]:
 
   numpy knows bfloat16 once ``ml_dtypes`` (a jax dependency) is imported; the file is read on
   the host, never through device arrays.
+
+  Raises:
+    ValueError: the file cannot be read (truncated or corrupt); it is named.
   """
+  try:
+    tensors = load_file(str(file))
+  except SafetensorError as e:
+    raise ValueError(f"{file} is a safetensors file that cannot be read (truncated or "
+                     f"corrupt?): {e}") from e
   return {k: v.astype(np.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v
-          for k, v in load_file(str(file)).items()}
+          for k, v in tensors.items()}
 
 
 def _clip(flat: dict, source: str, keys: set[str]) -> dict:
