@@ -78,7 +78,8 @@ class Mix:
   CutMix with probability 1/2 each (timm's ``Mixup`` in its per-example mode draws the same
   way). Partners are neighbours in the batch: examples 0 and 1, 2 and 3, ... (an odd batch's
   last mixes with itself), so on a mesh whose devices hold an even share each, no image moves
-  between devices; under microbatches or ``parallel.per_device`` each part pairs within itself.
+  between devices. The step mixes before any microbatch split; under pmap or
+  ``parallel.per_device`` each device mixes its own share.
 
   Attributes:
     mixup: alpha of mixup's Beta distribution (e.g. 0.8, as DeiT); 0: off. The blend is rounded

@@ -139,12 +139,19 @@ class _Runner:
                        f"equal parts on each of the {n} devices of the mesh; expected a multiple "
                        f"of {n * parts}")
     self.pmap = config.parallel.mode == "pmap"
+    per_device = parts > 1 and n > 1 and not config.parallel.fsdp  # one all-reduce per step
+    mix = augment_lib.mix_from_config(config.data.get("augment"))
+    pairs = config.batch_size // n if self.pmap or per_device else config.batch_size
+    if mix is not None and pairs % 2:
+      raise ValueError(f"data.augment mixup / cutmix pair neighbouring examples of a batch of "
+                       f"{pairs} (batch_size {config.batch_size}"
+                       f"{f' on each of {n} devices' if pairs != config.batch_size else ''}): "
+                       "expected an even number, or one example would mix with itself")
     step = functools.partial(train_lib.train_step, model=model, spec=spec, tx=tx,
                              schedule=schedule, axis_name="batch" if self.pmap else None,
                              microbatches=parts,
                              augment=augment_lib.from_config(config.data.get("augment")),
-                             mix=augment_lib.mix_from_config(config.data.get("augment")),
-                             label_smoothing=config.get("label_smoothing", 0.0))
+                             mix=mix, label_smoothing=config.get("label_smoothing", 0.0))
     rep = parallel.replicated(self.mesh)
     if self.pmap:
       devices = self.mesh.devices.tolist()
@@ -155,7 +162,7 @@ class _Runner:
       self.frozen = jax.device_put(
           frozen, parallel.frozen_shardings(self.mesh, frozen, fsdp=config.parallel.fsdp,
                                             min_size=config.parallel.fsdp_min_size))
-      if parts > 1 and n > 1 and not config.parallel.fsdp:  # one gradient all-reduce per step
+      if per_device:
         step = parallel.per_device(functools.partial(step, axis_name=parallel.DATA), self.mesh)
       self.step = jax.jit(step, donate_argnums=0, out_shardings=(rep, rep))
     self.state = self.place(state)

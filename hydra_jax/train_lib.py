@@ -45,37 +45,45 @@ def forward(model: nn.Module, spec: adapters_lib.AdapterSpec | None, trainable, 
                               train=train, axis_name=axis_name)
 
 
-# the key of the step's augmentation: folded out of the step's key, whose dropout draws it keeps
+# the keys of the step's augmentation and mix: folded out of the step's key, whose dropout
+# draws it keeps
 _AUGMENT_STREAM = 0x417567
+_MIX_STREAM = 0x4D6978
 
 
 def loss_fn(trainable, frozen, batch: Batch, rng: jax.Array, *, model: nn.Module,
             spec: adapters_lib.AdapterSpec | None, axis_name: str | None = None,
-            augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-            mix: Callable | None = None, label_smoothing: float = 0.0):
-  """Mean cross-entropy (against labels smoothed by ``label_smoothing``: 1 - e on the class, e
-  spread evenly over all) plus the router's load-balancing loss (already weighted by the spec).
+            label_smoothing: float = 0.0):
+  """Mean cross-entropy plus the router's load-balancing loss (already weighted by the spec).
 
-  ``augment(images, key)`` (e.g. ``augment.Augment``) transforms the images first, then
-  ``mix(images, targets, key)`` (e.g. ``augment.Mix``) blends them and their (B, C) targets
-  (smoothed first, as timm does); C is the model's ``num_classes``.
+  The targets are ``batch["target"]`` (B, C) where the batch has them (``augmented``'s mix),
+  else the labels smoothed by ``label_smoothing`` (1 - e on the class, e spread evenly over all).
   """
   images, labels = batch["image"], batch["label"]
-  key = jax.random.fold_in(rng, _AUGMENT_STREAM)
-  if augment is not None:
-    images = augment(images, key)
-  targets = None
-  if mix is not None or label_smoothing:
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, model.num_classes), label_smoothing)
-  if mix is not None:
-    images, targets = mix(images, targets, jax.random.fold_in(key, 1))
   logits, aux = forward(model, spec, trainable, frozen, images, rng=rng, train=True,
                         axis_name=axis_name)
-  if targets is None:
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  else:
+  if "target" in batch:
+    loss = optax.softmax_cross_entropy(logits, batch["target"]).mean()
+  elif label_smoothing:
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
     loss = optax.softmax_cross_entropy(logits, targets).mean()
+  else:
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   return loss + aux["balance_loss"], logits
+
+
+def augmented(batch: Batch, rng: jax.Array, *, augment: Callable | None, mix: Callable | None,
+              num_classes: int, label_smoothing: float = 0.0) -> Batch:
+  """The batch with ``augment(images, key)`` (e.g. ``augment.Augment``) applied, then
+  ``mix(images, targets, key)`` (e.g. ``augment.Mix``), which adds ``"target"`` (B, num_classes):
+  the labels smoothed by ``label_smoothing`` (as timm does), blended as the images are."""
+  out = dict(batch)
+  if augment is not None:
+    out["image"] = augment(batch["image"], jax.random.fold_in(rng, _AUGMENT_STREAM))
+  if mix is not None:
+    targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), label_smoothing)
+    out["image"], out["target"] = mix(out["image"], targets, jax.random.fold_in(rng, _MIX_STREAM))
+  return out
 
 
 def train_step(state: TrainState, frozen, batch: Batch, rng: jax.Array, *, model: nn.Module,
@@ -97,8 +105,9 @@ def train_step(state: TrainState, frozen, batch: Batch, rng: jax.Array, *, model
     augment: ``augment(images, key) -> images`` applied to the training images inside the step
       (``data.augment``), drawn from the step's key like dropout; None: the images as given.
     mix: ``mix(images, targets, key) -> (images, targets)`` after ``augment`` (mixup / CutMix,
-      ``augment.Mix``); each part of the batch (device, microbatch) mixes within itself. The
-      metrics' accuracy counts each image's own label.
+      ``augment.Mix``). Both see the whole batch (under pmap or ``parallel.per_device`` the
+      device's share) before any microbatch split. The metrics' accuracy counts each image's
+      own label.
     label_smoothing: see ``loss_fn``.
   Returns:
     The new state and {"loss", "accuracy", "lr", "grad_norm", "update_norm"} scalars.
@@ -106,8 +115,11 @@ def train_step(state: TrainState, frozen, batch: Batch, rng: jax.Array, *, model
   rng = jax.random.fold_in(rng, state.step)
   if axis_name is not None:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-  loss = functools.partial(loss_fn, model=model, spec=spec, axis_name=axis_name, augment=augment,
-                           mix=mix, label_smoothing=label_smoothing)
+  loss = functools.partial(loss_fn, model=model, spec=spec, axis_name=axis_name,
+                           label_smoothing=label_smoothing)
+  if augment is not None or mix is not None:
+    batch = augmented(batch, rng, augment=augment, mix=mix, num_classes=model.num_classes,
+                      label_smoothing=label_smoothing)
   grads, metrics = _accumulated(loss, state.trainable, frozen, batch, rng, microbatches)
   if axis_name is not None:
     grads, metrics = jax.lax.pmean((grads, metrics), axis_name)

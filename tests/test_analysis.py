@@ -194,6 +194,10 @@ def test_heads_by_usage_renumbers_heads_without_changing_the_model(tiny):
     np.testing.assert_array_equal(g["A"], f["A"])
   np.testing.assert_allclose(ad.forward(model, params, ordered, spec, images)[0],
                              ad.forward(model, params, adapters, spec, images)[0], atol=1e-5)
+  again = activations.output_stats(model, params, ordered, spec, batches)  # as if saved so
+  for name, s in again.items():
+    np.testing.assert_allclose(sorted_stats[name]["routing"], s["routing"], atol=1e-6)
+    assert sorted_stats[name]["output_norm"] == pytest.approx(s["output_norm"], rel=1e-5)
 
 
 @pytest.mark.parametrize("top_k", [None, 1, 2])

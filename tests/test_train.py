@@ -94,6 +94,19 @@ def test_augmentation_reaches_the_run(reference_run, tmp_path, field, value):
                                                       jax.tree.leaves(plain), strict=True))
 
 
+@pytest.mark.parametrize("fields,pairs", [
+    ({"batch_size": 7, "parallel.num_devices": 1}, r"a batch of 7 \(batch_size 7\)"),
+    ({"batch_size": 6, "microbatches": 3, "parallel.num_devices": 2},  # parallel.per_device
+     r"a batch of 3 \(batch_size 6 on each of 2 devices\)"),
+    ({"batch_size": 6, "parallel.mode": "pmap", "parallel.num_devices": 2},
+     r"a batch of 3 \(batch_size 6 on each of 2 devices\)")])
+def test_mixing_an_odd_batch_is_refused(tmp_path, fields, pairs):
+  """Each device mixes its share: an odd one would leave an example unmixed."""
+  with pytest.raises(ValueError, match=f"mixup / cutmix pair neighbouring examples of {pairs}: "
+                                       "expected an even number"):
+    train_and_evaluate(_testing_config(**{"data.augment.cutmix": 1.0, **fields}), str(tmp_path))
+
+
 _KILL_CHILD = """
 import os, signal, sys
 from hydra_jax import checkpointing

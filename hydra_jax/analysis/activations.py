@@ -155,8 +155,8 @@ def heads_by_usage(adapters: Mapping, stats: Mapping[str, Mapping]) -> tuple[dic
     adapters: HydraLoRA adapters.
     stats: ``output_stats`` of them ("routing" (M, N) per layer).
   Returns:
-    (adapters, stats with "routing" columns in the new order, {layer: the old head numbers in
-    the new order}).
+    (adapters, stats with "routing" columns and "output_norm" heads in the new order, {layer:
+    the old head numbers in the new order}).
   """
   order = {name: np.argsort(-s["routing"].mean(0), kind="stable") for name, s in stats.items()}
   out: dict = {}
@@ -164,7 +164,10 @@ def heads_by_usage(adapters: Mapping, stats: Mapping[str, Mapping]) -> tuple[dic
     o = order["/".join(path)]
     f = {k: (v[:, o] if k == "router" else v[o] if k in ("B", "b") else v) for k, v in f.items()}
     transform.set_path(out, path, f)
-  stats = {name: {**s, "routing": s["routing"][:, order[name]]} for name, s in stats.items()}
+  stats = {name: {**s, "routing": s["routing"][:, order[name]],
+                  "output_norm": {f"head_{j}": s["output_norm"][f"head_{i}"]
+                                  for j, i in enumerate(order[name])}}
+           for name, s in stats.items()}
   return out, stats, {name: o.tolist() for name, o in order.items()}
 
 

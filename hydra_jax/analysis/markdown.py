@@ -153,8 +153,9 @@ def _router(layers, figures, router, top_k) -> str:
       "analysis.json's `head_order` gives each layer's saved head numbers in this order, and "
       "section 5's `head_i off, all` switches off each layer's i-th most used head. "
       "Mean routing weight per head (over test tokens; the weights applied"
-      + (f", after top_k={top_k}: the kept probabilities, so a row sums to less than 1"
-         if top_k else "") + "), mean per-token entropy of the router's probabilities "
+      + (", after top_k=1: the winning head's own probability, so a row sums to less than 1"
+         if top_k == 1 else f", after top_k={top_k}" if top_k else "")
+      + "), mean per-token entropy of the router's probabilities "
       "(ln N = uniform), and the mean cosine between the heads' flattened dW_i = A B_i.",
       table(["layer", *heads, "entropy", "head cos"], rows),
       f"Merged with each layer's mean routing weights over {fixed['images']} training images "

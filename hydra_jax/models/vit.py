@@ -387,9 +387,10 @@ class ViT(nn.Module):
     unless ``fc_norm``: then the norm follows the pooling)."""
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be (B, H, W, 3); got shape {images.shape}")
-    if any(n < self.patch_size or n % self.patch_size for n in images.shape[1:3]):
-      raise ValueError(f"images of {images.shape[1]}x{images.shape[2]} pixels do not split into "
-                       f"patches of {self.patch_size}; expected multiples of patch_size")
+    if min(images.shape[1:3]) < self.patch_size:  # (a remainder is left out, as a strided
+      # convolution leaves it: SigLIP's 384 px at patch 14 is a 27 x 27 grid)
+      raise ValueError(f"images of {images.shape[1]}x{images.shape[2]} pixels are smaller than "
+                       f"one patch of {self.patch_size}")
     if images.dtype == jnp.uint8:
       images = self.normalize(images)
     x = self.embedding(images.astype(self.dtype))
