@@ -34,7 +34,8 @@ class Checkpointer:
                        keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, enable_async_checkpointing=use_async, create=True,
+        # create=False: the directory appears with the first save, not for a run refused first
+        preservation_policy=policy, enable_async_checkpointing=use_async, create=False,
         best_fn=_val_accuracy, best_mode="max")  # what best_step() ranks by
     self.directory = pathlib.Path(directory).absolute()
     self._manager = ocp.CheckpointManager(self.directory, options=options)
