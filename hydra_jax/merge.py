@@ -45,10 +45,12 @@ HEAD = "head"
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """A finished run: its workdir, config and merged model (``export/merged.safetensors``)."""
+  """A finished run: its workdir, config and merged model (``export/merged.safetensors``), and
+  its rebuilt base where it was already built (a HydraLoRA run merged with mean routing)."""
   workdir: pathlib.Path
   config: ml_collections.ConfigDict
   merged: checkpoints.Pretrained
+  base: checkpoints.Pretrained | None = None
 
 
 def load_run(workdir: str | pathlib.Path, *, routing_images: int | None = None) -> Run:
@@ -62,7 +64,7 @@ def load_run(workdir: str | pathlib.Path, *, routing_images: int | None = None) 
   config, merged = build.run_config(workdir), workdir / "export" / "merged.safetensors"
   hydralora = config.adapter.get("kind") == "hydralora"
   if hydralora and routing_images:
-    return Run(workdir, config, _with_mean_routing(workdir, routing_images))
+    return Run(workdir, config, *_with_mean_routing(workdir, routing_images))
   if not merged.is_file():
     why = ("a HydraLoRA run has none: its router depends on the input; give --routing-images N "
            "(routing_images) to merge it with each layer's mean routing over N training images"
@@ -71,13 +73,16 @@ def load_run(workdir: str | pathlib.Path, *, routing_images: int | None = None) 
   return Run(workdir, config, checkpoints.load(merged))
 
 
-def _with_mean_routing(workdir: pathlib.Path, num_images: int) -> checkpoints.Pretrained:
+def _with_mean_routing(workdir: pathlib.Path, num_images: int) -> tuple[checkpoints.Pretrained,
+                                                                         checkpoints.Pretrained]:
+  """(the run merged with its mean routing, its base: ``export.run_model``'s, checked there)."""
   run = analysis.load_run(workdir)
   routing, seen = analysis.mean_routing(run, num_images)
   params = jax.device_get(adapters.merge(run.params, run.adapters, run.spec, routing=routing))
-  return dataclasses.replace(
+  merged = dataclasses.replace(
       run.pre, params=jax.tree.map(lambda x: np.asarray(x, np.float32), params),
       source=f"{workdir} merged with each layer's mean routing over {seen} training images")
+  return merged, run.pre
 
 
 def _flat(params) -> dict[str, np.ndarray]:
@@ -252,7 +257,8 @@ def merge_runs(runs: Sequence[Run], weights: Sequence[float], *,
     raise ValueError(f"{len(runs)} runs but {len(weights)} weights")
   base = None
   for run in runs:
-    _, pre = export.run_model(run.workdir, run.config, run.merged.params)
+    pre = (run.base if run.base is not None
+           else export.run_model(run.workdir, run.config, run.merged.params)[1])
     if base is None:
       base = pre
     elif (diff := _same_base(base, pre)) is not None:

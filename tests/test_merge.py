@@ -384,6 +384,8 @@ def test_a_hydralora_run_merges_with_its_mean_routing(runs, tmp_path, capsys):
   hl, results = runs["hydralora"]
   run = merge.load_run(hl, routing_images=20)
   factored = analysis.load_run(hl)
+  # the base the routing merge was built on comes along (merge_runs does not build it again)
+  jax.tree.map(np.testing.assert_array_equal, run.base.params, factored.pre.params)
   train = analysis.report.eval_data(factored, 20, factored.config.data.train_split)
   recorded = [adapters.apply_intercepted(factored.model, factored.params, factored.adapters,
                                          factored.spec, b["image"], record=True)[1]["routing"]
